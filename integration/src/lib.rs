@@ -1,0 +1,332 @@
+//! End-to-end harness: starts the real `switchyard` and `switchyard-worker` binaries on
+//! ephemeral loopback ports and always stops them.
+//!
+//! ```ignore
+//! let env = TestEnv::new().rules(RULES).worker(WorkerSpec::new("cpu")).start().await?;
+//! ```
+//! The binaries come from the same target directory as the test (`cargo build --workspace
+//! --bins` first; the README's test command does).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Where cargo put this workspace's binaries.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("no target dir")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub line: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits for its `LISTENING ...` line on stdout.
+    fn spawn(mut cmd: Command, log: &Path) -> Result<Self> {
+        let log_file = std::fs::File::create(log)?;
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(l)) = lines.next() {
+                if l.starts_with("LISTENING") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => Ok(Self { child, line }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{cmd:?} did not start; log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    /// `key=value` field of the LISTENING line, or its second word.
+    pub fn field(&self, key: &str) -> Option<String> {
+        self.line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One worker to start.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub pool: String,
+    pub fault_injection: bool,
+    pub model: Option<PathBuf>,
+    pub model_name: String,
+}
+
+impl WorkerSpec {
+    pub fn new(pool: &str) -> Self {
+        Self {
+            pool: pool.into(),
+            fault_injection: false,
+            model: None,
+            model_name: "tiny".into(),
+        }
+    }
+    pub fn faulty(mut self) -> Self {
+        self.fault_injection = true;
+        self
+    }
+    pub fn model(mut self, path: PathBuf, name: &str) -> Self {
+        self.model = Some(path);
+        self.model_name = name.into();
+        self
+    }
+}
+
+pub struct Worker {
+    pub proc: Proc,
+    pub url: String,
+    pub pool: String,
+}
+
+#[derive(Default)]
+pub struct TestEnv {
+    rules: Option<String>,
+    workers: Vec<WorkerSpec>,
+    router_args: Vec<String>,
+}
+
+/// A started fleet. Everything is stopped when it is dropped.
+pub struct Running {
+    pub dir: tempfile::TempDir,
+    pub router: Proc,
+    pub workers: Vec<Worker>,
+    pub proxy: String,
+    pub grpc: String,
+    pub admin: String,
+    pub rules_path: PathBuf,
+    pub tiny_model: PathBuf,
+    pub http: reqwest::Client,
+}
+
+/// Rules text may say `{TINY}` for the path of the generated tiny model.
+impl TestEnv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn rules(mut self, yaml: &str) -> Self {
+        self.rules = Some(yaml.to_string());
+        self
+    }
+    pub fn worker(mut self, w: WorkerSpec) -> Self {
+        self.workers.push(w);
+        self
+    }
+    pub fn router_arg(mut self, a: &str) -> Self {
+        self.router_args.push(a.to_string());
+        self
+    }
+
+    pub async fn start(self) -> Result<Running> {
+        let dir = tempfile::tempdir()?;
+        let tiny = dir.path().join("tiny.gguf");
+        model_meta::tiny::write_tiny_llama(&tiny, 2048)?;
+        let rules_path = dir.path().join("rules.yaml");
+        let rules = self
+            .rules
+            .context("rules are required")?
+            .replace("{TINY}", &tiny.display().to_string());
+        std::fs::write(&rules_path, rules)?;
+        let mut cmd = Command::new(bin("switchyard")?);
+        cmd.args(["serve", "--rules"]).arg(&rules_path).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            "200",
+            "--lease-ttl-ms",
+            "1000",
+        ]);
+        cmd.args(&self.router_args);
+        let router = Proc::spawn(cmd, &dir.path().join("router.log"))?;
+        let proxy = router.field("proxy").context("proxy address")?;
+        let grpc = router.field("grpc").context("grpc address")?;
+        let admin = router.field("admin").context("admin address")?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let mut workers = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let mut cmd = Command::new(bin("switchyard-worker")?);
+            cmd.arg("--model").arg(w.model.as_ref().unwrap_or(&tiny));
+            cmd.args([
+                "--model-name",
+                &w.model_name,
+                "--router",
+                &grpc,
+                "--pool",
+                &w.pool,
+                "--worker-id",
+                &format!("{}-{i}", w.pool),
+            ]);
+            if w.fault_injection {
+                cmd.arg("--fault-injection");
+            }
+            let proc = Proc::spawn(cmd, &dir.path().join(format!("worker-{i}.log")))?;
+            let url = proc
+                .line
+                .split_whitespace()
+                .nth(1)
+                .context("worker url")?
+                .to_string();
+            workers.push(Worker {
+                proc,
+                url,
+                pool: w.pool.clone(),
+            });
+        }
+        let env = Running {
+            dir,
+            router,
+            workers,
+            proxy,
+            grpc,
+            admin,
+            rules_path,
+            tiny_model: tiny,
+            http,
+        };
+        let n = env.workers.len();
+        eventually(Duration::from_secs(30), "workers to register", || async {
+            (env.live_workers().await.ok()? == n).then_some(())
+        })
+        .await?;
+        // the proxy listener is bound by pingora after the LISTENING line: wait for it
+        eventually(Duration::from_secs(10), "the proxy to listen", || async {
+            env.http
+                .get(format!("{}/v1/models", env.proxy))
+                .send()
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await?;
+        Ok(env)
+    }
+}
+
+impl Running {
+    pub async fn workers_json(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .http
+            .get(format!("{}/admin/workers", self.admin))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn live_workers(&self) -> Result<usize> {
+        Ok(self
+            .workers_json()
+            .await?
+            .iter()
+            .filter(|w| w["state"] == "live")
+            .count())
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// POSTs a chat request through the router.
+    pub async fn chat(&self, body: &Value) -> Result<reqwest::Response> {
+        Ok(self
+            .http
+            .post(format!("{}/v1/chat/completions", self.proxy))
+            .json(body)
+            .send()
+            .await?)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+/// A chat body with `words` filler words, greedy decoding, `max_tokens` tokens.
+pub fn chat_body(model: &str, filler_bytes: usize, max_tokens: u32, stream: bool) -> Value {
+    let text = "ab ".repeat(filler_bytes / 3);
+    serde_json::json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": format!("Say hi. {text}") }],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 1,
+        "stream": stream,
+    })
+}

@@ -1,0 +1,311 @@
+//! The promises Switchyard makes, asserted through the real router and real workers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use integration::{TestEnv, WorkerSpec, chat_body, eventually};
+use serde_json::{Value, json};
+
+const RULES: &str = r#"
+version: 1
+models:
+  tiny:
+    tokenizer: { gguf: "{TINY}" }
+    context_window: 2048
+    default_max_tokens: 16
+pools:
+  h100-spot:     { class: h100, capacity: spot,      cost_per_hour: 2.90 }
+  h100-ondemand: { class: h100, capacity: on_demand, cost_per_hour: 6.98 }
+  l40s-spot:     { class: l40s, capacity: spot,      cost_per_hour: 0.80 }
+  l40s-ondemand: { class: l40s, capacity: on_demand, cost_per_hour: 1.86 }
+  cpu:           { class: cpu,  capacity: on_demand, cost_per_hour: 0.20 }
+rules:
+  - name: multimodal
+    when: { modality: { any_of: [image, audio] } }
+    route: [h100-spot, h100-ondemand]
+  - name: light
+    when: { context_tokens: { at_most: 1024 } }
+    route: [cpu]
+  - name: chat
+    when: { context_tokens: { at_most: 4096 } }
+    route: [l40s-spot, l40s-ondemand]
+  - name: long-context
+    route: [h100-spot, h100-ondemand]
+"#;
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_goes_to_cpu_and_medium_to_l40s() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .worker(WorkerSpec::new("l40s-spot"))
+        .start()
+        .await
+        .unwrap();
+
+    let r = env.chat(&chat_body("tiny", 30, 8, false)).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+    assert_eq!(header(&r, "x-switchyard-rule"), "light");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+
+    // ~1500 prompt tokens with the byte-level tiny tokenizer: context > 1024 → chat rule
+    let r = env.chat(&chat_body("tiny", 1500, 8, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-spot");
+    assert_eq!(header(&r, "x-switchyard-rule"), "chat");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 1024, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+
+    // what registered workers serve
+    let models: Value = env
+        .http
+        .get(format!("{}/v1/models", env.proxy))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let workers = env.workers_json().await.unwrap();
+    let pools: Vec<&str> = workers
+        .iter()
+        .map(|w| w["pool"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, vec!["cpu", "l40s-spot"]);
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["state"] == "live"
+                && w["address"].as_str().unwrap().starts_with("127.0.0.1:"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_as_sse() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 12, true)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+    assert!(header(&r, "content-type").starts_with("text/event-stream"));
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]", "{text}");
+    let mut content = String::new();
+    let mut finish = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        content.push_str(
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default(),
+        );
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert!(finish.is_some(), "{text}");
+
+    // the same request straight to the worker gives the same tokens (greedy decoding)
+    let direct = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.workers[0].url))
+        .json(&chat_body("tiny", 30, 12, false))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = direct.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        content
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_spot_worker_fails_over_to_on_demand() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("l40s-spot").faulty())
+        .worker(WorkerSpec::new("l40s-ondemand"))
+        .start()
+        .await
+        .unwrap();
+    let spot = &env.workers[0].url;
+    let r = env
+        .http
+        .post(format!("{spot}/admin/faults"))
+        .json(&json!({ "fail_next": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-ondemand");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "2");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let m = env.metrics().await.unwrap();
+    assert!(
+        m.contains(r#"switchyard_router_retries_total{from_pool="l40s-spot",reason="preempted",to_pool="l40s-ondemand"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_spot_worker_fails_over_and_expires() {
+    let mut env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("l40s-spot"))
+        .worker(WorkerSpec::new("l40s-ondemand"))
+        .start()
+        .await
+        .unwrap();
+    let spot = env.workers.remove(0);
+    drop(spot); // SIGKILL: no drain, no deregister
+    let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-ondemand");
+    // the lease expires (TTL 1 s in tests) and the worker leaves /admin/workers
+    eventually(
+        Duration::from_secs(5),
+        "the dead worker's lease to expire",
+        || async { (env.workers_json().await.ok()?.len() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_openai_errors() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .router_arg("--max-body-bytes")
+        .router_arg("65536")
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", env.proxy);
+    let r = env
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["code"], "invalid_json");
+
+    let r = env
+        .chat(&chat_body("no-such-model", 10, 4, false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    let r = env
+        .chat(&chat_body("tiny", 100_000, 4, false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+
+    let r = env
+        .chat(&json!({ "model": "tiny", "messages": [] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // a route whose pools have no live worker: 503 with Retry-After
+    let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_capacity");
+
+    // an option the worker does not support is refused, not ignored
+    let mut body = chat_body("tiny", 10, 4, false);
+    body["tools"] = json!([]);
+    let r = env.chat(&body).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_parameter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_edit_changes_routing_and_a_broken_edit_is_rejected() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .worker(WorkerSpec::new("l40s-ondemand"))
+        .start()
+        .await
+        .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+
+    let current = std::fs::read_to_string(&env.rules_path).unwrap();
+    let broken = current.replace("route: [cpu]", "route: [gpu-that-does-not-exist]");
+    std::fs::write(&env.rules_path, broken).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the rejected reload to be counted",
+        || async {
+            env.metrics()
+                .await
+                .ok()?
+                .contains(r#"switchyard_router_rules_reloads_total{outcome="rejected"} 1"#)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(
+        header(&r, "x-switchyard-pool"),
+        "cpu",
+        "the old rules keep serving"
+    );
+
+    let edited = current.replace("route: [cpu]", "route: [l40s-ondemand]");
+    let t0 = std::time::Instant::now();
+    std::fs::write(&env.rules_path, edited).unwrap();
+    eventually(
+        Duration::from_secs(2),
+        "routing to follow the edited rules",
+        || async {
+            let r = env.chat(&chat_body("tiny", 30, 4, false)).await.ok()?;
+            assert_eq!(r.status(), 200, "no request fails during a reload");
+            (header(&r, "x-switchyard-pool") == "l40s-ondemand").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}

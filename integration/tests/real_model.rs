@@ -1,0 +1,61 @@
+//! Runs against the real SmolLM2-135M-Instruct GGUF when it is present
+//! (`scripts/fetch-model.sh` puts it in `models/`; `SWITCHYARD_SMOLLM2` overrides the path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use integration::{TestEnv, WorkerSpec};
+use serde_json::{Value, json};
+
+fn model_path() -> Option<PathBuf> {
+    let p = std::env::var_os("SWITCHYARD_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    p.exists().then_some(p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_answers_through_the_router() {
+    let Some(model) = model_path() else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
+        return;
+    };
+    let rules = format!(
+        r#"
+version: 1
+models:
+  smollm2: {{ tokenizer: {{ gguf: "{}" }}, context_window: 8192, default_max_tokens: 64 }}
+pools:
+  cpu: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2 }}
+rules:
+  - name: all
+    route: [cpu]
+"#,
+        model.display()
+    );
+    let env = TestEnv::new()
+        .rules(&rules)
+        .worker(WorkerSpec::new("cpu").model(model, "smollm2"))
+        .start()
+        .await
+        .unwrap();
+    let r = env
+        .chat(&json!({
+            "model": "smollm2",
+            "messages": [
+                { "role": "system", "content": "You are a helpful assistant." },
+                { "role": "user", "content": "What is the capital of France?" },
+            ],
+            "max_tokens": 24, "temperature": 0,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-pool"], "cpu");
+    let v: Value = r.json().await.unwrap();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}

@@ -1,0 +1,471 @@
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//! `/health`, `/metrics`, and (only when enabled) `/admin/faults`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use model_meta::ChatMessage;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, Event, GenParams, Job, Usage};
+use crate::error::WorkerError;
+
+/// Faults the worker injects on request, for failover tests. Only routed when enabled.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Fail this many next requests with 503 `preempted` before any work.
+    pub fail_next: AtomicU32,
+}
+
+pub struct AppState {
+    pub engine: Engine,
+    pub faults: Option<Arc<Faults>>,
+    pub draining: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut r = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics));
+    if state.faults.is_some() {
+        r = r.route("/admin/faults", post(set_faults));
+    }
+    r.with_state(state)
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    if s.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{ "id": s.engine.model.name, "object": "model", "created": 0, "owned_by": "switchyard" }]
+    }))
+    .into_response()
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let st = &s.engine.stats;
+    let body = format!(
+        "# HELP switchyard_worker_queue_depth Requests waiting for the engine.\n# TYPE switchyard_worker_queue_depth gauge\nswitchyard_worker_queue_depth {}\n\
+# HELP switchyard_worker_in_flight Requests being generated.\n# TYPE switchyard_worker_in_flight gauge\nswitchyard_worker_in_flight {}\n\
+# HELP switchyard_worker_generated_tokens_total Tokens generated.\n# TYPE switchyard_worker_generated_tokens_total counter\nswitchyard_worker_generated_tokens_total {}\n",
+        st.queued.load(Ordering::Relaxed),
+        st.in_flight.load(Ordering::Relaxed),
+        st.tokens_generated.load(Ordering::Relaxed),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(faults) = &s.faults else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return WorkerError::bad(format!("invalid JSON: {e}"), None).into_response(),
+    };
+    if let Some(n) = v.get("fail_next").and_then(Value::as_u64) {
+        faults.fail_next.store(n as u32, Ordering::Relaxed);
+    }
+    axum::Json(json!({ "fail_next": faults.fail_next.load(Ordering::Relaxed) })).into_response()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Request keys accepted; anything else is refused rather than silently ignored.
+const ACCEPTED: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+];
+
+struct Parsed {
+    prompt: Vec<u32>,
+    params: GenParams,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| WorkerError::bad(format!("invalid JSON body: {e}"), None))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| WorkerError::bad("the body must be a JSON object", None))?;
+    if let Some(k) = obj.keys().find(|k| !ACCEPTED.contains(&k.as_str())) {
+        return Err(WorkerError::BadRequest {
+            message: format!("unsupported parameter `{k}`"),
+            param: None,
+            code: "unsupported_parameter",
+        });
+    }
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| WorkerError::bad("`model` is required", Some("model")))?;
+    if model != s.engine.model.name {
+        return Err(WorkerError::UnknownModel(model.to_string()));
+    }
+    if obj.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
+        return Err(WorkerError::bad("only n=1 is supported", Some("n")));
+    }
+    let text = match kind {
+        Kind::Chat => {
+            let msgs = obj
+                .get("messages")
+                .and_then(Value::as_array)
+                .ok_or_else(|| WorkerError::bad("`messages` must be an array", Some("messages")))?;
+            if msgs.is_empty() {
+                return Err(WorkerError::bad(
+                    "`messages` must not be empty",
+                    Some("messages"),
+                ));
+            }
+            let msgs = msgs.iter().map(message).collect::<Result<Vec<_>, _>>()?;
+            s.engine
+                .model
+                .template
+                .render(&msgs)
+                .map_err(|e| WorkerError::bad(e.to_string(), Some("messages")))?
+        }
+        Kind::Completion => obj
+            .get("prompt")
+            .and_then(Value::as_str)
+            .ok_or_else(|| WorkerError::bad("`prompt` must be a string", Some("prompt")))?
+            .to_string(),
+    };
+    let prompt = s
+        .engine
+        .model
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| WorkerError::Engine(e.to_string()))?
+        .get_ids()
+        .to_vec();
+    let max_context = s.engine.model.max_context;
+    let max_tokens = match obj
+        .get("max_completion_tokens")
+        .or_else(|| obj.get("max_tokens"))
+    {
+        None | Some(Value::Null) => 256,
+        Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+            WorkerError::bad(
+                "`max_tokens` must be a positive integer",
+                Some("max_tokens"),
+            )
+        })? as usize,
+    };
+    if prompt.len() >= max_context {
+        return Err(WorkerError::BadRequest {
+            message: format!(
+                "the prompt is {} tokens; this model's context window is {max_context}",
+                prompt.len()
+            ),
+            param: Some("messages"),
+            code: "context_length_exceeded",
+        });
+    }
+    let num = |k: &'static str, lo: f64, hi: f64| -> Result<Option<f64>, WorkerError> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| (lo..=hi).contains(x))
+                .map(Some)
+                .ok_or_else(|| {
+                    WorkerError::bad(format!("`{k}` must be a number in {lo}..={hi}"), Some(k))
+                }),
+        }
+    };
+    let temperature = num("temperature", 0.0, 2.0)?;
+    let top_p = num("top_p", 0.0, 1.0)?;
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => rand::random::<u64>(),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            WorkerError::bad("`seed` must be a non-negative integer", Some("seed"))
+        })?,
+    };
+    let stop = match obj.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| WorkerError::bad("`stop` must be strings", Some("stop")))?,
+        Some(_) => {
+            return Err(WorkerError::bad(
+                "`stop` must be a string or up to 4 strings",
+                Some("stop"),
+            ));
+        }
+    };
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Parsed {
+        prompt,
+        params: GenParams {
+            max_tokens,
+            temperature: temperature.or(Some(1.0)),
+            top_p,
+            seed,
+            stop,
+        },
+        stream,
+        include_usage,
+    })
+}
+
+fn message(v: &Value) -> Result<ChatMessage, WorkerError> {
+    let role = v
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| WorkerError::bad("each message needs a `role`", Some("messages")))?;
+    let content = match v.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default())
+                    }
+                    Some(other) => {
+                        return Err(WorkerError::bad(
+                            format!("this model accepts text only, not `{other}` parts"),
+                            Some("messages"),
+                        ));
+                    }
+                    None => {
+                        return Err(WorkerError::bad(
+                            "content parts need a `type`",
+                            Some("messages"),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        None | Some(Value::Null) => String::new(),
+        Some(_) => {
+            return Err(WorkerError::bad(
+                "`content` must be a string or an array of parts",
+                Some("messages"),
+            ));
+        }
+    };
+    Ok(ChatMessage {
+        role: role.to_string(),
+        content,
+    })
+}
+
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    serve(s, Kind::Chat, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    serve(s, Kind::Completion, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, WorkerError> {
+    if s.draining.load(Ordering::Relaxed) {
+        return Err(WorkerError::Unavailable("draining"));
+    }
+    if let Some(f) = &s.faults
+        && f.fail_next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        return Err(WorkerError::Unavailable("preempted"));
+    }
+    let p = parse(&s, kind, &body)?;
+    let (tx, mut rx) = mpsc::channel(64);
+    s.engine.submit(Job {
+        prompt: p.prompt,
+        params: p.params,
+        events: tx,
+    })?;
+    // Commit point: nothing is sent to the client until the first token (or the end) exists.
+    let first = rx
+        .recv()
+        .await
+        .ok_or_else(|| WorkerError::Engine("engine dropped the request".into()))?;
+    if let Event::Failed(e) = first {
+        return Err(WorkerError::Engine(e));
+    }
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        uuid::Uuid::new_v4().simple()
+    );
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let meta = Meta {
+        id,
+        created,
+        model: s.engine.model.name.clone(),
+        kind,
+    };
+    if p.stream {
+        Ok(stream_response(meta, first, rx, p.include_usage))
+    } else {
+        let mut text = String::new();
+        let mut ev = first;
+        loop {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => return Ok(axum::Json(meta.full(&text, u)).into_response()),
+                Event::Failed(e) => return Err(WorkerError::Engine(e)),
+            }
+            ev = rx
+                .recv()
+                .await
+                .ok_or_else(|| WorkerError::Engine("engine dropped the request".into()))?;
+        }
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+fn finish(u: &Usage) -> &'static str {
+    if u.finish_length { "length" } else { "stop" }
+}
+
+impl Meta {
+    fn full(&self, text: &str, u: Usage) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish(&u) })
+            }
+            Kind::Completion => json!({ "index": 0, "text": text, "finish_reason": finish(&u) }),
+        };
+        json!({
+            "id": self.id, "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created, "model": self.model, "choices": [choice], "usage": u,
+        })
+    }
+
+    fn chunk(&self, delta: Option<Value>, text: Option<&str>, finish: Option<&str>) -> Bytes {
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({ "index": 0, "delta": delta.unwrap_or_else(|| json!({})), "finish_reason": finish })
+            }
+            Kind::Completion => {
+                json!({ "index": 0, "text": text.unwrap_or_default(), "finish_reason": finish })
+            }
+        };
+        self.frame(json!({
+            "id": self.id, "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created, "model": self.model, "choices": [choice],
+        }))
+    }
+
+    fn frame(&self, v: Value) -> Bytes {
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+}
+
+fn stream_response(
+    meta: Meta,
+    first: Event,
+    mut rx: mpsc::Receiver<Event>,
+    include_usage: bool,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut frames = Vec::new();
+        if meta.kind == Kind::Chat {
+            frames.push(meta.chunk(
+                Some(json!({ "role": "assistant", "content": "" })),
+                None,
+                None,
+            ));
+        }
+        let mut ev = Some(first);
+        while let Some(e) = ev {
+            match e {
+                Event::Text(t) => {
+                    frames.push(meta.chunk(Some(json!({ "content": t })), Some(&t), None))
+                }
+                Event::Done(u) => {
+                    frames.push(meta.chunk(None, None, Some(finish(&u))));
+                    if include_usage {
+                        frames.push(meta.frame(json!({
+                            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                            "model": meta.model, "choices": [], "usage": u,
+                        })));
+                    }
+                    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+                Event::Failed(err) => {
+                    frames.push(meta.frame(json!({ "error": { "message": err, "type": "server_error", "code": "inference_failed" } })));
+                    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+            }
+            for f in frames.drain(..) {
+                if tx.send(Ok(f)).await.is_err() {
+                    return; // client gone; dropping rx stops the engine
+                }
+            }
+            ev = rx.recv().await;
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,301 @@
+//! The inference engine: one actor thread owns the model and runs one sequence at a time.
+//!
+//! Requests arrive on a bounded queue (full → the HTTP layer answers 429); each carries its
+//! own event channel. The first event of a job is sent only after prefill succeeded and the
+//! first token was sampled — the commit point the router's failover relies on.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::LogitsProcessor;
+use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use model_meta::{ChatTemplate, GgufInfo, Tokenizer};
+use tokio::sync::mpsc;
+
+use crate::error::WorkerError;
+
+/// Sampling and stopping parameters for one job.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+/// What a job reports, in order: zero or more `Text`, then exactly one `Done` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Usage),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    /// "stop" or "length".
+    #[serde(skip)]
+    pub finish_length: bool,
+}
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub events: mpsc::Sender<Event>,
+}
+
+/// Live counters the heartbeat and `/metrics` report.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub queued: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub tokens_generated: AtomicU64,
+    /// Tokens per second of the last finished job, ×1000.
+    pub last_tps_milli: AtomicU64,
+}
+
+/// A loaded model: tokenizer, template and limits. The weights live in the actor thread.
+pub struct LoadedModel {
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub eos: Vec<u32>,
+    pub max_context: usize,
+}
+
+/// Handle to the engine actor.
+#[derive(Clone)]
+pub struct Engine {
+    pub model: Arc<LoadedModel>,
+    pub stats: Arc<EngineStats>,
+    queue: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Engine {
+    /// Loads a GGUF model and starts the actor thread. `queue_capacity` bounds waiting jobs.
+    pub fn load(
+        path: &Path,
+        tokenizer_json: Option<&Path>,
+        name: String,
+        device: Device,
+        queue_capacity: usize,
+    ) -> Result<Self, WorkerError> {
+        let load_err =
+            |e: candle_core::Error| WorkerError::Model(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| WorkerError::Model(format!("{}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file).map_err(load_err)?;
+        let info =
+            GgufInfo::from_content(&content).map_err(|e| WorkerError::Model(e.to_string()))?;
+        let tokenizer = match tokenizer_json {
+            Some(p) => {
+                model_meta::load_tokenizer(&model_meta::TokenizerSource::Json(p.to_path_buf()))
+            }
+            None => model_meta::tokenizer_from_gguf(&content),
+        }
+        .map_err(|e| WorkerError::Model(e.to_string()))?;
+        let token_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            info.chat_template.as_deref(),
+            token_text(info.bos_token_id),
+            token_text(info.eos_token_id),
+        )
+        .map_err(|e| WorkerError::Model(e.to_string()))?;
+        let mut eos: Vec<u32> = info.eos_token_id.into_iter().collect();
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+            if let Some(id) = tokenizer.token_to_id(t)
+                && !eos.contains(&id)
+            {
+                eos.push(id);
+            }
+        }
+        let weights = ModelWeights::from_gguf(content, &mut file, &device).map_err(load_err)?;
+        let model = Arc::new(LoadedModel {
+            name,
+            tokenizer,
+            template,
+            eos,
+            max_context: info.context_length.min(MAX_SEQ_LEN),
+        });
+        let stats = Arc::new(EngineStats::default());
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Job>(queue_capacity);
+        let actor = Actor {
+            weights,
+            device,
+            model: Arc::clone(&model),
+            stats: Arc::clone(&stats),
+        };
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || actor.run(rx))
+            .map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;
+        Ok(Self {
+            model,
+            stats,
+            queue,
+        })
+    }
+
+    /// Queues a job; `Err(QueueFull)` when the bounded queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.queue.try_send(job).map_err(|e| {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                std::sync::mpsc::TrySendError::Full(_) => WorkerError::QueueFull,
+                std::sync::mpsc::TrySendError::Disconnected(_) => {
+                    WorkerError::Engine("engine stopped".into())
+                }
+            }
+        })
+    }
+
+    /// Runs a one-token generation so the first real request does not pay for lazy setup.
+    pub async fn warm_up(&self) -> Result<(), WorkerError> {
+        let prompt = self
+            .model
+            .tokenizer
+            .encode("Hello", false)
+            .map_err(|e| WorkerError::Engine(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        let (tx, mut rx) = mpsc::channel(8);
+        let params = GenParams {
+            max_tokens: 1,
+            temperature: None,
+            top_p: None,
+            seed: 0,
+            stop: vec![],
+        };
+        self.submit(Job {
+            prompt,
+            params,
+            events: tx,
+        })?;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(_) => {}
+                Event::Done(_) => return Ok(()),
+                Event::Failed(e) => return Err(WorkerError::Engine(e)),
+            }
+        }
+        Err(WorkerError::Engine("engine stopped during warm-up".into()))
+    }
+}
+
+struct Actor {
+    weights: ModelWeights,
+    device: Device,
+    model: Arc<LoadedModel>,
+    stats: Arc<EngineStats>,
+}
+
+impl Actor {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                continue; // client went away while queued
+            }
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let events = job.events.clone();
+            if let Err(e) = self.generate(job) {
+                let _ = events.blocking_send(Event::Failed(e.to_string()));
+            }
+            self.weights.clear_kv_cache();
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn generate(&mut self, job: Job) -> candle_core::Result<()> {
+        let Job {
+            prompt,
+            params,
+            events,
+        } = job;
+        let started = Instant::now();
+        let mut sampler = LogitsProcessor::new(params.seed, params.temperature, params.top_p);
+        let budget = params
+            .max_tokens
+            .min(self.model.max_context.saturating_sub(prompt.len()));
+        let mut generated: Vec<u32> = Vec::with_capacity(budget);
+        let mut sent_len = 0usize; // bytes of decoded text already sent
+        let mut finish_length = true;
+        let mut next = {
+            let input = Tensor::new(prompt.as_slice(), &self.device)?.unsqueeze(0)?;
+            let logits = self.weights.forward(&input, 0)?.squeeze(0)?;
+            sampler.sample(&logits)?
+        };
+        while generated.len() < budget {
+            if self.model.eos.contains(&next) {
+                finish_length = false;
+                break;
+            }
+            generated.push(next);
+            let text = self
+                .model
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            // Stop sequences: cut the text at the first one and finish.
+            let stop_at = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min();
+            let visible_end = stop_at.unwrap_or(text.len());
+            // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+            let safe_end = if stop_at.is_none() && text.ends_with('\u{FFFD}') {
+                text.len() - '\u{FFFD}'.len_utf8()
+            } else {
+                visible_end
+            };
+            if safe_end > sent_len && text.is_char_boundary(sent_len) {
+                let piece = text[sent_len..safe_end].to_string();
+                sent_len = safe_end;
+                if events.blocking_send(Event::Text(piece)).is_err() {
+                    return Ok(()); // client disconnected: stop generating
+                }
+            }
+            if stop_at.is_some() {
+                finish_length = false;
+                break;
+            }
+            if generated.len() >= budget {
+                break;
+            }
+            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+            let logits = self
+                .weights
+                .forward(&input, prompt.len() + generated.len() - 1)?
+                .squeeze(0)?;
+            next = sampler.sample(&logits)?;
+        }
+        let n = generated.len();
+        self.stats
+            .tokens_generated
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        self.stats
+            .last_tps_milli
+            .store((n as f64 / secs * 1000.0) as u64, Ordering::Relaxed);
+        let _ = events.blocking_send(Event::Done(Usage {
+            prompt_tokens: prompt.len(),
+            completion_tokens: n,
+            total_tokens: prompt.len() + n,
+            finish_length,
+        }));
+        Ok(())
+    }
+}

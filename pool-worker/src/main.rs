@@ -1,0 +1,184 @@
+//! `switchyard-worker`: serves one model over the OpenAI API and registers with the router.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use pool_worker::api::{AppState, Faults};
+use pool_worker::engine::Engine;
+use pool_worker::registration::{Registration, RegistrationConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard-worker",
+    about = "Candle inference server for a Switchyard pool"
+)]
+struct Args {
+    /// GGUF model file (llama architecture).
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json; by default the tokenizer is built from the GGUF metadata.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Name clients use in `model` (default: the file name up to the first '-' or '.', lower-case).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Address to serve the OpenAI API on (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Router registry URL, e.g. http://127.0.0.1:50051. Without it the worker serves standalone.
+    #[arg(long)]
+    router: Option<String>,
+    /// Pool to join (a pool name from the router's rules file).
+    #[arg(long, default_value = "cpu")]
+    pool: String,
+    /// Registry token (also SWITCHYARD_REGISTRY_TOKEN).
+    #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Worker id (default: pool-host-port).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Requests that may wait for the engine before the worker answers 429.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// Enable POST /admin/faults (fault injection for failover tests). Never in production.
+    #[arg(long)]
+    fault_injection: bool,
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+}
+
+fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let n = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .context("bad cuda ordinal")?
+                .unwrap_or(0);
+            candle_core::Device::new_cuda(n).context("CUDA device (build with --features cuda)")
+        }
+        other => anyhow::bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let name = args.model_name.clone().unwrap_or_else(|| {
+        let stem = args
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        stem.split(['-', '.']).next().unwrap_or("model").to_string()
+    });
+    let dev = device(&args.device)?;
+    let t0 = std::time::Instant::now();
+    let engine = Engine::load(
+        &args.model,
+        args.tokenizer.as_deref(),
+        name.clone(),
+        dev,
+        args.queue,
+    )?;
+    engine.warm_up().await.context("warm-up")?;
+    tracing::info!(model = %name, "loaded and warmed up in {:.2?}", t0.elapsed());
+
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        faults: args.fault_injection.then(|| Arc::new(Faults::default())),
+        draining: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // Machine-readable line for harnesses and scripts.
+    println!("LISTENING http://{addr}");
+
+    let registration = args.router.as_ref().map(|router| {
+        Registration::new(
+            RegistrationConfig {
+                router: router.clone(),
+                token: args.token.clone(),
+                worker_id: args
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", args.pool, addr)),
+                pool: args.pool.clone(),
+                address: addr.to_string(),
+                model: name.clone(),
+                max_context: engine.model.max_context as u32,
+                max_concurrency: 1,
+                device: args.device.clone(),
+            },
+            Arc::clone(&engine.stats),
+        )
+    });
+    if let Some(r) = &registration {
+        tokio::spawn(Arc::clone(r).run());
+    } else {
+        tracing::info!("no --router: serving standalone");
+    }
+
+    let shutdown_state = Arc::clone(&state);
+    let reg = registration.clone();
+    let drain_timeout = Duration::from_secs(args.drain_timeout_s);
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining");
+        shutdown_state.draining.store(true, Ordering::Relaxed);
+        if let Some(r) = &reg {
+            r.drain(drain_timeout.as_secs() as u32, "shutdown").await;
+        }
+        let stats = &shutdown_state.engine.stats;
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while (stats.in_flight.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed)) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(r) = &reg {
+            r.deregister().await;
+        }
+    };
+    axum::serve(listener, pool_worker::api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}

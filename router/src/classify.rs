@@ -1,0 +1,281 @@
+//! Classification: one parse of the OpenAI body → [`RequestFeatures`].
+//!
+//! Token counts come from the model's real tokenizer, but only as much work as the decision
+//! needs: a cheap bound from the byte length first; exact counting only when a rule threshold
+//! falls inside the bound, done off the event loop under a time budget.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use routing_rules::{
+    CompiledRules, Endpoint, Modality, ModalitySet, Model, RequestFeatures, TokenizerRef,
+};
+use serde_json::Value;
+
+use crate::error::ProxyError;
+
+/// Per-message overhead of chat templates (role markers, separators), in tokens.
+const PER_MESSAGE_TOKENS: u64 = 5;
+/// Tokens of the assistant turn's opening.
+const REPLY_PRIMER_TOKENS: u64 = 3;
+
+/// A model's tokenizer and what bounds it allows.
+pub struct Counter {
+    tokenizer: model_meta::Tokenizer,
+    /// Longest token, in bytes: `ceil(bytes / this)` is a lower bound on the count.
+    max_token_bytes: u64,
+}
+
+impl Counter {
+    pub fn load(source: &TokenizerRef) -> Result<Self, String> {
+        let src = match source {
+            TokenizerRef::Gguf(p) => model_meta::TokenizerSource::Gguf(p.clone()),
+            TokenizerRef::Json(p) => model_meta::TokenizerSource::Json(p.clone()),
+        };
+        let tokenizer = model_meta::load_tokenizer(&src).map_err(|e| e.to_string())?;
+        // Byte-level vocabularies write one byte per char; others are at most 4 bytes per char.
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.chars().count() as u64 * 4)
+            .max()
+            .unwrap_or(64)
+            .max(1);
+        Ok(Self {
+            tokenizer,
+            max_token_bytes,
+        })
+    }
+
+    pub fn count(&self, texts: &[String]) -> u64 {
+        texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode_fast(t.as_str(), false)
+                    .map(|e| e.len() as u64)
+                    .unwrap_or(t.len() as u64)
+            })
+            .sum()
+    }
+}
+
+/// Tokenizers for the models in the live rules, keyed by model name.
+pub type Counters = HashMap<String, Arc<Counter>>;
+
+/// Loads the tokenizer of every model the rules name. Errors are returned per model.
+pub fn load_counters(rules: &CompiledRules, previous: &Counters) -> (Counters, Vec<String>) {
+    let mut out = HashMap::new();
+    let mut errors = Vec::new();
+    for (name, m) in rules.models() {
+        match Counter::load(&m.tokenizer) {
+            Ok(c) => {
+                out.insert(name.clone(), Arc::new(c));
+            }
+            Err(e) => {
+                errors.push(format!("model `{name}`: {e}"));
+                if let Some(old) = previous.get(name) {
+                    out.insert(name.clone(), Arc::clone(old));
+                }
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// What the body said, before counting.
+pub struct Parsed {
+    pub features: RequestFeatures,
+    /// Text whose tokens are counted (message contents, or the prompt).
+    pub texts: Vec<String>,
+    /// Tokens added regardless of text: template overhead and media.
+    pub fixed_tokens: u64,
+    pub images: u64,
+    pub audios: u64,
+    pub requested_max_tokens: Option<u64>,
+}
+
+/// Tenant id derived from the API key: a hash, never the key.
+pub fn tenant_of(authorization: Option<&str>) -> Option<String> {
+    let key = authorization?.strip_prefix("Bearer ")?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    Some(format!("key-{:08x}", h.finish() as u32))
+}
+
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| ProxyError::BadJson(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ProxyError::BadRequest("the body must be a JSON object".into(), None))?;
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ProxyError::BadRequest("`model` is required".into(), Some("model")))?
+        .to_string();
+    let mut modalities = ModalitySet::default();
+    let mut texts = Vec::new();
+    let mut fixed_tokens = 0u64;
+    let mut images = 0u64;
+    let mut audios = 0u64;
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let msgs = obj
+                .get("messages")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ProxyError::BadRequest("`messages` must be an array".into(), Some("messages"))
+                })?;
+            if msgs.is_empty() {
+                return Err(ProxyError::BadRequest(
+                    "`messages` must not be empty".into(),
+                    Some("messages"),
+                ));
+            }
+            fixed_tokens += REPLY_PRIMER_TOKENS;
+            for m in msgs {
+                fixed_tokens += PER_MESSAGE_TOKENS;
+                match m.get("content") {
+                    Some(Value::String(s)) => {
+                        modalities.insert(Modality::Text);
+                        texts.push(s.clone());
+                    }
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            match p.get("type").and_then(Value::as_str) {
+                                Some("text") => {
+                                    modalities.insert(Modality::Text);
+                                    texts.push(
+                                        p.get("text")
+                                            .and_then(Value::as_str)
+                                            .unwrap_or_default()
+                                            .to_string(),
+                                    );
+                                }
+                                Some("image_url") | Some("image") => {
+                                    modalities.insert(Modality::Image);
+                                    images += 1;
+                                }
+                                Some("input_audio") | Some("audio") => {
+                                    modalities.insert(Modality::Audio);
+                                    audios += 1;
+                                }
+                                Some("file") => modalities.insert(Modality::Image),
+                                _ => {
+                                    return Err(ProxyError::BadRequest(
+                                        "each content part needs a known `type`".into(),
+                                        Some("messages"),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    None | Some(Value::Null) => {}
+                    Some(_) => {
+                        return Err(ProxyError::BadRequest(
+                            "`content` must be a string or an array of parts".into(),
+                            Some("messages"),
+                        ));
+                    }
+                }
+            }
+        }
+        Endpoint::Completions | Endpoint::Embeddings => {
+            let key = if endpoint == Endpoint::Completions {
+                "prompt"
+            } else {
+                "input"
+            };
+            modalities.insert(Modality::Text);
+            match obj.get(key) {
+                Some(Value::String(s)) => texts.push(s.clone()),
+                Some(Value::Array(a)) => {
+                    texts.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
+                }
+                _ => {
+                    return Err(ProxyError::BadRequest(
+                        format!("`{key}` must be a string or an array of strings"),
+                        Some(key),
+                    ));
+                }
+            }
+        }
+    }
+    let requested_max_tokens = obj
+        .get("max_completion_tokens")
+        .or_else(|| obj.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    Ok(Parsed {
+        features: RequestFeatures {
+            endpoint: Some(endpoint),
+            model,
+            modalities,
+            stream,
+            ..Default::default()
+        },
+        texts,
+        fixed_tokens,
+        images,
+        audios,
+        requested_max_tokens,
+    })
+}
+
+/// Fills in token counts: a bound from byte length, exact counting only where a rule
+/// threshold falls inside the bound. Returns whether the count is exact.
+pub async fn count_tokens(
+    parsed: &mut Parsed,
+    model: Option<&Model>,
+    counter: Option<Arc<Counter>>,
+    rules: &CompiledRules,
+    budget: Duration,
+) -> bool {
+    let (image_tokens, audio_tokens, default_max) = model
+        .map(|m| {
+            (
+                u64::from(m.image_tokens),
+                u64::from(m.audio_tokens),
+                u64::from(m.default_max_tokens),
+            )
+        })
+        .unwrap_or((765, 750, 256));
+    let fixed = parsed.fixed_tokens + parsed.images * image_tokens + parsed.audios * audio_tokens;
+    let max_tokens = parsed.requested_max_tokens.unwrap_or(default_max);
+    let f = &mut parsed.features;
+    f.max_tokens = max_tokens;
+    let bytes: u64 = parsed.texts.iter().map(|t| t.len() as u64).sum();
+    let Some(counter) = counter else {
+        // No tokenizer for this model: ~4 bytes per token, the usual estimate.
+        f.prompt_tokens = fixed + bytes.div_ceil(4);
+        return false;
+    };
+    // Byte-level BPE: at most one token per byte; at least one per longest-token bytes.
+    let hi = fixed + bytes + parsed.texts.len() as u64;
+    let lo = fixed + bytes.div_ceil(counter.max_token_bytes);
+    let needs_exact = CompiledRules::needs_exact(rules.prompt_cuts(), lo, hi)
+        || CompiledRules::needs_exact(rules.context_cuts(), lo + max_tokens, hi + max_tokens);
+    if !needs_exact {
+        f.prompt_tokens = lo;
+        return false;
+    }
+    let texts = std::mem::take(&mut parsed.texts);
+    let job = tokio::task::spawn_blocking(move || counter.count(&texts));
+    match tokio::time::timeout(budget, job).await {
+        Ok(Ok(n)) => {
+            parsed.features.prompt_tokens = fixed + n;
+            true
+        }
+        // Over budget (pathological input) or failed: take the upper bound, which routes
+        // to the pool that can hold the most.
+        _ => {
+            parsed.features.prompt_tokens = hi;
+            false
+        }
+    }
+}

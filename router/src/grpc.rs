@@ -1,0 +1,151 @@
+//! The gRPC registry service (`switchyard.registry.v1.Registry`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proto::registry_server::Registry as RegistryApi;
+use proto::{
+    Command, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse, HeartbeatRequest,
+    HeartbeatResponse, RegisterRequest, RegisterResponse,
+};
+use routing_rules::RulesStore;
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, ServedModel};
+
+pub struct RegistryService {
+    pub registry: Arc<Registry>,
+    pub rules: Arc<RulesStore>,
+    pub token: Option<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl RegistryService {
+    /// With a token: the caller must present it. Without: only loopback callers.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.token {
+            Some(token) => {
+                let presented = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or_default();
+                if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(Status::unauthenticated("bad or missing registry token"))
+                }
+            }
+            None => match req.remote_addr() {
+                Some(a) if a.ip().is_loopback() => Ok(()),
+                other => Err(Status::permission_denied(format!(
+                    "registrations from {other:?} refused: without --registry-token the router accepts loopback workers only"
+                ))),
+            },
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RegistryApi for RegistryService {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        let rules = self.rules.load();
+        let Some(pool) = rules.rules.pool(&r.pool) else {
+            let known: Vec<&str> = rules.rules.pools().iter().map(|p| &*p.name).collect();
+            return Err(Status::not_found(format!(
+                "unknown pool `{}` (pools: {})",
+                r.pool,
+                known.join(", ")
+            )));
+        };
+        let address: SocketAddr = r.address.parse().map_err(|_| {
+            Status::invalid_argument(format!("address `{}` is not ip:port", r.address))
+        })?;
+        if self.token.is_none() && !address.ip().is_loopback() {
+            return Err(Status::permission_denied(format!(
+                "address {address} not allowed: without a registry token only loopback addresses are"
+            )));
+        }
+        if r.models.is_empty() {
+            return Err(Status::invalid_argument(
+                "a worker must serve at least one model",
+            ));
+        }
+        let models = r
+            .models
+            .into_iter()
+            .map(|m| ServedModel {
+                name: m.name,
+                max_context: m.max_context,
+                modalities: m.modalities,
+            })
+            .collect();
+        let lease_id = self.registry.register(
+            r.worker_id.clone(),
+            pool.name.clone(),
+            address,
+            models,
+            r.device,
+        );
+        self.metrics
+            .registrations
+            .with_label_values(&[&*pool.name])
+            .inc();
+        tracing::info!(worker = %r.worker_id, pool = %pool.name, %address, "worker registered");
+        Ok(Response::new(RegisterResponse {
+            lease_id,
+            heartbeat_interval_ms: self.registry.heartbeat_interval.as_millis() as u32,
+            lease_ttl_ms: self.registry.lease_ttl.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let drain = self
+            .registry
+            .heartbeat(&r.lease_id, r.in_flight.saturating_add(r.queued))
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let command = if drain { Command::Drain } else { Command::None };
+        Ok(Response::new(HeartbeatResponse {
+            command: command as i32,
+        }))
+    }
+
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        self.registry
+            .drain(&r.lease_id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        tracing::info!(lease = %r.lease_id, reason = %r.reason, deadline_s = r.deadline_s, "worker draining");
+        Ok(Response::new(DrainResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        self.registry
+            .deregister(&r.lease_id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        tracing::info!(lease = %r.lease_id, "worker deregistered");
+        Ok(Response::new(DeregisterResponse {}))
+    }
+}

@@ -1,0 +1,286 @@
+//! `switchyard`: serve the router, or check and explain rules files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use router::metrics::Metrics;
+use router::proxy::SwitchyardProxy;
+use router::registry::Registry;
+use router::state::{Config, Shared};
+use routing_rules::RulesStore;
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about = "Tiered LLM request router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the router.
+    Serve(ServeArgs),
+    /// Work with rules files.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCmd {
+    /// Exit 0 if FILE compiles, else exit 1 listing every problem.
+    Check { file: PathBuf },
+    /// Print, as JSON, the decision the rules make for a request body.
+    Explain {
+        file: PathBuf,
+        request: PathBuf,
+        /// Endpoint the request is sent to.
+        #[arg(long, default_value = "/v1/chat/completions")]
+        endpoint: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Rules file (YAML); reloaded when it changes.
+    #[arg(long)]
+    rules: PathBuf,
+    /// OpenAI-compatible proxy listener (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// gRPC registry listener for workers.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+    /// Admin listener: /healthz, /metrics, /admin/*.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+    /// Shared token workers must present (also SWITCHYARD_REGISTRY_TOKEN). Without it only
+    /// loopback workers may register.
+    #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
+    registry_token: Option<String>,
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
+    #[arg(long, default_value_t = 6000)]
+    lease_ttl_ms: u64,
+    /// Largest request body accepted (bytes).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
+    #[arg(long, default_value_t = 1000)]
+    connect_timeout_ms: u64,
+    /// Time a worker has to send its response header (prefill included).
+    #[arg(long, default_value_t = 120_000)]
+    first_byte_timeout_ms: u64,
+    /// Time budget for exact token counting before the bound is used.
+    #[arg(long, default_value_t = 50)]
+    classify_budget_ms: u64,
+    /// Do not add x-switchyard-* headers to answers.
+    #[arg(long)]
+    no_debug_headers: bool,
+    /// Proxy worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
+            Ok(r) => {
+                println!(
+                    "{}: ok ({} pools, {} models, {} rules)",
+                    file.display(),
+                    r.pools().len(),
+                    r.models().len(),
+                    r.rules().len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                std::process::exit(1);
+            }
+        },
+        Command::Rules(RulesCmd::Explain {
+            file,
+            request,
+            endpoint,
+        }) => explain(&file, &request, &endpoint),
+    }
+}
+
+fn explain(
+    file: &std::path::Path,
+    request: &std::path::Path,
+    endpoint: &str,
+) -> anyhow::Result<()> {
+    let rules = routing_rules::compile_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let body = std::fs::read(request).with_context(|| format!("read {}", request.display()))?;
+    let ep = match endpoint {
+        "/v1/chat/completions" => routing_rules::Endpoint::ChatCompletions,
+        "/v1/completions" => routing_rules::Endpoint::Completions,
+        "/v1/embeddings" => routing_rules::Endpoint::Embeddings,
+        other => anyhow::bail!("unknown endpoint {other}"),
+    };
+    let mut parsed = router::classify::parse(ep, &body).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (counters, errors) = router::classify::load_counters(&rules, &Default::default());
+    for e in errors {
+        eprintln!("warning: {e}");
+    }
+    let model = rules.model(&parsed.features.model);
+    let counter = counters.get(&parsed.features.model).cloned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let exact = rt.block_on(router::classify::count_tokens(
+        &mut parsed,
+        model,
+        counter,
+        &rules,
+        Duration::from_secs(30),
+    ));
+    let f = &parsed.features;
+    let decision = rules.route(f);
+    let out = serde_json::json!({
+        "features": {
+            "model": f.model, "modalities": f.modalities.names(), "prompt_tokens": f.prompt_tokens,
+            "prompt_tokens_exact": exact, "max_tokens": f.max_tokens, "context_tokens": f.context_tokens(), "stream": f.stream,
+        },
+        "decision": decision,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Port 0 means "any free port": find one now so it can be printed before pingora binds.
+fn resolve_port(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr)?;
+    Ok(l.local_addr()?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rules = Arc::new(
+        RulesStore::open(&args.rules)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.rules.display()))?,
+    );
+    let registry = Registry::new(
+        Duration::from_millis(args.heartbeat_ms),
+        Duration::from_millis(args.lease_ttl_ms),
+    );
+    let metrics = Arc::new(Metrics::new()?);
+    let config = Config {
+        max_body_bytes: args.max_body_bytes,
+        classify_budget: Duration::from_millis(args.classify_budget_ms),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
+        debug_headers: !args.no_debug_headers,
+    };
+    let shared = Shared::new(
+        Arc::clone(&rules),
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+        config,
+    );
+    if args.registry_token.is_none() {
+        tracing::warn!("no --registry-token: only workers on loopback may register");
+    }
+
+    // Control plane on its own runtime: gRPC registry, admin API, lease expiry, rules watcher.
+    let std_grpc = std::net::TcpListener::bind(args.grpc)
+        .with_context(|| format!("bind gRPC {}", args.grpc))?;
+    let std_admin = std::net::TcpListener::bind(args.admin)
+        .with_context(|| format!("bind admin {}", args.admin))?;
+    std_grpc.set_nonblocking(true)?;
+    std_admin.set_nonblocking(true)?;
+    let grpc_addr = std_grpc.local_addr()?;
+    let admin_addr = std_admin.local_addr()?;
+    let listen = resolve_port(args.listen)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch_shared = Arc::clone(&shared);
+    rules.watch(Duration::from_millis(500), Arc::clone(&stop), move |r| {
+        watch_shared.on_reload(r)
+    })?;
+
+    let cp_shared = Arc::clone(&shared);
+    let token = args.registry_token.clone();
+    std::thread::Builder::new()
+        .name("control-plane".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("control plane runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            rt.block_on(async move {
+                let (grpc, admin) = match (
+                    tokio::net::TcpListener::from_std(std_grpc),
+                    tokio::net::TcpListener::from_std(std_admin),
+                ) {
+                    (Ok(g), Ok(a)) => (g, a),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::error!("control plane listeners: {e}");
+                        std::process::exit(1);
+                    }
+                };
+                tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
+                let svc = router::grpc::RegistryService {
+                    registry: Arc::clone(&cp_shared.registry),
+                    rules: Arc::clone(&cp_shared.rules),
+                    token,
+                    metrics: Arc::clone(&cp_shared.metrics),
+                };
+                let grpc_task = tonic::transport::Server::builder()
+                    .add_service(proto::registry_server::RegistryServer::new(svc))
+                    .serve_with_incoming(tokio_stream_from(grpc));
+                let admin_task = axum::serve(admin, router::admin::router(Arc::clone(&cp_shared)));
+                let (g, a) = tokio::join!(grpc_task, admin_task);
+                if let Err(e) = g {
+                    tracing::error!("gRPC server stopped: {e}");
+                }
+                if let Err(e) = a {
+                    tracing::error!("admin server stopped: {e}");
+                }
+            });
+        })?;
+
+    let conf = ServerConf {
+        threads: args.threads.max(1),
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Option::<Opt>::None, conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, SwitchyardProxy::new(shared));
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    println!("LISTENING proxy=http://{listen} grpc=http://{grpc_addr} admin=http://{admin_addr}");
+    tracing::info!(%listen, %grpc_addr, %admin_addr, rules = %args.rules.display(), "switchyard serving");
+    server.run_forever();
+}
+
+fn tokio_stream_from(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(l)
+}

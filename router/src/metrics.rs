@@ -1,0 +1,134 @@
+//! Every router metric, defined in one place. Names: `switchyard_router_*`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by pool, rule and status code.
+    pub requests: IntCounterVec,
+    /// Retries, by the pool that failed, the pool retried on, and the reason.
+    pub retries: IntCounterVec,
+    /// Time to the first response byte from a worker, by pool.
+    pub ttfb: HistogramVec,
+    /// Whole request time, by pool.
+    pub duration: HistogramVec,
+    /// Classification time (parse + token count).
+    pub classify: HistogramVec,
+    /// Cost attributed to requests, by pool and tenant (USD; price per hour × time).
+    pub cost: prometheus::CounterVec,
+    /// Rules reloads by outcome (applied, rejected).
+    pub reloads: IntCounterVec,
+    pub rules_generation: IntGauge,
+    /// Registrations accepted, by pool.
+    pub registrations: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_requests_total",
+                "Requests answered, by pool, rule and status.",
+            ),
+            &["pool", "rule", "status"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_retries_total",
+                "Retries, by failed pool, next pool and reason.",
+            ),
+            &["from_pool", "to_pool", "reason"],
+        )?;
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_router_upstream_ttfb_seconds",
+                "Time to the worker's response header, by pool.",
+            )
+            .buckets(latency.clone()),
+            &["pool"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_router_request_duration_seconds",
+                "Whole request time, by pool.",
+            )
+            .buckets(latency),
+            &["pool"],
+        )?;
+        let classify = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_router_classify_seconds",
+                "Parse and token-count time, by whether the count was exact.",
+            )
+            .buckets(vec![
+                0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
+            ]),
+            &["exact"],
+        )?;
+        let cost = prometheus::CounterVec::new(
+            Opts::new(
+                "switchyard_router_cost_usd_total",
+                "Pool cost attributed to requests (price per hour × request time), by pool and tenant.",
+            ),
+            &["pool", "tenant"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_rules_reloads_total",
+                "Rules reloads, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let rules_generation = IntGauge::new(
+            "switchyard_router_rules_generation",
+            "Generation of the live rule set.",
+        )?;
+        let registrations = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_registrations_total",
+                "Worker registrations accepted, by pool.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(ttfb.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(classify.clone()))?;
+        registry.register(Box::new(cost.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(rules_generation.clone()))?;
+        registry.register(Box::new(registrations.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            retries,
+            ttfb,
+            duration,
+            classify,
+            cost,
+            reloads,
+            rules_generation,
+            registrations,
+        })
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

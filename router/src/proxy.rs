@@ -1,0 +1,551 @@
+//! The pingora `ProxyHttp` implementation. Thin: each stage calls `classify`, `route`,
+//! `upstream` and the forwarding loop below.
+//!
+//! ## Why `request_filter` drives the upstream leg
+//!
+//! pingora 0.9 calls `upstream_peer` before the request body is read and only replays a body
+//! that fits its fixed 64 KiB retry buffer. Switchyard must classify the whole body (token
+//! count, modality) before choosing a pool, and must replay bodies of many megabytes on
+//! failover. So the router reads the body itself (capped) in `request_filter`, then drives
+//! each attempt with pingora's own HTTP `Connector` (pooled upstream connections), and writes
+//! the chosen response to the downstream session unbuffered. Failover is possible until the
+//! first response byte is written downstream; after that a broken stream ends with an SSE
+//! error event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+use routing_rules::{Endpoint, RetryOn, RouteDecision};
+
+use crate::classify::{self, Parsed};
+use crate::error::ProxyError;
+use crate::state::Shared;
+use crate::upstream::{self, InFlight};
+
+/// Per-request context: what `logging` reports.
+pub struct RequestCtx {
+    started: Instant,
+    endpoint: Option<Endpoint>,
+    model: Option<String>,
+    tenant: Option<String>,
+    decision: Option<RouteDecision>,
+    pool: Option<Arc<str>>,
+    attempts: u32,
+    tried: Vec<String>,
+    status: u16,
+    exact: bool,
+    prompt_tokens: u64,
+}
+
+pub struct SwitchyardProxy {
+    pub shared: Arc<Shared>,
+    pub connector: Connector,
+}
+
+impl SwitchyardProxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            connector: Connector::new(None),
+        }
+    }
+}
+
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    for (k, v) in extra {
+        h.insert_header(*k, v.as_str())?;
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &ProxyError) -> Result<()> {
+    ctx.status = e.status();
+    let mut extra = Vec::new();
+    if let Some(s) = e.retry_after() {
+        extra.push(("retry-after", s.to_string()));
+    }
+    respond(session, e.status(), e.body(), &extra).await
+}
+
+/// Why an attempt failed, and whether it could be retried.
+struct AttemptFailure {
+    reason: RetryOn,
+    message: String,
+}
+
+#[async_trait]
+impl ProxyHttp for SwitchyardProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            endpoint: None,
+            model: None,
+            tenant: None,
+            decision: None,
+            pool: None,
+            attempts: 0,
+            tried: Vec::new(),
+            status: 0,
+            exact: false,
+            prompt_tokens: 0,
+        }
+    }
+
+    /// Never reached: `request_filter` answers every request itself (see the module docs).
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            InternalError,
+            "switchyard drives upstreams from request_filter",
+        ))
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Err(e) = self.handle(session, ctx).await {
+            // An error answer could not even be attempted (downstream gone): let pingora log it.
+            if ctx.status == 0 {
+                ctx.status = 499;
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        let m = &self.shared.metrics;
+        let pool = ctx.pool.as_deref().unwrap_or("none");
+        let rule = ctx.decision.as_ref().map(|d| &*d.rule).unwrap_or("none");
+        let elapsed = ctx.started.elapsed();
+        if ctx.endpoint.is_some() {
+            m.requests
+                .with_label_values(&[pool, rule, &ctx.status.to_string()])
+                .inc();
+            m.duration
+                .with_label_values(&[pool])
+                .observe(elapsed.as_secs_f64());
+            if let Some(p) = ctx.pool.as_deref().and_then(|p| {
+                self.shared
+                    .rules
+                    .load()
+                    .rules
+                    .pool(p)
+                    .map(|p| p.cost_per_hour)
+            }) {
+                let tenant = ctx.tenant.as_deref().unwrap_or("anonymous");
+                m.cost
+                    .with_label_values(&[pool, tenant])
+                    .inc_by(p * elapsed.as_secs_f64() / 3600.0);
+            }
+        }
+        tracing::info!(
+            status = ctx.status,
+            model = ctx.model.as_deref().unwrap_or("-"),
+            tenant = ctx.tenant.as_deref().unwrap_or("-"),
+            rule,
+            pool,
+            attempts = ctx.attempts,
+            prompt_tokens = ctx.prompt_tokens,
+            exact = ctx.exact,
+            ms = elapsed.as_secs_f64() * 1000.0,
+            error = e.map(|e| e.to_string()).unwrap_or_default(),
+            "request"
+        );
+    }
+}
+
+impl SwitchyardProxy {
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let (method, path) = {
+            let h = session.req_header();
+            (h.method.clone(), h.uri.path().to_string())
+        };
+        let endpoint = match (method.as_str(), path.as_str()) {
+            ("GET", "/v1/models") => return self.models(session, ctx).await,
+            ("POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
+            ("POST", "/v1/completions") => Endpoint::Completions,
+            ("POST", "/v1/embeddings") => Endpoint::Embeddings,
+            (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/models") => {
+                return respond_error(session, ctx, &ProxyError::MethodNotAllowed).await;
+            }
+            _ => return respond_error(session, ctx, &ProxyError::NotFound(path)).await,
+        };
+        ctx.endpoint = Some(endpoint);
+        ctx.tenant = classify::tenant_of(
+            session
+                .req_header()
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+        );
+
+        let body = match self.read_body(session).await? {
+            Ok(b) => b,
+            Err(e) => return respond_error(session, ctx, &e).await,
+        };
+        let t0 = Instant::now();
+        let mut parsed = match classify::parse(endpoint, &body) {
+            Ok(p) => p,
+            Err(e) => return respond_error(session, ctx, &e).await,
+        };
+        ctx.model = Some(parsed.features.model.clone());
+        let rules = self.shared.rules.load();
+        let snapshot = self.shared.registry.snapshot();
+        let model_name = parsed.features.model.clone();
+        let model = rules.rules.model(&model_name);
+        if model.is_none()
+            && !snapshot
+                .workers()
+                .any(|w| !w.is_static && w.serves(&model_name))
+        {
+            return respond_error(session, ctx, &ProxyError::UnknownModel(model_name)).await;
+        }
+        parsed.features.tenant = ctx.tenant.clone();
+        self.collect_headers(session, &mut parsed, &rules.rules);
+        let counter = self.shared.counters.load().get(&model_name).cloned();
+        ctx.exact = classify::count_tokens(
+            &mut parsed,
+            model,
+            counter,
+            &rules.rules,
+            self.shared.config.classify_budget,
+        )
+        .await;
+        ctx.prompt_tokens = parsed.features.prompt_tokens;
+        self.shared
+            .metrics
+            .classify
+            .with_label_values(&[if ctx.exact { "true" } else { "false" }])
+            .observe(t0.elapsed().as_secs_f64());
+        let decision = rules.rules.route(&parsed.features);
+        ctx.decision = Some(decision.clone());
+        drop(rules);
+        self.forward(session, ctx, &decision, &model_name, &path, body)
+            .await
+    }
+
+    fn collect_headers(
+        &self,
+        session: &Session,
+        parsed: &mut Parsed,
+        rules: &routing_rules::CompiledRules,
+    ) {
+        for name in rules.header_names() {
+            if let Some(v) = session
+                .req_header()
+                .headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+            {
+                parsed.features.headers.push((name.clone(), v.to_string()));
+            }
+        }
+    }
+
+    /// Reads the whole body under the byte cap: Content-Length is checked before reading,
+    /// chunked bodies are counted as they arrive.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+    ) -> Result<std::result::Result<Bytes, ProxyError>> {
+        let limit = self.shared.config.max_body_bytes;
+        let declared = session
+            .req_header()
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Ok(Err(ProxyError::TooLarge { limit }));
+        }
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
+        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+            if buf.len() + chunk.len() > limit {
+                return Ok(Err(ProxyError::TooLarge { limit }));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Ok(buf.freeze()))
+    }
+
+    async fn models(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let snapshot = self.shared.registry.snapshot();
+        let mut names: Vec<&str> = snapshot
+            .workers()
+            .flat_map(|w| w.models.iter().map(|m| m.name.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let data: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({ "id": n, "object": "model", "created": 0, "owned_by": "switchyard" }))
+            .collect();
+        ctx.status = 200;
+        let body = serde_json::json!({ "object": "list", "data": data }).to_string();
+        respond(session, 200, Bytes::from(body), &[]).await
+    }
+
+    /// Tries the route's pools in order, failing over before the first byte reaches the client.
+    async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        decision: &RouteDecision,
+        model: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        let shared = &self.shared;
+        shared.retry_budget.record_request();
+        let snapshot = shared.registry.snapshot();
+        let mut last_failure: Option<(Arc<str>, AttemptFailure)> = None;
+        let mut targets = decision.targets.iter().peekable();
+        while let Some(pool) = targets.peek().cloned() {
+            if ctx.attempts >= decision.retry.max_attempts {
+                break;
+            }
+            let Some(worker) = upstream::pick(&snapshot, pool, model, &ctx.tried) else {
+                targets.next(); // no (more) live workers here: next pool
+                continue;
+            };
+            if let Some((from, f)) = &last_failure {
+                if !decision.retry.retries_on(f.reason)
+                    || !shared
+                        .retry_budget
+                        .try_retry(decision.retry.budget_ratio, decision.retry.budget_floor)
+                {
+                    break;
+                }
+                shared
+                    .metrics
+                    .retries
+                    .with_label_values(&[from, pool, reason_name(f.reason)])
+                    .inc();
+                if !decision.retry.backoff.is_zero() {
+                    tokio::time::sleep(decision.retry.backoff).await;
+                }
+            }
+            ctx.attempts += 1;
+            ctx.tried.push(worker.id.clone());
+            let _in_flight = InFlight::new(Arc::clone(&worker));
+            let peer = self.peer(&worker);
+            let t0 = Instant::now();
+            match self.attempt(&peer, session, path, &body).await {
+                Ok((up, resp)) => {
+                    shared
+                        .metrics
+                        .ttfb
+                        .with_label_values(&[pool])
+                        .observe(t0.elapsed().as_secs_f64());
+                    ctx.pool = Some(pool.clone());
+                    ctx.status = resp.status.as_u16();
+                    return self.relay(session, ctx, decision, &peer, up, resp).await;
+                }
+                Err(f) => {
+                    tracing::warn!(worker = %worker.id, %pool, reason = reason_name(f.reason), "attempt failed: {}", f.message);
+                    last_failure = Some((pool.clone(), f));
+                }
+            }
+        }
+        let msg = match &last_failure {
+            Some((pool, f)) => format!("every attempt failed (last: pool `{pool}`, {})", f.message),
+            None => format!(
+                "no live worker in any pool of rule `{}` ({})",
+                decision.rule,
+                decision.targets.join(", ")
+            ),
+        };
+        respond_error(session, ctx, &ProxyError::NoCapacity(msg)).await
+    }
+
+    fn peer(&self, worker: &crate::registry::Worker) -> HttpPeer {
+        let mut peer = HttpPeer::new(worker.address, false, String::new());
+        let c = &self.shared.config;
+        peer.options.connection_timeout = Some(c.connect_timeout);
+        peer.options.read_timeout = Some(c.first_byte_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer
+    }
+
+    /// One attempt: send the buffered request; succeed only with a response header that is
+    /// not a retryable failure. Nothing is written downstream here.
+    async fn attempt(
+        &self,
+        peer: &HttpPeer,
+        session: &Session,
+        path: &str,
+        body: &Bytes,
+    ) -> std::result::Result<
+        (
+            pingora::protocols::http::client::HttpSession,
+            ResponseHeader,
+        ),
+        AttemptFailure,
+    > {
+        let fail = |reason, e: &dyn std::fmt::Display| AttemptFailure {
+            reason,
+            message: e.to_string(),
+        };
+        let mut req = RequestHeader::build("POST", path.as_bytes(), Some(6))
+            .map_err(|e| fail(RetryOn::Connect, &e))?;
+        let setup = (|| -> Result<()> {
+            req.insert_header("host", peer._address.to_string())?;
+            req.insert_header("content-type", "application/json")?;
+            req.insert_header("content-length", body.len().to_string())?;
+            for name in ["accept", "x-request-id", "traceparent"] {
+                if let Some(v) = session.req_header().headers.get(name) {
+                    req.insert_header(name, v.clone())?;
+                }
+            }
+            Ok(())
+        })();
+        setup.map_err(|e| fail(RetryOn::Connect, &e))?;
+        // A pooled connection the worker has closed fails at once: retry that on a fresh one.
+        for fresh in [false, true] {
+            let (mut up, reused) = self
+                .connector
+                .get_http_session(peer)
+                .await
+                .map_err(|e| fail(RetryOn::Connect, &e))?;
+            let sent = async {
+                up.write_request_header(Box::new(req.clone())).await?;
+                up.write_request_body(body.clone(), true).await?;
+                up.finish_request_body().await?;
+                up.read_response_header().await
+            }
+            .await;
+            match sent {
+                Ok(()) => {
+                    let Some(resp) = up.response_header().cloned() else {
+                        return Err(fail(RetryOn::Reset, &"no response header"));
+                    };
+                    let status = resp.status.as_u16();
+                    if status == 503 || status == 429 {
+                        return Err(AttemptFailure {
+                            reason: RetryOn::Preempted,
+                            message: format!("worker answered {status}"),
+                        });
+                    }
+                    if status >= 500 {
+                        return Err(AttemptFailure {
+                            reason: RetryOn::Status5xx,
+                            message: format!("worker answered {status}"),
+                        });
+                    }
+                    return Ok((up, resp));
+                }
+                Err(e) if reused && !fresh => {
+                    tracing::debug!("pooled connection failed ({e}); retrying on a fresh one");
+                    continue;
+                }
+                Err(e) => {
+                    let reason = if matches!(e.etype(), ReadTimedout | WriteTimedout) {
+                        RetryOn::Timeout
+                    } else {
+                        RetryOn::Reset
+                    };
+                    return Err(fail(reason, &e));
+                }
+            }
+        }
+        Err(fail(RetryOn::Reset, &"connection failed"))
+    }
+
+    /// Streams the chosen response downstream, unbuffered. After this point failover is no
+    /// longer invisible: a broken SSE stream ends with an error event.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        decision: &RouteDecision,
+        peer: &HttpPeer,
+        mut up: pingora::protocols::http::client::HttpSession,
+        upstream: ResponseHeader,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 3))?;
+        for (name, value) in upstream.headers.iter() {
+            if !matches!(name.as_str(), "connection" | "keep-alive") {
+                resp.append_header(name.clone(), value.clone())?;
+            }
+        }
+        let sse = upstream
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if self.shared.config.debug_headers {
+            resp.insert_header("x-switchyard-pool", ctx.pool.as_deref().unwrap_or_default())?;
+            resp.insert_header("x-switchyard-rule", &*decision.rule)?;
+            resp.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        loop {
+            match up.read_response_body().await {
+                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        pool = ctx.pool.as_deref().unwrap_or("-"),
+                        "worker failed mid-stream: {e}"
+                    );
+                    if sse {
+                        let ev = serde_json::json!({ "error": {
+                            "message": format!("the worker failed mid-stream: {e}"),
+                            "type": "server_error", "code": "upstream_disconnected", "param": null } });
+                        session
+                            .write_response_body(
+                                Some(Bytes::from(format!("data: {ev}\n\n"))),
+                                false,
+                            )
+                            .await?;
+                    }
+                    ctx.status = 502;
+                    session.write_response_body(None, true).await?;
+                    up.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+        session.write_response_body(None, true).await?;
+        if up.response_done() {
+            self.connector
+                .release_http_session(up, peer, Some(Duration::from_secs(60)))
+                .await;
+        }
+        Ok(())
+    }
+}
+
+fn reason_name(r: RetryOn) -> &'static str {
+    match r {
+        RetryOn::Connect => "connect",
+        RetryOn::Reset => "reset",
+        RetryOn::Status5xx => "status_5xx",
+        RetryOn::Preempted => "preempted",
+        RetryOn::Timeout => "timeout",
+    }
+}

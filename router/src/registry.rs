@@ -1,0 +1,348 @@
+//! The worker registry: leases, load, drain — and the immutable snapshots the request path
+//! reads without locks.
+//!
+//! Writers (gRPC handlers and the expiry task) serialise on one mutex and publish a new
+//! `Snapshot` through `ArcSwap` after each change. The request path only loads a snapshot.
+//! Router-side in-flight counters live in `Arc<AtomicU32>`s shared by every snapshot.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Live,
+    Draining,
+}
+
+/// A served model as the worker advertised it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedModel {
+    pub name: String,
+    pub max_context: u32,
+    pub modalities: Vec<String>,
+}
+
+/// One worker as the request path sees it. Immutable except the shared load counters.
+#[derive(Debug, Serialize)]
+pub struct Worker {
+    pub id: String,
+    pub pool: Arc<str>,
+    pub address: SocketAddr,
+    pub state: WorkerState,
+    pub models: Vec<ServedModel>,
+    pub device: String,
+    /// Load the worker last reported (in-flight + queued).
+    pub reported_load: u32,
+    /// Requests this router has in flight to the worker right now.
+    #[serde(serialize_with = "ser_atomic")]
+    pub router_in_flight: Arc<AtomicU32>,
+    #[serde(skip)]
+    pub registered_at: Instant,
+    #[serde(skip)]
+    pub registered_unix: u64,
+    /// Static workers come from the rules file, not from registration.
+    pub is_static: bool,
+}
+
+fn ser_atomic<S: serde::Serializer>(a: &Arc<AtomicU32>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u32(a.load(Ordering::Relaxed))
+}
+
+impl Worker {
+    pub fn load(&self) -> u32 {
+        self.reported_load + self.router_in_flight.load(Ordering::Relaxed)
+    }
+    pub fn serves(&self, model: &str) -> bool {
+        self.is_static || self.models.iter().any(|m| m.name == model)
+    }
+}
+
+/// What the request path reads: live and draining workers grouped by pool.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub by_pool: HashMap<Arc<str>, Vec<Arc<Worker>>>,
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Workers of `pool` that take new requests for `model`.
+    pub fn routable<'a>(
+        &'a self,
+        pool: &str,
+        model: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Worker>> + 'a {
+        self.by_pool
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .filter(move |w| w.state == WorkerState::Live && w.serves(model))
+    }
+    pub fn workers(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        self.by_pool.values().flatten()
+    }
+}
+
+struct Lease {
+    worker: Arc<Worker>,
+    last_heartbeat: Instant,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("unknown lease `{0}` (expired, or the router restarted): register again")]
+    UnknownLease(String),
+}
+
+/// The registry. Clone the `Arc` to share.
+pub struct Registry {
+    leases: Mutex<HashMap<String, Lease>>,
+    statics: Mutex<Vec<Arc<Worker>>>,
+    snapshot: ArcSwap<Snapshot>,
+    pub heartbeat_interval: Duration,
+    pub lease_ttl: Duration,
+}
+
+impl Registry {
+    pub fn new(heartbeat_interval: Duration, lease_ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            leases: Mutex::new(HashMap::new()),
+            statics: Mutex::new(Vec::new()),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            heartbeat_interval,
+            lease_ttl,
+        })
+    }
+
+    /// Lock-free read for the request path.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, leases: &HashMap<String, Lease>) {
+        let mut by_pool: HashMap<Arc<str>, Vec<Arc<Worker>>> = HashMap::new();
+        for l in leases.values() {
+            by_pool
+                .entry(l.worker.pool.clone())
+                .or_default()
+                .push(Arc::clone(&l.worker));
+        }
+        for w in self
+            .statics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            by_pool
+                .entry(w.pool.clone())
+                .or_default()
+                .push(Arc::clone(w));
+        }
+        for v in by_pool.values_mut() {
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        let generation = self.snapshot.load().generation + 1;
+        self.snapshot.store(Arc::new(Snapshot {
+            by_pool,
+            generation,
+        }));
+    }
+
+    /// Adds a worker; a worker re-registering with the same id replaces its old lease.
+    pub fn register(
+        &self,
+        id: String,
+        pool: Arc<str>,
+        address: SocketAddr,
+        models: Vec<ServedModel>,
+        device: String,
+    ) -> String {
+        let lease_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut leases = self.leases();
+        leases.retain(|_, l| l.worker.id != id);
+        let worker = Arc::new(Worker {
+            id,
+            pool,
+            address,
+            state: WorkerState::Live,
+            models,
+            device,
+            reported_load: 0,
+            router_in_flight: Arc::new(AtomicU32::new(0)),
+            registered_at: Instant::now(),
+            registered_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            is_static: false,
+        });
+        leases.insert(
+            lease_id.clone(),
+            Lease {
+                worker,
+                last_heartbeat: Instant::now(),
+            },
+        );
+        self.publish(&leases);
+        lease_id
+    }
+
+    /// Renews a lease and records load. Returns whether the worker should drain.
+    pub fn heartbeat(&self, lease_id: &str, load: u32) -> Result<bool, RegistryError> {
+        let mut leases = self.leases();
+        let lease = leases
+            .get_mut(lease_id)
+            .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
+        lease.last_heartbeat = Instant::now();
+        let draining = lease.worker.state == WorkerState::Draining;
+        if lease.worker.reported_load != load {
+            lease.worker = Arc::new(Worker {
+                reported_load: load,
+                ..clone_worker(&lease.worker)
+            });
+            self.publish(&leases);
+        }
+        Ok(draining)
+    }
+
+    /// Stops new routing to the worker at once.
+    pub fn drain(&self, lease_id: &str) -> Result<(), RegistryError> {
+        let mut leases = self.leases();
+        let lease = leases
+            .get_mut(lease_id)
+            .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
+        lease.worker = Arc::new(Worker {
+            state: WorkerState::Draining,
+            ..clone_worker(&lease.worker)
+        });
+        self.publish(&leases);
+        Ok(())
+    }
+
+    pub fn deregister(&self, lease_id: &str) -> Result<(), RegistryError> {
+        let mut leases = self.leases();
+        leases
+            .remove(lease_id)
+            .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
+        self.publish(&leases);
+        Ok(())
+    }
+
+    /// Drops leases that missed heartbeats for the TTL. Returns the expired worker ids.
+    pub fn expire(&self, now: Instant) -> Vec<String> {
+        let mut leases = self.leases();
+        let ttl = self.lease_ttl;
+        let expired: Vec<String> = leases
+            .iter()
+            .filter(|(_, l)| now.duration_since(l.last_heartbeat) > ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let ids = expired
+            .iter()
+            .filter_map(|k| leases.remove(k))
+            .map(|l| l.worker.id.clone())
+            .collect::<Vec<_>>();
+        if !ids.is_empty() {
+            self.publish(&leases);
+        }
+        ids
+    }
+
+    /// Replaces the static workers (pools that list addresses in the rules file).
+    pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr)>) {
+        let list = workers
+            .into_iter()
+            .map(|(pool, address)| {
+                Arc::new(Worker {
+                    id: format!("static-{pool}-{address}"),
+                    pool,
+                    address,
+                    state: WorkerState::Live,
+                    models: Vec::new(),
+                    device: "static".into(),
+                    reported_load: 0,
+                    router_in_flight: Arc::new(AtomicU32::new(0)),
+                    registered_at: Instant::now(),
+                    registered_unix: 0,
+                    is_static: true,
+                })
+            })
+            .collect();
+        *self.statics.lock().unwrap_or_else(|p| p.into_inner()) = list;
+        let leases = self.leases();
+        self.publish(&leases);
+    }
+
+    /// Runs the expiry loop forever.
+    pub async fn run_expiry(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            for id in self.expire(Instant::now()) {
+                tracing::warn!(worker = %id, "lease expired: worker left routing");
+            }
+        }
+    }
+}
+
+fn clone_worker(w: &Worker) -> Worker {
+    Worker {
+        id: w.id.clone(),
+        pool: w.pool.clone(),
+        address: w.address,
+        state: w.state,
+        models: w.models.clone(),
+        device: w.device.clone(),
+        reported_load: w.reported_load,
+        router_in_flight: Arc::clone(&w.router_in_flight),
+        registered_at: w.registered_at,
+        registered_unix: w.registered_unix,
+        is_static: w.is_static,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[test]
+    fn lease_lifecycle_is_visible_in_snapshots() {
+        let r = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
+        let m = vec![ServedModel {
+            name: "m".into(),
+            max_context: 10,
+            modalities: vec![],
+        }];
+        let lease = r.register("w1".into(), Arc::from("cpu"), addr(), m, "cpu".into());
+        assert_eq!(r.snapshot().routable("cpu", "m").count(), 1);
+        assert_eq!(r.snapshot().routable("cpu", "other").count(), 0);
+        r.heartbeat(&lease, 3).unwrap();
+        assert_eq!(r.snapshot().routable("cpu", "m").next().unwrap().load(), 3);
+        r.drain(&lease).unwrap();
+        assert_eq!(r.snapshot().routable("cpu", "m").count(), 0);
+        assert!(
+            r.heartbeat(&lease, 0).unwrap(),
+            "a draining worker is told to drain"
+        );
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(r.expire(later), vec!["w1".to_string()]);
+        assert_eq!(
+            r.heartbeat(&lease, 0),
+            Err(RegistryError::UnknownLease(lease.clone()))
+        );
+    }
+}

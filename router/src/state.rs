@@ -1,0 +1,94 @@
+//! State shared by the proxy, the registry service, the admin API and the rules watcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use routing_rules::{ReloadOutcome, RulesError, RulesStore};
+
+use crate::classify::{Counters, load_counters};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::upstream::RetryBudget;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_body_bytes: usize,
+    pub classify_budget: Duration,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    /// Add `x-switchyard-pool`, `-rule`, `-attempts` to answers.
+    pub debug_headers: bool,
+}
+
+pub struct Shared {
+    pub rules: Arc<RulesStore>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub counters: ArcSwap<Counters>,
+    pub retry_budget: RetryBudget,
+    pub config: Config,
+}
+
+impl Shared {
+    pub fn new(
+        rules: Arc<RulesStore>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        config: Config,
+    ) -> Arc<Self> {
+        let s = Arc::new(Self {
+            rules,
+            registry,
+            metrics,
+            counters: ArcSwap::from_pointee(Counters::default()),
+            retry_budget: RetryBudget::default(),
+            config,
+        });
+        s.apply_rules();
+        s
+    }
+
+    /// Brings tokenizers, static workers and metrics in line with the live rule set.
+    pub fn apply_rules(&self) {
+        let loaded = self.rules.load();
+        let (counters, errors) = load_counters(&loaded.rules, &self.counters.load());
+        for e in errors {
+            tracing::warn!("tokenizer unavailable, counting by estimate: {e}");
+        }
+        self.counters.store(Arc::new(counters));
+        let statics = loaded
+            .rules
+            .pools()
+            .iter()
+            .flat_map(|p| {
+                p.workers
+                    .iter()
+                    .filter_map(|w| resolve(w).map(|a| (p.name.clone(), a)))
+            })
+            .collect();
+        self.registry.set_static(statics);
+        self.metrics.rules_generation.set(loaded.generation as i64);
+    }
+
+    /// Called after every reload attempt that saw a change.
+    pub fn on_reload(&self, result: &Result<ReloadOutcome, RulesError>) {
+        match result {
+            Ok(ReloadOutcome::Applied(generation)) => {
+                self.apply_rules();
+                self.metrics.reloads.with_label_values(&["applied"]).inc();
+                tracing::info!(generation, "rules reloaded");
+            }
+            Ok(ReloadOutcome::Unchanged) => {}
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["rejected"]).inc();
+                tracing::error!("rules reload rejected, the previous rules keep serving: {e}");
+            }
+        }
+    }
+}
+
+fn resolve(host_port: &str) -> Option<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs().ok()?.next()
+}

@@ -1,0 +1,586 @@
+//! Spec → validated → compiled. Every problem is collected; a file compiles whole or not at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{Glob, GlobSetBuilder};
+use serde_saphyr::{Location, Spanned};
+
+use crate::compiled::{
+    CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, Rule, TokenizerRef,
+};
+use crate::features::ModalitySet;
+use crate::problem::{Problem, RulesError};
+use crate::spec::{Capacity, RangeSpec, RetrySpec, RulesSpec, TokenizerSpec, WhenSpec};
+
+/// Largest rules file accepted.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// The only schema version this build understands.
+pub const VERSION: u32 = 1;
+
+/// Parses and compiles a rules document. `base_dir` resolves relative tokenizer paths.
+pub fn compile(yaml: &str, base_dir: &Path) -> Result<CompiledRules, RulesError> {
+    if yaml.len() as u64 > MAX_FILE_BYTES {
+        return Err(RulesError::TooLarge {
+            size: yaml.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    let spec = parse(yaml)?;
+    let mut c = Compiler::default();
+    let compiled = c.compile(spec, base_dir);
+    if c.problems.is_empty() {
+        Ok(compiled)
+    } else {
+        Err(RulesError::Invalid(c.problems))
+    }
+}
+
+/// Reads and compiles a rules file.
+pub fn compile_file(path: &Path) -> Result<CompiledRules, RulesError> {
+    let read_err = |e: std::io::Error| RulesError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(RulesError::TooLarge {
+            size: meta.len(),
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    compile(&text, base)
+}
+
+fn parse(yaml: &str) -> Result<RulesSpec, RulesError> {
+    let mut options = serde_saphyr::Options::default();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    options.alias_limits.max_total_replayed_events = 0;
+    options.alias_limits.max_alias_expansions_per_anchor = 0;
+    // Anchors and aliases are refused outright: a rules file has no use for them, and they
+    // are how "billion laughs" files blow up parsers.
+    if let Some(loc) = find_alias_or_anchor(yaml) {
+        return Err(RulesError::Invalid(vec![Problem {
+            path: "$".into(),
+            line: Some(loc.0),
+            column: Some(loc.1),
+            message: "YAML anchors and aliases (&name, *name) are not allowed in rules files"
+                .into(),
+        }]));
+    }
+    serde_saphyr::from_str_with_options::<RulesSpec>(yaml, options).map_err(|e| {
+        let loc = e.location();
+        RulesError::Invalid(vec![Problem {
+            path: "$".into(),
+            line: loc.as_ref().map(Location::line),
+            column: loc.as_ref().map(Location::column),
+            message: first_line(&e.to_string()),
+        }])
+    })
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_string()
+}
+
+/// Finds an anchor (`&x`) or alias (`*x`) token outside quotes and comments.
+fn find_alias_or_anchor(yaml: &str) -> Option<(u64, u64)> {
+    for (ln, line) in yaml.lines().enumerate() {
+        let (mut single, mut double) = (false, false);
+        let mut prev = ' ';
+        for (col, ch) in line.chars().enumerate() {
+            match ch {
+                '\'' if !double => single = !single,
+                '"' if !single => double = !double,
+                '#' if !single && !double && (prev == ' ' || col == 0) => break,
+                '&' | '*' if !single && !double => {
+                    let starts_token =
+                        col == 0 || matches!(prev, ' ' | '[' | '{' | ',' | '-' | ':');
+                    let next = line[line
+                        .char_indices()
+                        .nth(col)
+                        .map(|(i, _)| i + ch.len_utf8())
+                        .unwrap_or(line.len())..]
+                        .chars()
+                        .next();
+                    if starts_token && next.is_some_and(|n| n.is_alphanumeric() || n == '_') {
+                        return Some((ln as u64 + 1, col as u64 + 1));
+                    }
+                }
+                _ => {}
+            }
+            prev = ch;
+        }
+    }
+    None
+}
+
+#[derive(Default)]
+struct Compiler {
+    problems: Vec<Problem>,
+}
+
+impl Compiler {
+    fn problem(&mut self, path: impl Into<String>, loc: Option<&Location>, msg: impl Into<String>) {
+        self.problems.push(Problem::at(path, loc, msg));
+    }
+
+    fn compile(&mut self, spec: RulesSpec, base_dir: &Path) -> CompiledRules {
+        if spec.version != VERSION {
+            self.problem(
+                "version",
+                None,
+                format!(
+                    "unsupported version {} (this build reads version {VERSION})",
+                    spec.version
+                ),
+            );
+        }
+        let pools = self.pools(&spec);
+        let models = self.models(&spec, base_dir);
+        let default_retry = match &spec.retry {
+            Some(r) => self.retry(r, "retry", &RetryPolicy::default()),
+            None => RetryPolicy::default(),
+        };
+
+        let mut rules = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, r) in spec.rules.iter().enumerate() {
+            let path = format!("rules[{i}]");
+            let loc = Some(&r.referenced);
+            let r = &r.value;
+            if r.name.trim().is_empty() {
+                self.problem(format!("{path}.name"), loc, "rule name is empty");
+            } else if r.name == "default" {
+                self.problem(
+                    format!("{path}.name"),
+                    loc,
+                    "`default` is reserved for the default route",
+                );
+            } else if !names.insert(r.name.clone()) {
+                self.problem(
+                    format!("{path}.name"),
+                    loc,
+                    format!("duplicate rule name `{}`", r.name),
+                );
+            }
+            let when = match &r.when {
+                Some(w) => self.conditions(w, &format!("{path}.when"), &models),
+                None => Conditions::default(),
+            };
+            let targets = self.route(
+                &r.route,
+                r.fallback_on_demand,
+                &format!("{path}.route"),
+                &pools,
+            );
+            let retry = match &r.retry {
+                Some(rs) => self.retry(rs, &format!("{path}.retry"), &default_retry),
+                None => default_retry.clone(),
+            };
+            rules.push((
+                loc.cloned(),
+                Rule {
+                    name: Arc::from(r.name.as_str()),
+                    when,
+                    targets,
+                    retry,
+                },
+            ));
+        }
+
+        // Unreachable rules: an earlier rule accepts everything a later one would.
+        for j in 0..rules.len() {
+            if let Some(i) = (0..j).find(|&i| rules[i].1.when.covers(&rules[j].1.when)) {
+                let msg = format!(
+                    "rule `{}` can never match: rule `{}` (rules[{i}]) catches every request it would",
+                    rules[j].1.name, rules[i].1.name
+                );
+                let loc = rules[j].0;
+                self.problem(format!("rules[{j}]"), loc.as_ref(), msg);
+            }
+        }
+        let catch_all = rules.iter().any(|(_, r)| r.when.is_catch_all());
+        let default = match (&spec.default, catch_all) {
+            (Some(d), true) => {
+                self.problem("default", Some(&d.referenced), "the default route can never be used: a rule without `when` already catches every request");
+                None
+            }
+            (Some(d), false) => {
+                let targets = self.route(
+                    &d.value.route,
+                    d.value.fallback_on_demand,
+                    "default.route",
+                    &pools,
+                );
+                let retry = match &d.value.retry {
+                    Some(rs) => self.retry(rs, "default.retry", &default_retry),
+                    None => default_retry.clone(),
+                };
+                Some(Rule {
+                    name: Arc::from("default"),
+                    when: Conditions::default(),
+                    targets,
+                    retry,
+                })
+            }
+            (None, true) => None,
+            (None, false) => {
+                self.problem("default", None, "no default route: add `default: { route: [...] }` or end the rules with one that has no `when`");
+                None
+            }
+        };
+
+        let rules: Vec<Rule> = rules.into_iter().map(|(_, r)| r).collect();
+        let mut context_cuts = BTreeSet::new();
+        let mut prompt_cuts = BTreeSet::new();
+        let mut header_names = BTreeSet::new();
+        for r in &rules {
+            let cut = |set: &mut BTreeSet<u64>, range: &Option<Range>| {
+                if let Some(range) = range {
+                    if range.at_least > 0 {
+                        set.insert(range.at_least);
+                    }
+                    if range.at_most < u64::MAX {
+                        set.insert(range.at_most + 1);
+                    }
+                }
+            };
+            cut(&mut context_cuts, &r.when.context_tokens);
+            cut(&mut prompt_cuts, &r.when.prompt_tokens);
+            if let Some(h) = &r.when.headers {
+                header_names.extend(h.keys().cloned());
+            }
+        }
+        CompiledRules {
+            pools,
+            models,
+            rules,
+            default,
+            context_cuts: context_cuts.into_iter().collect(),
+            prompt_cuts: prompt_cuts.into_iter().collect(),
+            header_names: header_names.into_iter().collect(),
+        }
+    }
+
+    fn pools(&mut self, spec: &RulesSpec) -> Vec<Pool> {
+        if spec.pools.is_empty() {
+            self.problem("pools", None, "no pools defined");
+        }
+        let mut pools = Vec::new();
+        for (name, p) in &spec.pools {
+            let path = format!("pools.{name}");
+            let loc = Some(&p.referenced);
+            let p = &p.value;
+            if !valid_name(name) {
+                self.problem(
+                    &path,
+                    loc,
+                    "pool names use letters, digits, '-', '_' and '.'",
+                );
+            }
+            if p.class.trim().is_empty() {
+                self.problem(format!("{path}.class"), loc, "class is empty");
+            }
+            if !(p.cost_per_hour.is_finite() && p.cost_per_hour >= 0.0) {
+                self.problem(
+                    format!("{path}.cost_per_hour"),
+                    loc,
+                    format!("must be a non-negative number, got {}", p.cost_per_hour),
+                );
+            }
+            for (i, w) in p.workers.iter().enumerate() {
+                if !valid_host_port(w) {
+                    self.problem(
+                        format!("{path}.workers[{i}]"),
+                        loc,
+                        format!("`{w}` is not host:port"),
+                    );
+                }
+            }
+            pools.push(Pool {
+                name: Arc::from(name.as_str()),
+                class: p.class.clone(),
+                capacity: p.capacity,
+                cost_per_hour: p.cost_per_hour,
+                labels: p.labels.clone(),
+                workers: p.workers.clone(),
+            });
+        }
+        pools
+    }
+
+    fn models(&mut self, spec: &RulesSpec, base_dir: &Path) -> BTreeMap<String, Model> {
+        let mut models = BTreeMap::new();
+        for (name, m) in &spec.models {
+            let path = format!("models.{name}");
+            let loc = Some(&m.referenced);
+            let m = &m.value;
+            if m.context_window == 0 {
+                self.problem(format!("{path}.context_window"), loc, "must be > 0");
+            }
+            let default_max_tokens = m.default_max_tokens.unwrap_or(256);
+            if default_max_tokens > m.context_window {
+                self.problem(
+                    format!("{path}.default_max_tokens"),
+                    loc,
+                    format!(
+                        "{default_max_tokens} exceeds the context window {}",
+                        m.context_window
+                    ),
+                );
+            }
+            let resolve = |p: &str| {
+                let p = Path::new(p);
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    base_dir.join(p)
+                }
+            };
+            let tokenizer = match &m.tokenizer {
+                TokenizerSpec::Gguf(p) => TokenizerRef::Gguf(resolve(p)),
+                TokenizerSpec::Json(p) => TokenizerRef::Json(resolve(p)),
+            };
+            models.insert(
+                name.clone(),
+                Model {
+                    name: name.clone(),
+                    tokenizer,
+                    context_window: m.context_window,
+                    default_max_tokens,
+                    image_tokens: m.image_tokens.unwrap_or(765),
+                    audio_tokens: m.audio_tokens.unwrap_or(750),
+                },
+            );
+        }
+        models
+    }
+
+    fn range(&mut self, r: &Spanned<RangeSpec>, path: &str) -> Option<Range> {
+        let loc = Some(&r.referenced);
+        match (r.value.at_least, r.value.at_most) {
+            (None, None) => {
+                self.problem(path, loc, "empty range: give at_least and/or at_most");
+                None
+            }
+            (lo, hi) => {
+                let range = Range {
+                    at_least: lo.unwrap_or(0),
+                    at_most: hi.unwrap_or(u64::MAX),
+                };
+                if range.at_least > range.at_most {
+                    self.problem(
+                        path,
+                        loc,
+                        format!(
+                            "impossible range: at_least {} > at_most {}",
+                            range.at_least, range.at_most
+                        ),
+                    );
+                    return None;
+                }
+                Some(range)
+            }
+        }
+    }
+
+    fn conditions(
+        &mut self,
+        w: &WhenSpec,
+        path: &str,
+        models: &BTreeMap<String, Model>,
+    ) -> Conditions {
+        let mut c = Conditions::default();
+        if let Some(r) = &w.context_tokens {
+            c.context_tokens = self.range(r, &format!("{path}.context_tokens"));
+        }
+        if let Some(r) = &w.prompt_tokens {
+            c.prompt_tokens = self.range(r, &format!("{path}.prompt_tokens"));
+        }
+        if let Some(m) = &w.modality {
+            let p = format!("{path}.modality");
+            if m.value.any_of.is_empty() && m.value.none_of.is_empty() {
+                self.problem(&p, Some(&m.referenced), "give any_of and/or none_of");
+            }
+            let any: ModalitySet = m.value.any_of.iter().copied().collect();
+            let none: ModalitySet = m.value.none_of.iter().copied().collect();
+            if any.intersects(none) {
+                self.problem(
+                    &p,
+                    Some(&m.referenced),
+                    "a modality is in both any_of and none_of",
+                );
+            }
+            c.modality_any_of = (!any.is_empty()).then_some(any);
+            c.modality_none_of = (!none.is_empty()).then_some(none);
+        }
+        if let Some(m) = &w.model {
+            let p = format!("{path}.model");
+            let mut b = GlobSetBuilder::new();
+            if m.value.is_empty() {
+                self.problem(&p, Some(&m.referenced), "empty model list");
+            }
+            for (i, g) in m.value.iter().enumerate() {
+                let is_glob = g.contains(['*', '?', '[']);
+                if !is_glob && !models.is_empty() && !models.contains_key(g) {
+                    self.problem(
+                        format!("{p}[{i}]"),
+                        Some(&m.referenced),
+                        format!("unknown model `{g}` (not in `models`)"),
+                    );
+                }
+                match Glob::new(g) {
+                    Ok(glob) => {
+                        b.add(glob);
+                    }
+                    Err(e) => self.problem(
+                        format!("{p}[{i}]"),
+                        Some(&m.referenced),
+                        format!("bad glob: {e}"),
+                    ),
+                }
+            }
+            if let Ok(set) = b.build() {
+                c.model = Some((m.value.clone(), set));
+            }
+        }
+        if let Some(t) = &w.tenant {
+            if t.is_empty() {
+                self.problem(format!("{path}.tenant"), None, "empty tenant list");
+            }
+            c.tenant = Some(t.clone());
+        }
+        if let Some(h) = &w.headers {
+            c.headers = Some(
+                h.iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect(),
+            );
+        }
+        c.stream = w.stream;
+        if let Some(e) = &w.endpoint {
+            if e.is_empty() {
+                self.problem(format!("{path}.endpoint"), None, "empty endpoint list");
+            }
+            c.endpoint = Some(e.clone());
+        }
+        c
+    }
+
+    fn route(
+        &mut self,
+        route: &Spanned<Vec<String>>,
+        fallback: bool,
+        path: &str,
+        pools: &[Pool],
+    ) -> Arc<[Arc<str>]> {
+        let loc = Some(&route.referenced);
+        if route.value.is_empty() {
+            self.problem(path, loc, "empty route: list at least one pool");
+        }
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, name) in route.value.iter().enumerate() {
+            let Some(pool) = pools.iter().find(|p| &*p.name == name) else {
+                self.problem(
+                    format!("{path}[{i}]"),
+                    loc,
+                    format!("unknown pool `{name}`"),
+                );
+                continue;
+            };
+            if !seen.insert(name.clone()) {
+                self.problem(
+                    format!("{path}[{i}]"),
+                    loc,
+                    format!("pool `{name}` is listed twice"),
+                );
+                continue;
+            }
+            out.push(pool.name.clone());
+            if fallback && pool.capacity == Capacity::Spot {
+                let od = pools
+                    .iter()
+                    .find(|p| p.class == pool.class && p.capacity == Capacity::OnDemand);
+                match od {
+                    Some(od) if !route.value.contains(&od.name.to_string()) => {
+                        if seen.insert(od.name.to_string()) {
+                            out.push(od.name.clone());
+                        }
+                    }
+                    Some(_) => {}
+                    None => self.problem(
+                        format!("{path}[{i}]"),
+                        loc,
+                        format!(
+                            "fallback_on_demand: no on_demand pool of class `{}` for `{name}`",
+                            pool.class
+                        ),
+                    ),
+                }
+            }
+        }
+        Arc::from(out)
+    }
+
+    fn retry(&mut self, r: &Spanned<RetrySpec>, path: &str, base: &RetryPolicy) -> RetryPolicy {
+        let loc = Some(&r.referenced);
+        let r = &r.value;
+        let mut p = base.clone();
+        if let Some(n) = r.max_attempts {
+            if !(1..=10).contains(&n) {
+                self.problem(
+                    format!("{path}.max_attempts"),
+                    loc,
+                    format!("must be 1..=10, got {n}"),
+                );
+            }
+            p.max_attempts = n;
+        }
+        if let Some(x) = r.budget_ratio {
+            if !(0.0..=1.0).contains(&x) {
+                self.problem(
+                    format!("{path}.budget_ratio"),
+                    loc,
+                    format!("must be within 0..=1, got {x}"),
+                );
+            }
+            p.budget_ratio = x;
+        }
+        if let Some(f) = r.budget_floor {
+            p.budget_floor = f;
+        }
+        if let Some(on) = &r.on {
+            p.on = on.clone();
+        }
+        if let Some(ms) = r.backoff_ms {
+            if ms > 10_000 {
+                self.problem(
+                    format!("{path}.backoff_ms"),
+                    loc,
+                    format!("must be at most 10000, got {ms}"),
+                );
+            }
+            p.backoff = Duration::from_millis(ms);
+        }
+        p
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}

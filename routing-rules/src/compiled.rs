@@ -1,0 +1,327 @@
+//! The checked, compiled rule set and the matcher.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::GlobSet;
+use serde::Serialize;
+
+use crate::features::{ModalitySet, RequestFeatures};
+use crate::spec::{Capacity, Endpoint, RetryOn};
+
+/// A pool as the rules define it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub class: String,
+    pub capacity: Capacity,
+    pub cost_per_hour: f64,
+    pub labels: BTreeMap<String, String>,
+    /// Static workers (OpenAI-compatible servers that do not register), `host:port`.
+    pub workers: Vec<String>,
+}
+
+impl Serialize for Capacity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Capacity::Spot => "spot",
+            Capacity::OnDemand => "on_demand",
+        })
+    }
+}
+
+/// Where a model's tokenizer comes from (paths resolved against the rules file's directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TokenizerRef {
+    Gguf(PathBuf),
+    Json(PathBuf),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Model {
+    pub name: String,
+    pub tokenizer: TokenizerRef,
+    pub context_window: u32,
+    pub default_max_tokens: u32,
+    pub image_tokens: u32,
+    pub audio_tokens: u32,
+}
+
+/// Inclusive token range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Range {
+    pub at_least: u64,
+    pub at_most: u64,
+}
+
+impl Range {
+    pub fn contains(&self, v: u64) -> bool {
+        self.at_least <= v && v <= self.at_most
+    }
+    pub fn covers(&self, other: &Range) -> bool {
+        self.at_least <= other.at_least && other.at_most <= self.at_most
+    }
+}
+
+/// Retry policy for a route.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Retries allowed as a fraction of requests.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second regardless of the ratio.
+    pub budget_floor: u32,
+    pub on: Vec<RetryOn>,
+    #[serde(with = "millis")]
+    pub backoff: Duration,
+}
+
+mod millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            budget_ratio: 0.2,
+            budget_floor: 10,
+            on: vec![
+                RetryOn::Connect,
+                RetryOn::Reset,
+                RetryOn::Status5xx,
+                RetryOn::Preempted,
+                RetryOn::Timeout,
+            ],
+            backoff: Duration::from_millis(0),
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub fn retries_on(&self, reason: RetryOn) -> bool {
+        self.on.contains(&reason)
+    }
+}
+
+/// Conditions of one rule; `None` means "any".
+#[derive(Debug, Clone, Default)]
+pub struct Conditions {
+    pub context_tokens: Option<Range>,
+    pub prompt_tokens: Option<Range>,
+    pub modality_any_of: Option<ModalitySet>,
+    pub modality_none_of: Option<ModalitySet>,
+    pub model: Option<(Vec<String>, GlobSet)>,
+    pub tenant: Option<Vec<String>>,
+    pub headers: Option<BTreeMap<String, Vec<String>>>,
+    pub stream: Option<bool>,
+    pub endpoint: Option<Vec<Endpoint>>,
+}
+
+impl Conditions {
+    /// Evaluates every condition; returns the names of those tested, or `None` if one fails.
+    fn eval(&self, f: &RequestFeatures) -> Option<Vec<&'static str>> {
+        let mut held = Vec::new();
+        if let Some(r) = &self.context_tokens {
+            r.contains(f.context_tokens()).then_some(())?;
+            held.push("context_tokens");
+        }
+        if let Some(r) = &self.prompt_tokens {
+            r.contains(f.prompt_tokens).then_some(())?;
+            held.push("prompt_tokens");
+        }
+        if let Some(any) = self.modality_any_of {
+            f.modalities.intersects(any).then_some(())?;
+            held.push("modality.any_of");
+        }
+        if let Some(none) = self.modality_none_of {
+            (!f.modalities.intersects(none)).then_some(())?;
+            held.push("modality.none_of");
+        }
+        if let Some((_, globs)) = &self.model {
+            globs.is_match(&f.model).then_some(())?;
+            held.push("model");
+        }
+        if let Some(tenants) = &self.tenant {
+            f.tenant
+                .as_ref()
+                .is_some_and(|t| tenants.iter().any(|x| x == t))
+                .then_some(())?;
+            held.push("tenant");
+        }
+        if let Some(headers) = &self.headers {
+            let all = headers.iter().all(|(name, values)| {
+                f.headers
+                    .iter()
+                    .any(|(n, v)| n == name && values.iter().any(|x| x == v))
+            });
+            all.then_some(())?;
+            held.push("headers");
+        }
+        if let Some(stream) = self.stream {
+            (f.stream == stream).then_some(())?;
+            held.push("stream");
+        }
+        if let Some(endpoints) = &self.endpoint {
+            f.endpoint
+                .is_some_and(|e| endpoints.contains(&e))
+                .then_some(())?;
+            held.push("endpoint");
+        }
+        Some(held)
+    }
+
+    pub fn is_catch_all(&self) -> bool {
+        self.context_tokens.is_none()
+            && self.prompt_tokens.is_none()
+            && self.modality_any_of.is_none()
+            && self.modality_none_of.is_none()
+            && self.model.is_none()
+            && self.tenant.is_none()
+            && self.headers.is_none()
+            && self.stream.is_none()
+            && self.endpoint.is_none()
+    }
+
+    /// True when every request these conditions `other` accept is also accepted by `self`
+    /// (conservative: may say false for some subsumed pairs, never true wrongly).
+    pub fn covers(&self, other: &Conditions) -> bool {
+        fn opt<T>(a: &Option<T>, b: &Option<T>, f: impl Fn(&T, &T) -> bool) -> bool {
+            match (a, b) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(a), Some(b)) => f(a, b),
+            }
+        }
+        let subset = |a: &Vec<String>, b: &Vec<String>| b.iter().all(|x| a.contains(x));
+        // Modalities: compare the exact sets of modality combinations each side accepts.
+        let accepts = |c: &Conditions, m: ModalitySet| {
+            c.modality_any_of.is_none_or(|a| m.intersects(a))
+                && c.modality_none_of.is_none_or(|n| !m.intersects(n))
+        };
+        let modality_ok = (0u8..8)
+            .map(ModalitySet::from_bits)
+            .all(|m| !accepts(other, m) || accepts(self, m));
+        opt(&self.context_tokens, &other.context_tokens, Range::covers)
+            && opt(&self.prompt_tokens, &other.prompt_tokens, Range::covers)
+            && modality_ok
+            && opt(&self.model, &other.model, |a, b| {
+                a.0.iter().any(|g| g == "*") || subset(&a.0, &b.0)
+            })
+            && opt(&self.tenant, &other.tenant, subset)
+            && opt(&self.headers, &other.headers, |a, b| {
+                a.iter()
+                    .all(|(k, va)| b.get(k).is_some_and(|vb| subset(va, vb)))
+            })
+            && opt(&self.stream, &other.stream, |a, b| a == b)
+            && opt(&self.endpoint, &other.endpoint, |a, b| {
+                b.iter().all(|x| a.contains(x))
+            })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: Arc<str>,
+    pub when: Conditions,
+    pub targets: Arc<[Arc<str>]>,
+    pub retry: RetryPolicy,
+}
+
+/// The outcome of matching one request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteDecision {
+    /// The rule that matched, or `default`.
+    pub rule: Arc<str>,
+    /// Pools to try, in order.
+    pub targets: Arc<[Arc<str>]>,
+    pub retry: RetryPolicy,
+    /// The conditions that held for the matched rule.
+    pub matched: Vec<&'static str>,
+}
+
+/// A rule set that passed validation. Built only by [`crate::compile`].
+#[derive(Debug, Clone)]
+pub struct CompiledRules {
+    pub(crate) pools: Vec<Pool>,
+    pub(crate) models: BTreeMap<String, Model>,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) default: Option<Rule>,
+    pub(crate) context_cuts: Vec<u64>,
+    pub(crate) prompt_cuts: Vec<u64>,
+    pub(crate) header_names: Vec<String>,
+}
+
+impl CompiledRules {
+    /// First matching rule wins; then the default route. Total: a file without a catch-all
+    /// must have a default (validation), so every request gets a decision.
+    pub fn route(&self, f: &RequestFeatures) -> RouteDecision {
+        for rule in &self.rules {
+            if let Some(matched) = rule.when.eval(f) {
+                return RouteDecision {
+                    rule: rule.name.clone(),
+                    targets: rule.targets.clone(),
+                    retry: rule.retry.clone(),
+                    matched,
+                };
+            }
+        }
+        match &self.default {
+            Some(d) => RouteDecision {
+                rule: d.name.clone(),
+                targets: d.targets.clone(),
+                retry: d.retry.clone(),
+                matched: Vec::new(),
+            },
+            // unreachable after validation; an empty route means "no capacity" upstream
+            None => RouteDecision {
+                rule: Arc::from("default"),
+                targets: Arc::from(Vec::new()),
+                retry: RetryPolicy::default(),
+                matched: Vec::new(),
+            },
+        }
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| &*p.name == name)
+    }
+    pub fn models(&self) -> &BTreeMap<String, Model> {
+        &self.models
+    }
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.get(name)
+    }
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Context-token values where the decision can change: for a cut `c`, requests with
+    /// context `< c` and `>= c` may route differently. Sorted, deduplicated.
+    pub fn context_cuts(&self) -> &[u64] {
+        &self.context_cuts
+    }
+    /// Same as [`Self::context_cuts`] for prompt tokens.
+    pub fn prompt_cuts(&self) -> &[u64] {
+        &self.prompt_cuts
+    }
+    /// True when some cut `c` satisfies `lo < c <= hi`: values in `[lo, hi]` may route
+    /// differently, so the classifier must count exactly.
+    pub fn needs_exact(cuts: &[u64], lo: u64, hi: u64) -> bool {
+        let i = cuts.partition_point(|c| *c <= lo);
+        cuts.get(i).is_some_and(|c| *c <= hi)
+    }
+    /// Lower-case header names that some rule tests.
+    pub fn header_names(&self) -> &[String] {
+        &self.header_names
+    }
+}

@@ -1,0 +1,24 @@
+//! The Switchyard rules language.
+//!
+//! YAML spec ([`spec`]) → validated and compiled ([`compile`] → [`CompiledRules`]) →
+//! matched ([`CompiledRules::route`]) → swapped atomically ([`RulesStore`]).
+//! Pure: no sockets. The reference with worked examples is `docs/rules.md`.
+
+mod compile;
+mod compiled;
+mod features;
+mod problem;
+pub mod spec;
+mod store;
+
+pub use compile::{MAX_FILE_BYTES, VERSION, compile, compile_file};
+pub use compiled::{
+    CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, RouteDecision, Rule, TokenizerRef,
+};
+pub use features::{ModalitySet, RequestFeatures};
+pub use problem::{Problem, RulesError};
+pub use spec::{Capacity, Endpoint, Modality, RetryOn};
+pub use store::{Loaded, ReloadOutcome, RulesStore};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+use std::path::Path;
+
+use crate::*;
+
+const EXAMPLE: &str = include_str!("../../examples/rules.yaml");
+
+fn features(prompt: u64, max: u64, mods: &[Modality]) -> RequestFeatures {
+    RequestFeatures {
+        model: "smollm2".into(),
+        prompt_tokens: prompt,
+        max_tokens: max,
+        modalities: mods.iter().copied().collect(),
+        endpoint: Some(Endpoint::ChatCompletions),
+        ..Default::default()
+    }
+}
+
+fn targets(d: &RouteDecision) -> Vec<&str> {
+    d.targets.iter().map(|t| &**t).collect()
+}
+
+#[test]
+fn example_routes_by_context_and_modality() {
+    let rules = compile(EXAMPLE, Path::new("examples")).unwrap();
+    let d = rules.route(&features(10, 100, &[Modality::Text]));
+    assert_eq!((&*d.rule, targets(&d)), ("light", vec!["cpu"]));
+    // boundary: exactly 1024 is light, 1025 is chat
+    let d = rules.route(&features(1000, 24, &[Modality::Text]));
+    assert_eq!(&*d.rule, "light");
+    let d = rules.route(&features(1000, 25, &[Modality::Text]));
+    assert_eq!(
+        (&*d.rule, targets(&d)),
+        ("chat", vec!["l40s-spot", "l40s-ondemand"])
+    );
+    let d = rules.route(&features(5000, 256, &[Modality::Text]));
+    assert_eq!(
+        (&*d.rule, targets(&d)),
+        ("long-context", vec!["h100-spot", "h100-ondemand"])
+    );
+    // fallback_on_demand expands the spot pool
+    let d = rules.route(&features(10, 10, &[Modality::Text, Modality::Image]));
+    assert_eq!(
+        (&*d.rule, targets(&d)),
+        ("multimodal", vec!["h100-spot", "h100-ondemand"])
+    );
+    assert_eq!(d.matched, vec!["modality.any_of"]);
+    assert_eq!(rules.context_cuts(), &[1025, 4097]);
+    assert_eq!(
+        rules.model("smollm2").unwrap().tokenizer,
+        TokenizerRef::Gguf(Path::new("examples").join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    );
+}
+
+#[test]
+fn needs_exact_only_when_a_cut_is_inside_the_bounds() {
+    let cuts = [1025, 4097];
+    assert!(!CompiledRules::needs_exact(&cuts, 10, 900));
+    assert!(CompiledRules::needs_exact(&cuts, 1000, 1025));
+    assert!(!CompiledRules::needs_exact(&cuts, 1025, 4096));
+    assert!(CompiledRules::needs_exact(&cuts, 1024, 5000));
+}
+
+fn problems(yaml: &str) -> Vec<String> {
+    match compile(yaml, Path::new(".")) {
+        Ok(_) => panic!("expected the file to be rejected"),
+        Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn every_problem_is_reported_with_path_and_line() {
+    let yaml = r#"version: 1
+pools:
+  a: { class: cpu, capacity: spot, cost_per_hour: -1 }
+rules:
+  - name: r1
+    when: { context_tokens: { at_least: 500, at_most: 100 } }
+    route: [nope]
+  - name: r1
+    route: []
+"#;
+    let p = problems(yaml);
+    let expect = [
+        "pools.a.cost_per_hour (line 3",
+        "rules[0].when.context_tokens (line 6",
+        "impossible range: at_least 500 > at_most 100",
+        "rules[0].route[0] (line 7",
+        "unknown pool `nope`",
+        "rules[1].name (line 8",
+        "duplicate rule name `r1`",
+        "rules[1].route (line 9",
+        "empty route",
+    ];
+    let all = p.join("\n");
+    for e in expect {
+        assert!(all.contains(e), "missing `{e}` in:\n{all}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_location() {
+    let yaml = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, colour: red }\nrules:\n  - name: all\n    route: [a]\n";
+    let p = problems(yaml).join("\n");
+    assert!(p.contains("colour"), "{p}");
+    assert!(p.contains("line 3"), "{p}");
+}
+
+#[test]
+fn shadowed_rules_and_missing_default_are_reported() {
+    let yaml = r#"version: 1
+pools:
+  a: { class: cpu, capacity: on_demand, cost_per_hour: 1 }
+rules:
+  - name: wide
+    when: { context_tokens: { at_most: 4096 } }
+    route: [a]
+  - name: narrow
+    when: { context_tokens: { at_least: 10, at_most: 1000 }, stream: true }
+    route: [a]
+  - name: images
+    when: { modality: { any_of: [image] } }
+    route: [a]
+"#;
+    let p = problems(yaml).join("\n");
+    assert!(
+        p.contains("rule `narrow` can never match: rule `wide`"),
+        "{p}"
+    );
+    assert!(!p.contains("rule `images` can never match"), "{p}");
+    assert!(p.contains("no default route"), "{p}");
+}
+
+#[test]
+fn anchors_and_aliases_are_refused() {
+    let yaml = "version: 1\npools:\n  a: &p { class: cpu, capacity: spot, cost_per_hour: 1 }\n  b: *p\nrules:\n  - name: all\n    route: [a]\n";
+    let p = problems(yaml).join("\n");
+    assert!(p.contains("anchors and aliases"), "{p}");
+    // '*' inside a quoted glob is fine
+    let ok = "version: 1\nmodels: {}\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\nrules:\n  - name: all\n    when: { model: [\"*\"] }\n    route: [a]\ndefault: { route: [a] }\n";
+    compile(ok, Path::new(".")).unwrap();
+}
+
+#[test]
+fn fallback_without_on_demand_pool_is_an_error() {
+    let yaml = "version: 1\npools:\n  s: { class: l40s, capacity: spot, cost_per_hour: 1 }\nrules:\n  - name: all\n    route: [s]\n    fallback_on_demand: true\n";
+    let p = problems(yaml).join("\n");
+    assert!(p.contains("no on_demand pool of class `l40s`"), "{p}");
+}
+
+#[test]
+fn store_keeps_last_good_rules_on_a_bad_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    let good = "version: 1\npools:\n  a: { class: cpu, capacity: on_demand, cost_per_hour: 1 }\n  b: { class: cpu, capacity: on_demand, cost_per_hour: 1 }\nrules:\n  - name: all\n    route: [a]\n";
+    std::fs::write(&path, good).unwrap();
+    let store = RulesStore::open(&path).unwrap();
+    assert_eq!(store.generation(), 1);
+    std::fs::write(
+        &path,
+        "version: 1\npools: {}\nrules: [{ name: x, route: [zz] }]\n",
+    )
+    .unwrap();
+    let err = store.reload().unwrap_err().to_string();
+    assert!(err.contains("unknown pool `zz`"), "{err}");
+    assert_eq!(store.generation(), 1);
+    let d = store.load().rules.route(&features(1, 1, &[]));
+    assert_eq!(targets(&d), vec!["a"]);
+    std::fs::write(&path, good.replace("route: [a]", "route: [b]")).unwrap();
+    assert!(matches!(store.reload().unwrap(), ReloadOutcome::Applied(2)));
+    let d = store.load().rules.route(&features(1, 1, &[]));
+    assert_eq!(targets(&d), vec!["b"]);
+}
