@@ -116,6 +116,7 @@ pub struct WorkerSpec {
     pub fault_injection: bool,
     pub model: Option<PathBuf>,
     pub model_name: String,
+    pub args: Vec<String>,
 }
 
 impl WorkerSpec {
@@ -125,10 +126,15 @@ impl WorkerSpec {
             fault_injection: false,
             model: None,
             model_name: "tiny".into(),
+            args: Vec::new(),
         }
     }
     pub fn faulty(mut self) -> Self {
         self.fault_injection = true;
+        self
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
         self
     }
     pub fn model(mut self, path: PathBuf, name: &str) -> Self {
@@ -149,6 +155,7 @@ pub struct TestEnv {
     rules: Option<String>,
     workers: Vec<WorkerSpec>,
     router_args: Vec<String>,
+    expect: Option<usize>,
 }
 
 /// A started fleet. Everything is stopped when it is dropped.
@@ -162,6 +169,7 @@ pub struct Running {
     pub rules_path: PathBuf,
     pub tiny_model: PathBuf,
     pub http: reqwest::Client,
+    router_args: Vec<String>,
 }
 
 /// Rules text may say `{TINY}` for the path of the generated tiny model.
@@ -175,6 +183,11 @@ impl TestEnv {
     }
     pub fn worker(mut self, w: WorkerSpec) -> Self {
         self.workers.push(w);
+        self
+    }
+    /// How many workers must register before `start` returns (default: all).
+    pub fn expect_registered(mut self, n: usize) -> Self {
+        self.expect = Some(n);
         self
     }
     pub fn router_arg(mut self, a: &str) -> Self {
@@ -192,21 +205,12 @@ impl TestEnv {
             .context("rules are required")?
             .replace("{TINY}", &tiny.display().to_string());
         std::fs::write(&rules_path, rules)?;
-        let mut cmd = Command::new(bin("switchyard")?);
-        cmd.args(["serve", "--rules"]).arg(&rules_path).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            "200",
-            "--lease-ttl-ms",
-            "1000",
-        ]);
-        cmd.args(&self.router_args);
-        let router = Proc::spawn(cmd, &dir.path().join("router.log"))?;
+        let router = spawn_router(
+            dir.path(),
+            &rules_path,
+            &["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"],
+            &self.router_args,
+        )?;
         let proxy = router.field("proxy").context("proxy address")?;
         let grpc = router.field("grpc").context("grpc address")?;
         let admin = router.field("admin").context("admin address")?;
@@ -230,6 +234,7 @@ impl TestEnv {
             if w.fault_injection {
                 cmd.arg("--fault-injection");
             }
+            cmd.args(&w.args);
             let proc = Proc::spawn(cmd, &dir.path().join(format!("worker-{i}.log")))?;
             let url = proc
                 .line
@@ -253,8 +258,9 @@ impl TestEnv {
             rules_path,
             tiny_model: tiny,
             http,
+            router_args: self.router_args,
         };
-        let n = env.workers.len();
+        let n = self.expect.unwrap_or(env.workers.len());
         eventually(Duration::from_secs(30), "workers to register", || async {
             (env.live_workers().await.ok()? == n).then_some(())
         })
@@ -273,7 +279,68 @@ impl TestEnv {
     }
 }
 
+fn spawn_router(dir: &Path, rules: &Path, addrs: &[&str; 3], extra: &[String]) -> Result<Proc> {
+    let mut cmd = Command::new(bin("switchyard")?);
+    cmd.args(["serve", "--rules"]).arg(rules).args([
+        "--listen",
+        addrs[0],
+        "--grpc",
+        addrs[1],
+        "--admin",
+        addrs[2],
+        "--heartbeat-ms",
+        "200",
+        "--lease-ttl-ms",
+        "1000",
+    ]);
+    cmd.args(extra);
+    Proc::spawn(cmd, &dir.join("router.log"))
+}
+
+fn host_port(url: &str) -> &str {
+    url.trim_start_matches("http://")
+}
+
 impl Running {
+    /// Kills the router (SIGKILL) and starts a new one on the same ports and rules.
+    pub async fn restart_router(&mut self) -> Result<()> {
+        let _ = self.router.child.kill();
+        let _ = self.router.child.wait();
+        let addrs = [
+            host_port(&self.proxy),
+            host_port(&self.grpc),
+            host_port(&self.admin),
+        ];
+        self.router = spawn_router(self.dir.path(), &self.rules_path, &addrs, &self.router_args)?;
+        eventually(
+            Duration::from_secs(10),
+            "the new router's proxy to listen",
+            || async {
+                self.http
+                    .get(format!("{}/v1/models", self.proxy))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await
+    }
+
+    /// POSTs to a worker's fault-injection endpoint.
+    pub async fn faults(&self, worker: usize, faults: Value) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/admin/faults", self.workers[worker].url))
+            .json(&faults)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("faults: {}", r.status());
+        }
+        Ok(())
+    }
+
     pub async fn workers_json(&self) -> Result<Vec<Value>> {
         Ok(self
             .http
@@ -316,6 +383,43 @@ impl Running {
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
+}
+
+/// The demo fleet's rules with the tiny model (`{TINY}` is replaced by `start`).
+pub const FLEET_RULES: &str = r#"
+version: 1
+models:
+  tiny:
+    tokenizer: { gguf: "{TINY}" }
+    context_window: 2048
+    default_max_tokens: 16
+pools:
+  h100-spot:     { class: h100, capacity: spot,      cost_per_hour: 2.90 }
+  h100-ondemand: { class: h100, capacity: on_demand, cost_per_hour: 6.98 }
+  l40s-spot:     { class: l40s, capacity: spot,      cost_per_hour: 0.80 }
+  l40s-ondemand: { class: l40s, capacity: on_demand, cost_per_hour: 1.86 }
+  cpu:           { class: cpu,  capacity: on_demand, cost_per_hour: 0.20 }
+rules:
+  - name: multimodal
+    when: { modality: { any_of: [image, audio] } }
+    route: [h100-spot, h100-ondemand]
+  - name: light
+    when: { context_tokens: { at_most: 1024 } }
+    route: [cpu]
+  - name: chat
+    when: { context_tokens: { at_most: 4096 } }
+    route: [l40s-spot, l40s-ondemand]
+  - name: long-context
+    route: [h100-spot, h100-ondemand]
+"#;
+
+/// A response header as a string ("" when absent).
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A chat body with `words` filler words, greedy decoding, `max_tokens` tokens.

@@ -3,43 +3,10 @@
 
 use std::time::Duration;
 
-use integration::{TestEnv, WorkerSpec, chat_body, eventually};
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header};
 use serde_json::{Value, json};
 
-const RULES: &str = r#"
-version: 1
-models:
-  tiny:
-    tokenizer: { gguf: "{TINY}" }
-    context_window: 2048
-    default_max_tokens: 16
-pools:
-  h100-spot:     { class: h100, capacity: spot,      cost_per_hour: 2.90 }
-  h100-ondemand: { class: h100, capacity: on_demand, cost_per_hour: 6.98 }
-  l40s-spot:     { class: l40s, capacity: spot,      cost_per_hour: 0.80 }
-  l40s-ondemand: { class: l40s, capacity: on_demand, cost_per_hour: 1.86 }
-  cpu:           { class: cpu,  capacity: on_demand, cost_per_hour: 0.20 }
-rules:
-  - name: multimodal
-    when: { modality: { any_of: [image, audio] } }
-    route: [h100-spot, h100-ondemand]
-  - name: light
-    when: { context_tokens: { at_most: 1024 } }
-    route: [cpu]
-  - name: chat
-    when: { context_tokens: { at_most: 4096 } }
-    route: [l40s-spot, l40s-ondemand]
-  - name: long-context
-    route: [h100-spot, h100-ondemand]
-"#;
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
+const RULES: &str = FLEET_RULES;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_goes_to_cpu_and_medium_to_l40s() {
@@ -308,4 +275,55 @@ async fn rules_edit_changes_routing_and_a_broken_edit_is_rejected() {
     .await
     .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_parts_go_to_h100_served_by_the_labelled_sim_backend() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .worker(
+            WorkerSpec::new("h100-spot")
+                .arg("--backend")
+                .arg("sim")
+                .arg("--sim-ttft-ms")
+                .arg("20"),
+        )
+        .start()
+        .await
+        .unwrap();
+    let body = json!({
+        "model": "tiny", "max_tokens": 5,
+        "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "What is in this picture?" },
+            { "type": "image_url", "image_url": { "url": "data:image/png;base64,iVBORw0KGgo=" } }
+        ]}]
+    });
+    let r = env.chat(&body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-rule"), "multimodal");
+    assert_eq!(header(&r, "x-switchyard-pool"), "h100-spot");
+    assert_eq!(
+        header(&r, "x-switchyard-backend"),
+        "sim",
+        "simulated answers are labelled"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    // the real CPU worker refuses image parts rather than ignoring them
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.workers[0].url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let workers = env.workers_json().await.unwrap();
+    let h100 = workers.iter().find(|w| w["pool"] == "h100-spot").unwrap();
+    assert_eq!(h100["device"], "sim");
+    assert_eq!(
+        h100["models"][0]["modalities"],
+        json!(["text", "image", "audio"])
+    );
 }

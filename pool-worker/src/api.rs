@@ -1,9 +1,8 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
 //! `/health`, `/metrics`, and (only when enabled) `/admin/faults`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -24,12 +23,47 @@ use crate::error::WorkerError;
 pub struct Faults {
     /// Fail this many next requests with 503 `preempted` before any work.
     pub fail_next: AtomicU32,
+    /// Streaming answers: drop the connection after this many content chunks (0 = never).
+    pub drop_after_tokens: AtomicU32,
+    /// Delay before the work starts, i.e. before the first token (milliseconds).
+    pub delay_first_token_ms: AtomicU32,
+    /// Exit the process abruptly when the next request arrives.
+    pub exit_next: AtomicBool,
+}
+
+/// Why and until when the worker is shutting down; `AppState::shutdown` wakes `main`.
+#[derive(Debug, Default)]
+pub struct ShutdownRequest {
+    pub deadline_s: AtomicU32,
 }
 
 pub struct AppState {
     pub engine: Engine,
     pub faults: Option<Arc<Faults>>,
     pub draining: AtomicBool,
+    /// Notified by `POST /admin/preempt`; `main` then drains and exits.
+    pub shutdown: tokio::sync::Notify,
+    pub shutdown_request: ShutdownRequest,
+    /// Requests between arrival and the end of their answer (streams included).
+    pub active: AtomicUsize,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+/// Counts a request in `AppState::active` until dropped.
+struct Active(Arc<AppState>);
+
+impl Active {
+    fn new(s: &Arc<AppState>) -> Self {
+        s.active.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(s))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -38,11 +72,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/admin/preempt", post(preempt));
     if state.faults.is_some() {
         r = r.route("/admin/faults", post(set_faults));
     }
-    r.with_state(state)
+    let limit = state.max_body_bytes;
+    r.layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -82,10 +119,59 @@ async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(v) => v,
         Err(e) => return WorkerError::bad(format!("invalid JSON: {e}"), None).into_response(),
     };
-    if let Some(n) = v.get("fail_next").and_then(Value::as_u64) {
-        faults.fail_next.store(n as u32, Ordering::Relaxed);
+    let set = |key: &str, target: &AtomicU32| {
+        if let Some(n) = v.get(key).and_then(Value::as_u64) {
+            target.store(n.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
+        }
+    };
+    set("fail_next", &faults.fail_next);
+    set("drop_after_tokens", &faults.drop_after_tokens);
+    set("delay_first_token_ms", &faults.delay_first_token_ms);
+    if let Some(b) = v.get("exit_next").and_then(Value::as_bool) {
+        faults.exit_next.store(b, Ordering::Relaxed);
     }
-    axum::Json(json!({ "fail_next": faults.fail_next.load(Ordering::Relaxed) })).into_response()
+    axum::Json(json!({
+        "fail_next": faults.fail_next.load(Ordering::Relaxed),
+        "drop_after_tokens": faults.drop_after_tokens.load(Ordering::Relaxed),
+        "delay_first_token_ms": faults.delay_first_token_ms.load(Ordering::Relaxed),
+        "exit_next": faults.exit_next.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+/// A spot-interruption notice: stop taking work, tell the router, finish in-flight
+/// requests, deregister and exit — within `deadline_s` (default 30).
+async fn preempt(
+    State(s): State<Arc<AppState>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let deadline = q
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("deadline_s="))
+        .map(str::parse::<u32>);
+    let deadline = match deadline {
+        None => 30,
+        Some(Ok(d)) => d,
+        Some(Err(_)) => {
+            return WorkerError::bad(
+                "deadline_s must be a whole number of seconds",
+                Some("deadline_s"),
+            )
+            .into_response();
+        }
+    };
+    s.draining.store(true, Ordering::Relaxed);
+    s.shutdown_request
+        .deadline_s
+        .store(deadline, Ordering::Relaxed);
+    s.shutdown.notify_one();
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "draining": true, "deadline_s": deadline })),
+    )
+        .into_response()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -153,7 +239,11 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
                     Some("messages"),
                 ));
             }
-            let msgs = msgs.iter().map(message).collect::<Result<Vec<_>, _>>()?;
+            let accepts = &s.engine.model.modalities;
+            let msgs = msgs
+                .iter()
+                .map(|m| message(m, accepts))
+                .collect::<Result<Vec<_>, _>>()?;
             s.engine
                 .model
                 .template
@@ -252,7 +342,7 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
     })
 }
 
-fn message(v: &Value) -> Result<ChatMessage, WorkerError> {
+fn message(v: &Value, accepts: &[String]) -> Result<ChatMessage, WorkerError> {
     let role = v
         .get("role")
         .and_then(Value::as_str)
@@ -266,9 +356,24 @@ fn message(v: &Value) -> Result<ChatMessage, WorkerError> {
                     Some("text") => {
                         text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default())
                     }
+                    Some(kind @ ("image_url" | "input_audio"))
+                        if accepts.iter().any(|m| {
+                            kind.starts_with(m.as_str()) || kind.ends_with(m.as_str())
+                        }) =>
+                    {
+                        // The simulated backend accepts media; it stands for them in the prompt.
+                        text.push_str(if kind == "image_url" {
+                            "<image>"
+                        } else {
+                            "<audio>"
+                        });
+                    }
                     Some(other) => {
                         return Err(WorkerError::bad(
-                            format!("this model accepts text only, not `{other}` parts"),
+                            format!(
+                                "this model accepts {}, not `{other}` parts",
+                                accepts.join(", ")
+                            ),
                             Some("messages"),
                         ));
                     }
@@ -296,16 +401,35 @@ fn message(v: &Value) -> Result<ChatMessage, WorkerError> {
     })
 }
 
+/// Answers from the simulated backend say so, all the way to the client.
+fn label(simulated: bool, mut r: Response) -> Response {
+    if simulated {
+        r.headers_mut().insert(
+            "x-switchyard-backend",
+            axum::http::HeaderValue::from_static("sim"),
+        );
+    }
+    r
+}
+
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    serve(s, Kind::Chat, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    let sim = s.engine.model.simulated;
+    label(
+        sim,
+        serve(s, Kind::Chat, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+    )
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    serve(s, Kind::Completion, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    let sim = s.engine.model.simulated;
+    label(
+        sim,
+        serve(s, Kind::Completion, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+    )
 }
 
 async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, WorkerError> {
@@ -319,7 +443,20 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
     {
         return Err(WorkerError::Unavailable("preempted"));
     }
+    let active = Active::new(&s);
     let p = parse(&s, kind, &body)?;
+    let mut drop_after = 0;
+    if let Some(f) = &s.faults {
+        if f.exit_next.load(Ordering::Relaxed) {
+            tracing::error!("fault injection: exiting abruptly");
+            std::process::exit(3);
+        }
+        let delay = f.delay_first_token_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(delay))).await;
+        }
+        drop_after = f.drop_after_tokens.load(Ordering::Relaxed);
+    }
     let (tx, mut rx) = mpsc::channel(64);
     s.engine.submit(Job {
         prompt: p.prompt,
@@ -354,7 +491,14 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
         kind,
     };
     if p.stream {
-        Ok(stream_response(meta, first, rx, p.include_usage))
+        Ok(stream_response(
+            meta,
+            first,
+            rx,
+            p.include_usage,
+            drop_after,
+            active,
+        ))
     } else {
         let mut text = String::new();
         let mut ev = first;
@@ -422,9 +566,13 @@ fn stream_response(
     first: Event,
     mut rx: mpsc::Receiver<Event>,
     include_usage: bool,
+    drop_after: u32,
+    active: Active,
 ) -> Response {
-    let (tx, out) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, out) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
+        let _active = active;
+        let mut content_chunks = 0u32;
         let mut frames = Vec::new();
         if meta.kind == Kind::Chat {
             frames.push(meta.chunk(
@@ -437,7 +585,17 @@ fn stream_response(
         while let Some(e) = ev {
             match e {
                 Event::Text(t) => {
-                    frames.push(meta.chunk(Some(json!({ "content": t })), Some(&t), None))
+                    if drop_after > 0 && content_chunks == drop_after {
+                        // Fault injection: break the connection mid-stream.
+                        let err = std::io::Error::other("fault injection: connection dropped");
+                        for f in frames.drain(..) {
+                            let _ = tx.send(Ok(f)).await;
+                        }
+                        let _ = tx.send(Err(err)).await;
+                        return;
+                    }
+                    content_chunks += 1;
+                    frames.push(meta.chunk(Some(json!({ "content": t })), Some(&t), None));
                 }
                 Event::Done(u) => {
                     frames.push(meta.chunk(None, None, Some(finish(&u))));

@@ -69,6 +69,27 @@ pub struct LoadedModel {
     pub template: ChatTemplate,
     pub eos: Vec<u32>,
     pub max_context: usize,
+    /// Input modalities accepted: "text", and for the simulated backend "image", "audio".
+    pub modalities: Vec<String>,
+    /// Tokens come from the simulated-hardware backend, not the model.
+    pub simulated: bool,
+}
+
+/// How the simulated-hardware backend behaves: time to first token and decode speed per
+/// stream, as a hardware class would (e.g. an H100 serving a 70B model).
+#[derive(Debug, Clone, Copy)]
+pub struct SimProfile {
+    pub ttft: std::time::Duration,
+    pub tokens_per_s: f64,
+}
+
+/// Which backend produces tokens.
+pub enum Backend {
+    /// candle on a device.
+    Real(Device),
+    /// No weights: streams filler tokens at the profile's pace. For capacity drills, fleet
+    /// tests far beyond this machine, and pools this machine has no hardware for.
+    Sim(SimProfile),
 }
 
 /// Handle to the engine actor.
@@ -85,7 +106,7 @@ impl Engine {
         path: &Path,
         tokenizer_json: Option<&Path>,
         name: String,
-        device: Device,
+        backend: Backend,
         queue_capacity: usize,
     ) -> Result<Self, WorkerError> {
         let load_err =
@@ -120,26 +141,57 @@ impl Engine {
                 eos.push(id);
             }
         }
-        let weights = ModelWeights::from_gguf(content, &mut file, &device).map_err(load_err)?;
+        let (device, sim) = match backend {
+            Backend::Real(d) => (d, None),
+            Backend::Sim(p) => (Device::Cpu, Some(p)),
+        };
+        let weights = match sim {
+            None => Some(ModelWeights::from_gguf(content, &mut file, &device).map_err(load_err)?),
+            Some(_) => None,
+        };
         let model = Arc::new(LoadedModel {
             name,
             tokenizer,
             template,
             eos,
-            max_context: info.context_length.min(MAX_SEQ_LEN),
+            max_context: if sim.is_some() {
+                info.context_length
+            } else {
+                info.context_length.min(MAX_SEQ_LEN)
+            },
+            modalities: if sim.is_some() {
+                vec!["text".into(), "image".into(), "audio".into()]
+            } else {
+                vec!["text".into()]
+            },
+            simulated: sim.is_some(),
         });
         let stats = Arc::new(EngineStats::default());
         let (queue, rx) = std::sync::mpsc::sync_channel::<Job>(queue_capacity);
-        let actor = Actor {
-            weights,
-            device,
-            model: Arc::clone(&model),
-            stats: Arc::clone(&stats),
+        let spawned = match (weights, sim) {
+            (Some(weights), _) => {
+                let actor = Actor {
+                    weights,
+                    device,
+                    model: Arc::clone(&model),
+                    stats: Arc::clone(&stats),
+                };
+                std::thread::Builder::new()
+                    .name("engine".into())
+                    .spawn(move || actor.run(rx))
+            }
+            (None, profile) => {
+                let profile = profile.unwrap_or(SimProfile {
+                    ttft: std::time::Duration::ZERO,
+                    tokens_per_s: 100.0,
+                });
+                let stats = Arc::clone(&stats);
+                std::thread::Builder::new()
+                    .name("sim-engine".into())
+                    .spawn(move || run_sim(rx, profile, stats))
+            }
         };
-        std::thread::Builder::new()
-            .name("engine".into())
-            .spawn(move || actor.run(rx))
-            .map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;
+        spawned.map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;
         Ok(Self {
             model,
             stats,
@@ -191,6 +243,60 @@ impl Engine {
             }
         }
         Err(WorkerError::Engine("engine stopped during warm-up".into()))
+    }
+}
+
+/// The simulated backend: every job streams on its own thread at the profile's pace, so the
+/// worker behaves like hardware with many concurrent streams.
+fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<EngineStats>) {
+    const WORDS: [&str; 8] = [
+        "simulated ",
+        "tokens ",
+        "from ",
+        "the ",
+        "sim ",
+        "backend ",
+        "of ",
+        "switchyard. ",
+    ];
+    while let Ok(job) = rx.recv() {
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::clone(&stats);
+        let spawned = std::thread::Builder::new()
+            .name("sim-stream".into())
+            .spawn(move || {
+                std::thread::sleep(profile.ttft);
+                let per_token =
+                    std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
+                let mut n = 0;
+                for i in 0..job.params.max_tokens {
+                    if i > 0 {
+                        std::thread::sleep(per_token);
+                    }
+                    if job
+                        .events
+                        .blocking_send(Event::Text(WORDS[i % WORDS.len()].to_string()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    n += 1;
+                }
+                stats
+                    .tokens_generated
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let _ = job.events.blocking_send(Event::Done(Usage {
+                    prompt_tokens: job.prompt.len(),
+                    completion_tokens: n,
+                    total_tokens: job.prompt.len() + n,
+                    finish_length: true,
+                }));
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            tracing::error!("sim backend: cannot start a stream thread");
+        }
     }
 }
 

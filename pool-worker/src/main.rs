@@ -42,6 +42,14 @@ struct Args {
     /// Worker id (default: pool-host-port).
     #[arg(long)]
     worker_id: Option<String>,
+    /// Token source: `real` (candle) or `sim` (simulated hardware: no weights, streams filler
+    /// tokens at --sim-ttft-ms / --sim-tokens-per-s; accepts image and audio parts).
+    #[arg(long, default_value = "real", value_parser = ["real", "sim"])]
+    backend: String,
+    #[arg(long, default_value_t = 200)]
+    sim_ttft_ms: u64,
+    #[arg(long, default_value_t = 50.0)]
+    sim_tokens_per_s: f64,
     /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -51,6 +59,9 @@ struct Args {
     /// Enable POST /admin/faults (fault injection for failover tests). Never in production.
     #[arg(long)]
     fault_injection: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_body_bytes: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -89,13 +100,21 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         stem.split(['-', '.']).next().unwrap_or("model").to_string()
     });
-    let dev = device(&args.device)?;
+    let backend = if args.backend == "sim" {
+        tracing::warn!("simulated backend: tokens are filler, not model output");
+        pool_worker::engine::Backend::Sim(pool_worker::engine::SimProfile {
+            ttft: Duration::from_millis(args.sim_ttft_ms),
+            tokens_per_s: args.sim_tokens_per_s,
+        })
+    } else {
+        pool_worker::engine::Backend::Real(device(&args.device)?)
+    };
     let t0 = std::time::Instant::now();
     let engine = Engine::load(
         &args.model,
         args.tokenizer.as_deref(),
         name.clone(),
-        dev,
+        backend,
         args.queue,
     )?;
     engine.warm_up().await.context("warm-up")?;
@@ -105,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
         engine: engine.clone(),
         faults: args.fault_injection.then(|| Arc::new(Faults::default())),
         draining: AtomicBool::new(false),
+        shutdown: tokio::sync::Notify::new(),
+        shutdown_request: Default::default(),
+        active: Default::default(),
+        max_body_bytes: args.max_body_bytes,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -126,8 +149,13 @@ async fn main() -> anyhow::Result<()> {
                 address: addr.to_string(),
                 model: name.clone(),
                 max_context: engine.model.max_context as u32,
+                modalities: engine.model.modalities.clone(),
                 max_concurrency: 1,
-                device: args.device.clone(),
+                device: if engine.model.simulated {
+                    "sim".into()
+                } else {
+                    args.device.clone()
+                },
             },
             Arc::clone(&engine.stats),
         )
@@ -142,15 +170,27 @@ async fn main() -> anyhow::Result<()> {
     let reg = registration.clone();
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let shutdown = async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: draining");
+        let (reason, drain_timeout) = tokio::select! {
+            _ = shutdown_signal() => ("shutdown", drain_timeout),
+            _ = shutdown_state.shutdown.notified() => {
+                let d = shutdown_state.shutdown_request.deadline_s.load(Ordering::Relaxed);
+                ("preempted", drain_timeout.min(Duration::from_secs(u64::from(d))))
+            }
+        };
+        tracing::info!(
+            reason,
+            "shutting down: draining for up to {drain_timeout:?}"
+        );
         shutdown_state.draining.store(true, Ordering::Relaxed);
         if let Some(r) = &reg {
-            r.drain(drain_timeout.as_secs() as u32, "shutdown").await;
+            r.drain(drain_timeout.as_secs() as u32, reason).await;
         }
         let stats = &shutdown_state.engine.stats;
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        while (stats.in_flight.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed)) > 0
+        while (shutdown_state.active.load(Ordering::Relaxed)
+            + stats.in_flight.load(Ordering::Relaxed)
+            + stats.queued.load(Ordering::Relaxed))
+            > 0
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -27,6 +27,7 @@ pub struct RegistrationConfig {
     pub address: String,
     pub model: String,
     pub max_context: u32,
+    pub modalities: Vec<String>,
     pub max_concurrency: u32,
     pub device: String,
 }
@@ -104,7 +105,7 @@ impl Registration {
                 models: vec![ServedModel {
                     name: c.model.clone(),
                     max_context: c.max_context,
-                    modalities: vec!["text".into()],
+                    modalities: c.modalities.clone(),
                 }],
                 max_concurrency: c.max_concurrency,
                 device: c.device.clone(),

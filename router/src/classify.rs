@@ -26,6 +26,9 @@ pub struct Counter {
     tokenizer: model_meta::Tokenizer,
     /// Longest token, in bytes: `ceil(bytes / this)` is a lower bound on the count.
     max_token_bytes: u64,
+    /// GPT-2 style pre-tokenizer (built from GGUF metadata): every run of letters and every
+    /// digit is at least one token, a much tighter lower bound than the byte length gives.
+    splits_words: bool,
 }
 
 impl Counter {
@@ -46,6 +49,7 @@ impl Counter {
         Ok(Self {
             tokenizer,
             max_token_bytes,
+            splits_words: matches!(source, TokenizerRef::Gguf(_)),
         })
     }
 
@@ -257,7 +261,16 @@ pub async fn count_tokens(
     };
     // Byte-level BPE: at most one token per byte; at least one per longest-token bytes.
     let hi = fixed + bytes + parsed.texts.len() as u64;
-    let lo = fixed + bytes.div_ceil(counter.max_token_bytes);
+    let lo = fixed
+        + if counter.splits_words {
+            parsed
+                .texts
+                .iter()
+                .map(|t| min_pretokens(t.as_bytes()))
+                .sum()
+        } else {
+            bytes.div_ceil(counter.max_token_bytes)
+        };
     let needs_exact = CompiledRules::needs_exact(rules.prompt_cuts(), lo, hi)
         || CompiledRules::needs_exact(rules.context_cuts(), lo + max_tokens, hi + max_tokens);
     if !needs_exact {
@@ -277,5 +290,78 @@ pub async fn count_tokens(
             parsed.features.prompt_tokens = hi;
             false
         }
+    }
+}
+
+/// A lower bound on the tokens of `text` under a GPT-2 style pre-tokenizer with individual
+/// digits: each ASCII digit is a pre-token, and each maximal run of letters that holds an
+/// ASCII letter lies in pre-tokens of its own. Non-ASCII bytes join runs (they may be
+/// letters) but never start a count, so the bound holds for any text.
+pub fn min_pretokens(text: &[u8]) -> u64 {
+    let mut n = 0u64;
+    let mut in_run = false;
+    let mut counted = false;
+    for &b in text {
+        if b.is_ascii_alphabetic() || b >= 0x80 {
+            if !in_run {
+                in_run = true;
+                counted = false;
+            }
+            if b.is_ascii_alphabetic() && !counted {
+                n += 1;
+                counted = true;
+            }
+        } else {
+            in_run = false;
+            if b.is_ascii_digit() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_bound_never_exceeds_the_real_count() {
+        let dir = std::env::temp_dir().join(format!("classify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        model_meta::tiny::write_tiny_llama(&path, 512).unwrap();
+        let c = Counter::load(&TokenizerRef::Gguf(path)).unwrap();
+        for t in [
+            "Hello, world! 12345 héllo   wörld",
+            "a",
+            "",
+            "x1y2z3",
+            "don't stop-me_now",
+            "—.— aéb ééé",
+        ] {
+            let exact = c.count(&[t.to_string()]);
+            assert!(
+                min_pretokens(t.as_bytes()) <= exact,
+                "{t}: {} > {exact}",
+                min_pretokens(t.as_bytes())
+            );
+        }
+        assert_eq!(min_pretokens(b"The fox, 42 times"), 3 + 2);
+        // and with a real merge table, when SmolLM2 is present
+        let real = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if real.exists() {
+            let c = Counter::load(&TokenizerRef::Gguf(real)).unwrap();
+            let text = "Hello, world! The capital of France is Paris; it's 2026. naïve café — déjà vu, x1y2 ".repeat(50);
+            let exact = c.count(std::slice::from_ref(&text));
+            let lo = min_pretokens(text.as_bytes());
+            assert!(
+                lo <= exact && exact <= text.len() as u64,
+                "{lo} <= {exact} <= {}",
+                text.len()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

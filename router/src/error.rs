@@ -13,6 +13,8 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("request headers are larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
     #[error("unknown endpoint {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -29,6 +31,7 @@ impl ProxyError {
             Self::UnknownModel(_) | Self::NotFound(_) => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge { .. } => 413,
+            Self::HeadersTooLarge { .. } => 431,
             Self::NoCapacity(_) => 503,
         }
     }
@@ -39,6 +42,7 @@ impl ProxyError {
             Self::BadRequest(..) => ("invalid_request_error", "invalid_request"),
             Self::UnknownModel(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
             Self::NotFound(_) => ("invalid_request_error", "not_found"),
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             Self::NoCapacity(_) => ("server_error", "no_capacity"),

@@ -36,6 +36,8 @@ enum Command {
 enum RulesCmd {
     /// Exit 0 if FILE compiles, else exit 1 listing every problem.
     Check { file: PathBuf },
+    /// Print the JSON Schema of the rules file (for editors: yaml-language-server etc.).
+    Schema,
     /// Print, as JSON, the decision the rules make for a request body.
     Explain {
         file: PathBuf,
@@ -71,6 +73,9 @@ struct ServeArgs {
     /// Largest request body accepted (bytes).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Largest request header block accepted (bytes); 431 beyond.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
     #[arg(long, default_value_t = 1000)]
     connect_timeout_ms: u64,
     /// Time a worker has to send its response header (prefill included).
@@ -112,6 +117,10 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Rules(RulesCmd::Schema) => {
+            println!("{}", routing_rules::JSON_SCHEMA);
+            Ok(())
+        }
         Command::Rules(RulesCmd::Explain {
             file,
             request,
@@ -184,6 +193,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let config = Config {
         max_body_bytes: args.max_body_bytes,
+        max_header_bytes: args.max_header_bytes,
         classify_budget: Duration::from_millis(args.classify_budget_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),

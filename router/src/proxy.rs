@@ -180,6 +180,16 @@ impl ProxyHttp for SwitchyardProxy {
 
 impl SwitchyardProxy {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let header_bytes: usize = session
+            .req_header()
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let limit = self.shared.config.max_header_bytes;
+        if header_bytes > limit {
+            return respond_error(session, ctx, &ProxyError::HeadersTooLarge { limit }).await;
+        }
         let (method, path) = {
             let h = session.req_header();
             (h.method.clone(), h.uri.path().to_string())
@@ -217,11 +227,7 @@ impl SwitchyardProxy {
         let snapshot = self.shared.registry.snapshot();
         let model_name = parsed.features.model.clone();
         let model = rules.rules.model(&model_name);
-        if model.is_none()
-            && !snapshot
-                .workers()
-                .any(|w| !w.is_static && w.serves(&model_name))
-        {
+        if model.is_none() && !snapshot.workers().any(|w| w.serves(&model_name)) {
             return respond_error(session, ctx, &ProxyError::UnknownModel(model_name)).await;
         }
         parsed.features.tenant = ctx.tenant.clone();
@@ -356,6 +362,7 @@ impl SwitchyardProxy {
             let t0 = Instant::now();
             match self.attempt(&peer, session, path, &body).await {
                 Ok((up, resp)) => {
+                    worker.health.record_success();
                     shared
                         .metrics
                         .ttfb
@@ -366,6 +373,9 @@ impl SwitchyardProxy {
                     return self.relay(session, ctx, decision, &peer, up, resp).await;
                 }
                 Err(f) => {
+                    if worker.health.record_failure() {
+                        tracing::warn!(worker = %worker.id, %pool, "worker ejected after {} consecutive failures", crate::registry::EJECT_AFTER);
+                    }
                     tracing::warn!(worker = %worker.id, %pool, reason = reason_name(f.reason), "attempt failed: {}", f.message);
                     last_failure = Some((pool.clone(), f));
                 }
@@ -431,6 +441,10 @@ impl SwitchyardProxy {
                 .get_http_session(peer)
                 .await
                 .map_err(|e| fail(RetryOn::Connect, &e))?;
+            // The connector does not apply the peer's read timeout: it bounds the wait for
+            // the response header (first byte) and, later, each gap between body chunks.
+            up.set_read_timeout(peer.options.read_timeout);
+            up.set_write_timeout(Some(self.shared.config.connect_timeout.max(Duration::from_secs(10))));
             let sent = async {
                 up.write_request_header(Box::new(req.clone())).await?;
                 up.write_request_body(body.clone(), true).await?;

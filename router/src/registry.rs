@@ -43,6 +43,9 @@ pub struct Worker {
     /// Requests this router has in flight to the worker right now.
     #[serde(serialize_with = "ser_atomic")]
     pub router_in_flight: Arc<AtomicU32>,
+    /// Outlier detection state, shared by every snapshot of this worker.
+    #[serde(skip)]
+    pub health: Arc<Health>,
     #[serde(skip)]
     pub registered_at: Instant,
     #[serde(skip)]
@@ -53,6 +56,50 @@ pub struct Worker {
 
 fn ser_atomic<S: serde::Serializer>(a: &Arc<AtomicU32>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u32(a.load(Ordering::Relaxed))
+}
+
+/// Consecutive failures eject a worker for a while (Envoy-style outlier detection).
+#[derive(Debug, Default)]
+pub struct Health {
+    consecutive_failures: AtomicU32,
+    times_ejected: AtomicU32,
+    /// Milliseconds since `EPOCH` until which the worker is ejected.
+    ejected_until_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Failures in a row that eject a worker.
+pub const EJECT_AFTER: u32 = 3;
+/// Base ejection time; it grows with each ejection, up to `EJECT_MAX`.
+pub const EJECT_BASE: Duration = Duration::from_secs(5);
+pub const EJECT_MAX: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Health {
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Returns true when this failure ejected the worker.
+    pub fn record_failure(&self) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < EJECT_AFTER {
+            return false;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let times = self.times_ejected.fetch_add(1, Ordering::Relaxed) + 1;
+        let d = (EJECT_BASE * times).min(EJECT_MAX);
+        self.ejected_until_ms
+            .store(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
+        true
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
 }
 
 impl Worker {
@@ -179,6 +226,7 @@ impl Registry {
             device,
             reported_load: 0,
             router_in_flight: Arc::new(AtomicU32::new(0)),
+            health: Arc::default(),
             registered_at: Instant::now(),
             registered_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -272,6 +320,7 @@ impl Registry {
                     device: "static".into(),
                     reported_load: 0,
                     router_in_flight: Arc::new(AtomicU32::new(0)),
+                    health: Arc::default(),
                     registered_at: Instant::now(),
                     registered_unix: 0,
                     is_static: true,
@@ -305,6 +354,7 @@ fn clone_worker(w: &Worker) -> Worker {
         device: w.device.clone(),
         reported_load: w.reported_load,
         router_in_flight: Arc::clone(&w.router_in_flight),
+        health: Arc::clone(&w.health),
         registered_at: w.registered_at,
         registered_unix: w.registered_unix,
         is_static: w.is_static,
@@ -314,6 +364,53 @@ fn clone_worker(w: &Worker) -> Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_failures_eject_and_success_resets() {
+        let h = Health::default();
+        assert!(!h.record_failure());
+        h.record_success();
+        assert!(!h.record_failure());
+        assert!(!h.record_failure());
+        assert!(!h.is_ejected());
+        assert!(h.record_failure(), "the third failure in a row ejects");
+        assert!(h.is_ejected());
+    }
+
+    #[test]
+    fn ejection_never_empties_a_pool() {
+        let r = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
+        let m = || {
+            vec![ServedModel {
+                name: "m".into(),
+                max_context: 10,
+                modalities: vec![],
+            }]
+        };
+        r.register("a".into(), Arc::from("p"), addr(), m(), "cpu".into());
+        r.register(
+            "b".into(),
+            Arc::from("p"),
+            "127.0.0.1:10".parse().unwrap(),
+            m(),
+            "cpu".into(),
+        );
+        let snap = r.snapshot();
+        let a = snap.routable("p", "m").find(|w| w.id == "a").unwrap();
+        for _ in 0..EJECT_AFTER {
+            a.health.record_failure();
+        }
+        for _ in 0..20 {
+            assert_eq!(crate::upstream::pick(&snap, "p", "m", &[]).unwrap().id, "b");
+        }
+        // with b already tried, the ejected a is still used rather than nothing
+        assert_eq!(
+            crate::upstream::pick(&snap, "p", "m", &["b".into()])
+                .unwrap()
+                .id,
+            "a"
+        );
+    }
 
     fn addr() -> SocketAddr {
         "127.0.0.1:9".parse().unwrap()

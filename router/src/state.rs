@@ -14,6 +14,8 @@ use crate::upstream::RetryBudget;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub max_body_bytes: usize,
+    /// Request headers beyond this many bytes get 431.
+    pub max_header_bytes: usize,
     pub classify_budget: Duration,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,

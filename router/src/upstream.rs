@@ -9,12 +9,19 @@ use rand::RngExt;
 
 use crate::registry::{Snapshot, Worker};
 
-/// Picks a worker of `pool` for `model`, skipping `tried` ids (P2C on load).
+/// Picks a worker of `pool` for `model`, skipping `tried` ids (P2C on load). Ejected
+/// workers are skipped unless every candidate is ejected: ejection never empties a pool.
 pub fn pick(snapshot: &Snapshot, pool: &str, model: &str, tried: &[String]) -> Option<Arc<Worker>> {
-    let candidates: Vec<&Arc<Worker>> = snapshot
+    let untried: Vec<&Arc<Worker>> = snapshot
         .routable(pool, model)
         .filter(|w| !tried.iter().any(|t| *t == w.id))
         .collect();
+    let healthy: Vec<&Arc<Worker>> = untried
+        .iter()
+        .copied()
+        .filter(|w| !w.health.is_ejected())
+        .collect();
+    let candidates = if healthy.is_empty() { untried } else { healthy };
     match candidates.len() {
         0 => None,
         1 => Some(Arc::clone(candidates[0])),

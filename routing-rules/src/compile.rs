@@ -83,8 +83,18 @@ fn parse(yaml: &str) -> Result<RulesSpec, RulesError> {
     })
 }
 
+/// The parser's first line, without its own "error: line N column M: " prefix (the
+/// problem carries the location already).
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).to_string()
+    let line = s.lines().next().unwrap_or(s);
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((loc, msg)) if loc.contains("column") => msg.to_string(),
+        _ => line.to_string(),
+    }
 }
 
 /// Finds an anchor (`&x`) or alias (`*x`) token outside quotes and comments.
@@ -168,10 +178,14 @@ impl Compiler {
                     format!("duplicate rule name `{}`", r.name),
                 );
             }
+            let before = self.problems.len();
             let when = match &r.when {
                 Some(w) => self.conditions(w, &format!("{path}.when"), &models),
                 None => Conditions::default(),
             };
+            // A condition that failed validation is missing from `when`: keep the rule out
+            // of the shadowing check, or it would look broader than it is.
+            let when_valid = self.problems.len() == before;
             let targets = self.route(
                 &r.route,
                 r.fallback_on_demand,
@@ -184,6 +198,7 @@ impl Compiler {
             };
             rules.push((
                 loc.cloned(),
+                when_valid,
                 Rule {
                     name: Arc::from(r.name.as_str()),
                     when,
@@ -195,16 +210,23 @@ impl Compiler {
 
         // Unreachable rules: an earlier rule accepts everything a later one would.
         for j in 0..rules.len() {
-            if let Some(i) = (0..j).find(|&i| rules[i].1.when.covers(&rules[j].1.when)) {
+            if !rules[j].1 {
+                continue;
+            }
+            if let Some(i) =
+                (0..j).find(|&i| rules[i].1 && rules[i].2.when.covers(&rules[j].2.when))
+            {
                 let msg = format!(
                     "rule `{}` can never match: rule `{}` (rules[{i}]) catches every request it would",
-                    rules[j].1.name, rules[i].1.name
+                    rules[j].2.name, rules[i].2.name
                 );
                 let loc = rules[j].0;
                 self.problem(format!("rules[{j}]"), loc.as_ref(), msg);
             }
         }
-        let catch_all = rules.iter().any(|(_, r)| r.when.is_catch_all());
+        let catch_all = rules
+            .iter()
+            .any(|(_, valid, r)| *valid && r.when.is_catch_all());
         let default = match (&spec.default, catch_all) {
             (Some(d), true) => {
                 self.problem("default", Some(&d.referenced), "the default route can never be used: a rule without `when` already catches every request");
@@ -235,7 +257,7 @@ impl Compiler {
             }
         };
 
-        let rules: Vec<Rule> = rules.into_iter().map(|(_, r)| r).collect();
+        let rules: Vec<Rule> = rules.into_iter().map(|(_, _, r)| r).collect();
         let mut context_cuts = BTreeSet::new();
         let mut prompt_cuts = BTreeSet::new();
         let mut header_names = BTreeSet::new();

@@ -12,6 +12,9 @@ pub mod spec;
 mod store;
 
 pub use compile::{MAX_FILE_BYTES, VERSION, compile, compile_file};
+
+/// The JSON Schema of the rules file, for editors (`switchyard rules schema`).
+pub const JSON_SCHEMA: &str = include_str!("../../docs/rules.schema.json");
 pub use compiled::{
     CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, RouteDecision, Rule, TokenizerRef,
 };

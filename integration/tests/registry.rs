@@ -1,0 +1,235 @@
+//! Worker registry over real gRPC: leases, freeze/thaw, drain, authentication, router restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header};
+use proto::registry_client::RegistryClient;
+use proto::{RegisterRequest, ServedModel};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_expires_within_ttl_and_returns_after_thaw() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let w = env.workers_json().await.unwrap();
+    assert_eq!(w[0]["id"], "cpu-0");
+    assert!(w[0]["lease_age_s"].as_f64().unwrap() >= 0.0);
+
+    env.workers[0].proc.signal("STOP");
+    let frozen = Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "the frozen worker to expire (TTL 1 s)",
+        || async { (env.workers_json().await.ok()?.is_empty()).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert!(
+        frozen.elapsed() < Duration::from_secs(2),
+        "expired after {:?}",
+        frozen.elapsed()
+    );
+    // no live worker for `light`: clear 503, not a hang
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 503);
+
+    env.workers[0].proc.signal("CONT");
+    eventually(
+        Duration::from_secs(5),
+        "the thawed worker to register again",
+        || async { (env.live_workers().await.ok()? == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_worker_drains_finishes_in_flight_and_leaves() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("l40s-spot").faulty())
+        .worker(WorkerSpec::new("l40s-ondemand"))
+        .start()
+        .await
+        .unwrap();
+    // a slow request in flight on the spot worker
+    env.faults(0, json!({ "delay_first_token_ms": 1500 }))
+        .await
+        .unwrap();
+    let slow = {
+        let http = env.http.clone();
+        let url = format!("{}/v1/chat/completions", env.proxy);
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&chat_body("tiny", 1500, 4, false))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = env
+        .http
+        .post(format!(
+            "{}/admin/preempt?deadline_s=10",
+            env.workers[0].url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(
+        Duration::from_secs(2),
+        "the spot worker to show as draining",
+        || async {
+            let w = env.workers_json().await.ok()?;
+            w.iter()
+                .any(|w| w["pool"] == "l40s-spot" && w["state"] == "draining")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // new work goes elsewhere at once
+    let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-ondemand");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    // the in-flight request finishes on the draining worker
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-spot");
+    // then it deregisters and exits
+    eventually(
+        Duration::from_secs(5),
+        "the drained worker to leave",
+        || async {
+            let w = env.workers_json().await.ok()?;
+            (w.len() == 1 && w[0]["pool"] == "l40s-ondemand").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_and_disallowed_address_are_refused() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--registry-token")
+        .router_arg("s3cret")
+        .worker(WorkerSpec::new("cpu").arg("--token").arg("wrong"))
+        .worker(WorkerSpec::new("l40s-spot").arg("--token").arg("s3cret"))
+        .expect_registered(1)
+        .start()
+        .await
+        .unwrap();
+    let w = env.workers_json().await.unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0]["pool"], "l40s-spot");
+    eventually(
+        Duration::from_secs(5),
+        "the refusal in the worker's log",
+        || async {
+            env.log("worker-0.log")
+                .contains("bad or missing registry token")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut client = RegistryClient::connect(env.grpc.clone()).await.unwrap();
+    let register = |address: &str, pool: &str, token: Option<&str>| {
+        let mut req = tonic::Request::new(RegisterRequest {
+            worker_id: "probe".into(),
+            pool: pool.into(),
+            address: address.into(),
+            models: vec![ServedModel {
+                name: "tiny".into(),
+                max_context: 100,
+                modalities: vec!["text".into()],
+            }],
+            max_concurrency: 1,
+            device: "cpu".into(),
+        });
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        req
+    };
+    let e = client
+        .register(register("127.0.0.1:1", "cpu", None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let e = client
+        .register(register("127.0.0.1:1", "gpu-x", Some("s3cret")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(
+        e.message().contains("unknown pool `gpu-x`"),
+        "{}",
+        e.message()
+    );
+    let e = client
+        .register(register("not-an-address", "cpu", Some("s3cret")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_only_loopback_addresses_register() {
+    let env = TestEnv::new().rules(FLEET_RULES).start().await.unwrap();
+    let mut client = RegistryClient::connect(env.grpc.clone()).await.unwrap();
+    let e = client
+        .register(RegisterRequest {
+            worker_id: "remote".into(),
+            pool: "cpu".into(),
+            address: "10.1.2.3:8000".into(),
+            models: vec![ServedModel {
+                name: "tiny".into(),
+                max_context: 100,
+                modalities: vec![],
+            }],
+            max_concurrency: 1,
+            device: "cpu".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("10.1.2.3:8000"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_come_back_after_a_router_restart() {
+    let mut env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .worker(WorkerSpec::new("l40s-spot"))
+        .start()
+        .await
+        .unwrap();
+    env.restart_router().await.unwrap();
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "both workers to register with the new router",
+        || async { (env.live_workers().await.ok()? == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    eprintln!("workers back {:?} after the restart", t0.elapsed());
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+}
