@@ -1,4 +1,6 @@
-//! `switchyard`: serve the router, or check and explain rules files.
+//! `switchyard`: serve the router, run the demo fleet, or check and explain rules files.
+
+mod demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run the router.
     Serve(ServeArgs),
+    /// Start a local demo fleet (router + a worker per pool); `--smoke` checks a mix of requests.
+    Demo(demo::DemoArgs),
     /// Work with rules files.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -101,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo::run(args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
             Ok(r) => {
                 println!(

@@ -250,7 +250,7 @@ impl SwitchyardProxy {
         let decision = rules.rules.route(&parsed.features);
         ctx.decision = Some(decision.clone());
         drop(rules);
-        self.forward(session, ctx, &decision, &model_name, &path, body)
+        self.forward(session, ctx, &decision, &parsed.features, &path, body)
             .await
     }
 
@@ -321,7 +321,7 @@ impl SwitchyardProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         decision: &RouteDecision,
-        model: &str,
+        features: &routing_rules::RequestFeatures,
         path: &str,
         body: Bytes,
     ) -> Result<()> {
@@ -334,7 +334,13 @@ impl SwitchyardProxy {
             if ctx.attempts >= decision.retry.max_attempts {
                 break;
             }
-            let Some(worker) = upstream::pick(&snapshot, pool, model, &ctx.tried) else {
+            let Some(worker) = upstream::pick(
+                &snapshot,
+                pool,
+                &features.model,
+                features.modalities,
+                &ctx.tried,
+            ) else {
                 targets.next(); // no (more) live workers here: next pool
                 continue;
             };
@@ -444,7 +450,12 @@ impl SwitchyardProxy {
             // The connector does not apply the peer's read timeout: it bounds the wait for
             // the response header (first byte) and, later, each gap between body chunks.
             up.set_read_timeout(peer.options.read_timeout);
-            up.set_write_timeout(Some(self.shared.config.connect_timeout.max(Duration::from_secs(10))));
+            up.set_write_timeout(Some(
+                self.shared
+                    .config
+                    .connect_timeout
+                    .max(Duration::from_secs(10)),
+            ));
             let sent = async {
                 up.write_request_header(Box::new(req.clone())).await?;
                 up.write_request_body(body.clone(), true).await?;

@@ -109,6 +109,22 @@ impl Worker {
     pub fn serves(&self, model: &str) -> bool {
         self.is_static || self.models.iter().any(|m| m.name == model)
     }
+
+    /// Whether the worker takes `model` with these input modalities (a worker that
+    /// advertises no modalities is taken at its word for any; static workers take all).
+    pub fn accepts(&self, model: &str, modalities: routing_rules::ModalitySet) -> bool {
+        if self.is_static {
+            return true;
+        }
+        self.models.iter().any(|m| {
+            m.name == model
+                && (m.modalities.is_empty()
+                    || modalities
+                        .names()
+                        .iter()
+                        .all(|n| m.modalities.iter().any(|x| x == n)))
+        })
+    }
 }
 
 /// What the request path reads: live and draining workers grouped by pool.
@@ -401,11 +417,16 @@ mod tests {
             a.health.record_failure();
         }
         for _ in 0..20 {
-            assert_eq!(crate::upstream::pick(&snap, "p", "m", &[]).unwrap().id, "b");
+            assert_eq!(
+                crate::upstream::pick(&snap, "p", "m", Default::default(), &[])
+                    .unwrap()
+                    .id,
+                "b"
+            );
         }
         // with b already tried, the ejected a is still used rather than nothing
         assert_eq!(
-            crate::upstream::pick(&snap, "p", "m", &["b".into()])
+            crate::upstream::pick(&snap, "p", "m", Default::default(), &["b".into()])
                 .unwrap()
                 .id,
             "a"

@@ -6,15 +6,22 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
+use routing_rules::ModalitySet;
 
 use crate::registry::{Snapshot, Worker};
 
 /// Picks a worker of `pool` for `model`, skipping `tried` ids (P2C on load). Ejected
 /// workers are skipped unless every candidate is ejected: ejection never empties a pool.
-pub fn pick(snapshot: &Snapshot, pool: &str, model: &str, tried: &[String]) -> Option<Arc<Worker>> {
+pub fn pick(
+    snapshot: &Snapshot,
+    pool: &str,
+    model: &str,
+    modalities: ModalitySet,
+    tried: &[String],
+) -> Option<Arc<Worker>> {
     let untried: Vec<&Arc<Worker>> = snapshot
         .routable(pool, model)
-        .filter(|w| !tried.iter().any(|t| *t == w.id))
+        .filter(|w| w.accepts(model, modalities) && !tried.iter().any(|t| *t == w.id))
         .collect();
     let healthy: Vec<&Arc<Worker>> = untried
         .iter()
