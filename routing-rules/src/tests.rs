@@ -241,3 +241,91 @@ fn invalid_fixtures_give_their_exact_errors() {
     }
     assert!(n >= 6, "fixtures missing");
 }
+
+/// Adversarial inputs (deep nesting, alias bombs, NaN, duplicate keys, binary, several
+/// documents): every one is answered with `Ok` or an error, never a panic or a hang.
+#[test]
+fn corpus_of_hostile_files_never_panics() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        n += 1;
+        let t0 = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(|| compile_file(&path).map(|_| ()));
+        assert!(outcome.is_ok(), "{} panicked", path.display());
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(2),
+            "{} took {:?}",
+            path.display(),
+            t0.elapsed()
+        );
+    }
+    assert!(n >= 10);
+    // the specific verdicts that matter
+    let bad = |f: &str| {
+        compile_file(&dir.join(f))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad("billion-laughs.yaml").contains("anchors and aliases"));
+    assert!(bad("nan-price.yaml").contains("cost_per_hour"));
+    assert!(
+        bad("duplicate-key.yaml")
+            .to_lowercase()
+            .contains("duplicate")
+    );
+    assert!(bad("bad-names.yaml").contains("rule name is empty"));
+}
+
+/// Matching is total and deterministic: over many random requests every decision names a
+/// rule and pools of the file, the same request always gets the same decision, and the rule
+/// is the one the file's order dictates (checked against the rules written out by hand).
+#[test]
+fn matching_is_total_and_deterministic() {
+    use rand::{RngExt, SeedableRng};
+    let rules = compile(EXAMPLE, Path::new("examples")).unwrap();
+    let pools: Vec<&str> = rules.pools().iter().map(|p| &*p.name).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let all = [Modality::Text, Modality::Image, Modality::Audio];
+    for _ in 0..20_000 {
+        let mods: Vec<Modality> = all
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.4))
+            .collect();
+        let f = RequestFeatures {
+            model: if rng.random_bool(0.5) {
+                "smollm2".into()
+            } else {
+                "other".into()
+            },
+            prompt_tokens: rng.random_range(0..20_000),
+            max_tokens: rng.random_range(0..8_000),
+            modalities: mods.iter().copied().collect(),
+            stream: rng.random_bool(0.5),
+            endpoint: Some(Endpoint::ChatCompletions),
+            ..Default::default()
+        };
+        let d = rules.route(&f);
+        assert!(!d.targets.is_empty());
+        assert!(d.targets.iter().all(|t| pools.contains(&&**t)));
+        let again = rules.route(&f);
+        assert_eq!(
+            (d.rule.clone(), targets(&d)),
+            (again.rule.clone(), targets(&again))
+        );
+        let multimodal = mods.contains(&Modality::Image) || mods.contains(&Modality::Audio);
+        let expected = if multimodal {
+            "multimodal"
+        } else if f.context_tokens() <= 1024 {
+            "light"
+        } else if f.context_tokens() <= 4096 {
+            "chat"
+        } else {
+            "long-context"
+        };
+        assert_eq!(&*d.rule, expected, "{f:?}");
+    }
+}
