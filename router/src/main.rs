@@ -52,12 +52,10 @@ enum RulesCmd {
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct ServeArgs {
-    /// Rules file (YAML); reloaded when it changes.
-    #[arg(long)]
-    rules: PathBuf,
-    /// OpenAI-compatible proxy listener (port 0 = any free port).
+/// The router's three listeners (port 0 = any free port).
+#[derive(Debug, Clone, clap::Args)]
+struct Listeners {
+    /// OpenAI-compatible proxy listener.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// gRPC registry listener for workers.
@@ -66,6 +64,15 @@ struct ServeArgs {
     /// Admin listener: /healthz, /metrics, /admin/*.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin: SocketAddr,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Rules file (YAML); reloaded when it changes.
+    #[arg(long)]
+    rules: PathBuf,
+    #[command(flatten)]
+    addrs: Listeners,
     /// Shared token workers must present (also SWITCHYARD_REGISTRY_TOKEN). Without it only
     /// loopback workers may register.
     #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
@@ -215,15 +222,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     // Control plane on its own runtime: gRPC registry, admin API, lease expiry, rules watcher.
-    let std_grpc = std::net::TcpListener::bind(args.grpc)
-        .with_context(|| format!("bind gRPC {}", args.grpc))?;
-    let std_admin = std::net::TcpListener::bind(args.admin)
-        .with_context(|| format!("bind admin {}", args.admin))?;
+    let std_grpc = std::net::TcpListener::bind(args.addrs.grpc)
+        .with_context(|| format!("bind gRPC {}", args.addrs.grpc))?;
+    let std_admin = std::net::TcpListener::bind(args.addrs.admin)
+        .with_context(|| format!("bind admin {}", args.addrs.admin))?;
     std_grpc.set_nonblocking(true)?;
     std_admin.set_nonblocking(true)?;
     let grpc_addr = std_grpc.local_addr()?;
     let admin_addr = std_admin.local_addr()?;
-    let listen = resolve_port(args.listen)?;
+    let listen = resolve_port(args.addrs.listen)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let watch_shared = Arc::clone(&shared);
