@@ -107,6 +107,63 @@ async fn streams_pass_through_as_sse() {
     );
 }
 
+/// Blanks the per-response `"id":"…"` and `"created":N` values; everything else is compared
+/// byte for byte.
+fn normalize(sse: &str) -> String {
+    let mut out = String::with_capacity(sse.len());
+    let mut rest = sse;
+    loop {
+        let id = rest.find("\"id\":\"");
+        let created = rest.find("\"created\":");
+        let (at, key_len, quoted) = match (id, created) {
+            (Some(i), Some(c)) if c < i => (c, "\"created\":".len(), false),
+            (Some(i), _) => (i, "\"id\":\"".len(), true),
+            (None, Some(c)) => (c, "\"created\":".len(), false),
+            (None, None) => break,
+        };
+        out.push_str(&rest[..at + key_len]);
+        rest = &rest[at + key_len..];
+        let end = if quoted {
+            rest.find('"').unwrap()
+        } else {
+            rest.find(|c: char| !c.is_ascii_digit()).unwrap()
+        };
+        out.push('_');
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_through_the_router_is_byte_for_byte_what_the_worker_sent() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let body = chat_body("tiny", 30, 24, true);
+    let via_router = env.chat(&body).await.unwrap().text().await.unwrap();
+    let direct = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.workers[0].url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(via_router.ends_with("data: [DONE]\n\n"), "{via_router}");
+    assert_eq!(normalize(&via_router), normalize(&direct));
+    assert_ne!(
+        normalize(&via_router),
+        via_router,
+        "ids and timestamps were blanked"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_spot_worker_fails_over_to_on_demand() {
     let env = TestEnv::new()
