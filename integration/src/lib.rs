@@ -434,3 +434,16 @@ pub fn chat_body(model: &str, filler_bytes: usize, max_tokens: u32, stream: bool
         "stream": stream,
     })
 }
+
+/// The usual failover fleet on [`FLEET_RULES`]: a fault-injectable `<class>-spot` worker
+/// (index 0) and a `<class>-ondemand` worker (index 1).
+pub async fn spot_and_on_demand(class: &str, router_args: &[&str]) -> Result<Running> {
+    let mut env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new(&format!("{class}-spot")).faulty())
+        .worker(WorkerSpec::new(&format!("{class}-ondemand")));
+    for a in router_args {
+        env = env.router_arg(a);
+    }
+    env.start().await
+}

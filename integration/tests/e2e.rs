@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header};
+use integration::{
+    FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header, spot_and_on_demand,
+};
 use serde_json::{Value, json};
 
 const RULES: &str = FLEET_RULES;
@@ -166,13 +168,7 @@ async fn a_stream_through_the_router_is_byte_for_byte_what_the_worker_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_spot_worker_fails_over_to_on_demand() {
-    let env = TestEnv::new()
-        .rules(RULES)
-        .worker(WorkerSpec::new("l40s-spot").faulty())
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .start()
-        .await
-        .unwrap();
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
     let spot = &env.workers[0].url;
     let r = env
         .http
@@ -198,13 +194,7 @@ async fn failing_spot_worker_fails_over_to_on_demand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_spot_worker_fails_over_and_expires() {
-    let mut env = TestEnv::new()
-        .rules(RULES)
-        .worker(WorkerSpec::new("l40s-spot"))
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .start()
-        .await
-        .unwrap();
+    let mut env = spot_and_on_demand("l40s", &[]).await.unwrap();
     let spot = env.workers.remove(0);
     drop(spot); // SIGKILL: no drain, no deregister
     let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();

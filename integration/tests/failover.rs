@@ -2,7 +2,7 @@
 //! the client), after it (a well-formed SSE error event), with large bodies replayed whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header};
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header, spot_and_on_demand};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,13 +34,7 @@ async fn worker_dying_mid_stream_ends_the_sse_stream_with_an_error_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_first_token_times_out_and_fails_over() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .router_arg("--first-byte-timeout-ms")
-        .router_arg("1500")
-        .worker(WorkerSpec::new("l40s-spot").faulty())
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .start()
+    let env = spot_and_on_demand("l40s", &["--first-byte-timeout-ms", "1500"])
         .await
         .unwrap();
     env.faults(0, json!({ "delay_first_token_ms": 8000 }))
@@ -55,13 +49,7 @@ async fn slow_first_token_times_out_and_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_exiting_before_the_first_byte_is_invisible_to_the_client() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .worker(WorkerSpec::new("l40s-spot").faulty())
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .start()
-        .await
-        .unwrap();
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
     env.faults(0, json!({ "exit_next": true })).await.unwrap();
     let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -74,13 +62,7 @@ async fn worker_exiting_before_the_first_byte_is_invisible_to_the_client() {
 /// and refuses it for exceeding the context window — which proves every byte arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_are_replayed_whole_on_failover() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .worker(WorkerSpec::new("h100-spot").faulty())
-        .worker(WorkerSpec::new("h100-ondemand"))
-        .start()
-        .await
-        .unwrap();
+    let env = spot_and_on_demand("h100", &[]).await.unwrap();
     for size in [1_000_000usize, 10_000_000] {
         env.faults(0, json!({ "fail_next": 1 })).await.unwrap();
         let content = "x".repeat(size);

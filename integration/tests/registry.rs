@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header};
+use integration::{
+    FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, header, spot_and_on_demand,
+};
 use proto::registry_client::RegistryClient;
 use proto::{RegisterRequest, ServedModel};
 use serde_json::json;
@@ -52,13 +54,7 @@ async fn frozen_worker_expires_within_ttl_and_returns_after_thaw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempted_worker_drains_finishes_in_flight_and_leaves() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .worker(WorkerSpec::new("l40s-spot").faulty())
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .start()
-        .await
-        .unwrap();
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
     // a slow request in flight on the spot worker
     env.faults(0, json!({ "delay_first_token_ms": 1500 }))
         .await

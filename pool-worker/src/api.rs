@@ -413,23 +413,20 @@ fn label(simulated: bool, mut r: Response) -> Response {
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let sim = s.engine.model.simulated;
-    label(
-        sim,
-        serve(s, Kind::Chat, body)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
-    )
+    answer(s, Kind::Chat, body).await
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    answer(s, Kind::Completion, body).await
+}
+
+/// The answer or the OpenAI-shaped error, labelled when it comes from the sim backend.
+async fn answer(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
     let sim = s.engine.model.simulated;
-    label(
-        sim,
-        serve(s, Kind::Completion, body)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
-    )
+    let r = serve(s, kind, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    label(sim, r)
 }
 
 async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, WorkerError> {

@@ -39,7 +39,7 @@ async fn workers(State(s): State<Arc<Shared>>) -> Response {
         .map(|w| {
             json!({
                 "id": w.id, "pool": w.pool, "state": w.state, "address": w.address.to_string(),
-                "load": w.load(), "reported_load": w.reported_load,
+                "load": w.load(), "reported_load": w.reported_load.load(std::sync::atomic::Ordering::Relaxed),
                 "router_in_flight": w.router_in_flight.load(std::sync::atomic::Ordering::Relaxed),
                 "models": w.models, "device": w.device, "static": w.is_static,
                 "lease_age_s": now.duration_since(w.registered_at).as_secs_f64(),

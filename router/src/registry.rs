@@ -38,8 +38,10 @@ pub struct Worker {
     pub state: WorkerState,
     pub models: Vec<ServedModel>,
     pub device: String,
-    /// Load the worker last reported (in-flight + queued).
-    pub reported_load: u32,
+    /// Load the worker last reported (in-flight + queued). Shared by every snapshot of
+    /// this worker, so a heartbeat updates it without republishing the registry.
+    #[serde(serialize_with = "ser_atomic")]
+    pub reported_load: Arc<AtomicU32>,
     /// Requests this router has in flight to the worker right now.
     #[serde(serialize_with = "ser_atomic")]
     pub router_in_flight: Arc<AtomicU32>,
@@ -104,7 +106,7 @@ impl Health {
 
 impl Worker {
     pub fn load(&self) -> u32 {
-        self.reported_load + self.router_in_flight.load(Ordering::Relaxed)
+        self.reported_load.load(Ordering::Relaxed) + self.router_in_flight.load(Ordering::Relaxed)
     }
     pub fn serves(&self, model: &str) -> bool {
         self.is_static || self.models.iter().any(|m| m.name == model)
@@ -240,7 +242,7 @@ impl Registry {
             state: WorkerState::Live,
             models,
             device,
-            reported_load: 0,
+            reported_load: Arc::default(),
             router_in_flight: Arc::new(AtomicU32::new(0)),
             health: Arc::default(),
             registered_at: Instant::now(),
@@ -269,13 +271,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
         lease.last_heartbeat = Instant::now();
         let draining = lease.worker.state == WorkerState::Draining;
-        if lease.worker.reported_load != load {
-            lease.worker = Arc::new(Worker {
-                reported_load: load,
-                ..clone_worker(&lease.worker)
-            });
-            self.publish(&leases);
-        }
+        lease.worker.reported_load.store(load, Ordering::Relaxed);
         Ok(draining)
     }
 
@@ -334,7 +330,7 @@ impl Registry {
                     state: WorkerState::Live,
                     models: Vec::new(),
                     device: "static".into(),
-                    reported_load: 0,
+                    reported_load: Arc::default(),
                     router_in_flight: Arc::new(AtomicU32::new(0)),
                     health: Arc::default(),
                     registered_at: Instant::now(),
@@ -368,7 +364,7 @@ fn clone_worker(w: &Worker) -> Worker {
         state: w.state,
         models: w.models.clone(),
         device: w.device.clone(),
-        reported_load: w.reported_load,
+        reported_load: Arc::clone(&w.reported_load),
         router_in_flight: Arc::clone(&w.router_in_flight),
         health: Arc::clone(&w.health),
         registered_at: w.registered_at,
