@@ -307,6 +307,32 @@ async fn rules_edit_changes_routing_and_a_broken_edit_is_rejected() {
         "the old rules keep serving"
     );
 
+    // From here on, clients keep sending while the file is edited: no request may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loaders: Vec<_> = (0..3)
+        .map(|_| {
+            let http = env.http.clone();
+            let url = format!("{}/v1/chat/completions", env.proxy);
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http
+                        .post(&url)
+                        .json(&chat_body("tiny", 30, 4, false))
+                        .send()
+                        .await
+                        .expect("request sent");
+                    let status = r.status().as_u16();
+                    let pool = header(&r, "x-switchyard-pool");
+                    let body = r.text().await.expect("body read");
+                    seen.push((status, pool, body));
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let edited = current.replace("route: [cpu]", "route: [l40s-ondemand]");
     let t0 = std::time::Instant::now();
     std::fs::write(&env.rules_path, edited).unwrap();
@@ -322,6 +348,99 @@ async fn rules_edit_changes_routing_and_a_broken_edit_is_rejected() {
     .await
     .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut pools = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for l in loaders {
+        for (status, pool, body) in l.await.unwrap() {
+            assert_eq!(status, 200, "a request failed during the reload: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["object"], "chat.completion", "{body}");
+            pools.insert(pool);
+            total += 1;
+        }
+    }
+    assert!(total >= 6, "the clients kept sending ({total} requests)");
+    assert_eq!(
+        pools.into_iter().collect::<Vec<_>>(),
+        ["cpu", "l40s-ondemand"],
+        "the concurrent clients saw the old rules, then the new"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_503_with_retry_after_and_loses_no_accepted_request() {
+    // One worker, one running sequence and one queue slot: the third concurrent request
+    // finds the worker full (429 from the worker); with no other worker for the route, the
+    // router answers 503 with Retry-After in OpenAI's error shape. The two accepted
+    // requests complete.
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu").faulty().arg("--queue").arg("1"))
+        .start()
+        .await
+        .unwrap();
+    env.faults(0, json!({ "token_delay_ms": 1500 }))
+        .await
+        .unwrap();
+    let worker_metrics = format!("{}/metrics", env.workers[0].url);
+    let gauge = |name: &'static str| {
+        let http = env.http.clone();
+        let url = worker_metrics.clone();
+        async move {
+            let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }
+    };
+    let send = |env: &integration::Running| {
+        let http = env.http.clone();
+        let url = format!("{}/v1/chat/completions", env.proxy);
+        tokio::spawn(async move {
+            let r = http
+                .post(&url)
+                .json(&chat_body("tiny", 20, 1, false))
+                .send()
+                .await
+                .expect("sent");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        })
+    };
+    let running = send(&env);
+    eventually(Duration::from_secs(10), "one request running", || async {
+        (gauge("switchyard_worker_in_flight ").await? == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let queued = send(&env);
+    eventually(Duration::from_secs(10), "one request queued", || async {
+        (gauge("switchyard_worker_queue_depth ").await? == 1).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let r = env.chat(&chat_body("tiny", 20, 1, false)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(v["error"]["code"], "no_capacity");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at capacity"),
+        "{v}"
+    );
+
+    for job in [running, queued] {
+        let (status, body) = job.await.unwrap();
+        assert_eq!(status, 200, "an accepted request was lost: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,11 @@
 //! a byte-level BPE vocabulary (the 256 byte symbols plus ChatML specials) stored in
 //! `tokenizer.ggml.*`, a ChatML chat template, and deterministic pseudo-random F32 weights.
 //! It lets the integration tests run the real worker code path in milliseconds.
+//!
+//! [`write_random_llama`] writes the same kind of file at any [`LlamaShape`], e.g.
+//! [`LlamaShape::SMOLLM2_135M`] quantized to Q4_1: a model with exactly the real one's
+//! tensor shapes and quantization, for throughput benchmarks on machines that cannot fetch
+//! the real weights (its text is nonsense; its speed is the real model's).
 
 use std::io::Write;
 use std::path::Path;
@@ -18,14 +23,66 @@ use crate::template::CHATML;
 /// Special tokens of the tiny vocabulary, appended after the 256 byte symbols.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-const HIDDEN: usize = 32;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const LAYERS: usize = 2;
-const FFN: usize = 64;
+/// The dimensions and weight type of a random llama.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LlamaShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub layers: usize,
+    pub ffn: usize,
+    /// Vocabulary size; at least the 256 byte symbols plus [`SPECIALS`]. Entries beyond
+    /// those are filler tokens no text encodes to (they only give the embedding and output
+    /// matrices their real size).
+    pub vocab: usize,
+    /// Weight type of the matrices (norms stay F32). Quantized types need `hidden` and
+    /// `ffn` to be multiples of the type's block size.
+    pub dtype: GgmlDType,
+}
+
+impl LlamaShape {
+    /// The tiny test model: 2 layers, hidden size 32, F32.
+    pub const TINY: Self = Self {
+        hidden: 32,
+        heads: 4,
+        kv_heads: 2,
+        layers: 2,
+        ffn: 64,
+        vocab: 256 + SPECIALS.len(),
+        dtype: GgmlDType::F32,
+    };
+    /// SmolLM2-135M-Instruct's shapes, Q4_1 like the GGUF the CPU pools serve.
+    pub const SMOLLM2_135M: Self = Self {
+        hidden: 576,
+        heads: 9,
+        kv_heads: 3,
+        layers: 30,
+        ffn: 1536,
+        vocab: 49152,
+        dtype: GgmlDType::Q4_1,
+    };
+}
 
 /// Writes the tiny model to `path`. `context_length` is what the metadata advertises.
 pub fn write_tiny_llama(path: &Path, context_length: u32) -> candle_core::Result<()> {
+    write_random_llama(path, &LlamaShape::TINY, context_length)
+}
+
+/// Writes a random-weight llama of the given shape to `path`.
+pub fn write_random_llama(
+    path: &Path,
+    shape: &LlamaShape,
+    context_length: u32,
+) -> candle_core::Result<()> {
+    let LlamaShape {
+        hidden,
+        heads,
+        kv_heads,
+        layers,
+        ffn,
+        vocab: vocab_size,
+        dtype,
+    } = *shape;
     let mut symbols: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
         .into_iter()
         .collect();
@@ -36,15 +93,19 @@ pub fn write_tiny_llama(path: &Path, context_length: u32) -> candle_core::Result
         tokens.push(s.to_string());
         types.push(3);
     }
+    let eos = (tokens.len() - 1) as u32; // <|im_end|>
+    while tokens.len() < vocab_size {
+        tokens.push(format!("<filler{}>", tokens.len()));
+        types.push(1);
+    }
     let vocab = tokens.len();
-    let eos = (vocab - 1) as u32; // <|im_end|>
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5717c4);
     let dev = Device::Cpu;
     let mut tensor = |shape: &[usize], scale: f32| -> candle_core::Result<QTensor> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-        QTensor::quantize(&Tensor::from_vec(data, shape, &dev)?, GgmlDType::F32)
+        QTensor::quantize(&Tensor::from_vec(data, shape, &dev)?, dtype)
     };
     let ones = |n: usize| -> candle_core::Result<QTensor> {
         QTensor::quantize(
@@ -52,36 +113,54 @@ pub fn write_tiny_llama(path: &Path, context_length: u32) -> candle_core::Result
             GgmlDType::F32,
         )
     };
-    let head_dim = HIDDEN / HEADS;
-    let kv_dim = head_dim * KV_HEADS;
+    // Matrix weights: ±0.2 at the tiny model's sizes (the values the tests were written
+    // against), ±1/√fan_in beyond, so deep wide models keep finite activations.
+    let w = |fan_in: usize| -> f32 {
+        if fan_in <= 64 {
+            0.2
+        } else {
+            (fan_in as f32).sqrt().recip()
+        }
+    };
+    let head_dim = hidden / heads;
+    let kv_dim = head_dim * kv_heads;
     let mut named: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), tensor(&[vocab, HIDDEN], 0.5)?),
-        ("output_norm.weight".into(), ones(HIDDEN)?),
-        ("output.weight".into(), tensor(&[vocab, HIDDEN], 0.5)?),
+        ("token_embd.weight".into(), tensor(&[vocab, hidden], 0.5)?),
+        ("output_norm.weight".into(), ones(hidden)?),
+        ("output.weight".into(), tensor(&[vocab, hidden], 0.5)?),
     ];
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = format!("blk.{l}");
         named.push((
             format!("{p}.attn_q.weight"),
-            tensor(&[HIDDEN, HIDDEN], 0.2)?,
+            tensor(&[hidden, hidden], w(hidden))?,
         ));
         named.push((
             format!("{p}.attn_k.weight"),
-            tensor(&[kv_dim, HIDDEN], 0.2)?,
+            tensor(&[kv_dim, hidden], w(hidden))?,
         ));
         named.push((
             format!("{p}.attn_v.weight"),
-            tensor(&[kv_dim, HIDDEN], 0.2)?,
+            tensor(&[kv_dim, hidden], w(hidden))?,
         ));
         named.push((
             format!("{p}.attn_output.weight"),
-            tensor(&[HIDDEN, HIDDEN], 0.2)?,
+            tensor(&[hidden, hidden], w(hidden))?,
         ));
-        named.push((format!("{p}.ffn_gate.weight"), tensor(&[FFN, HIDDEN], 0.2)?));
-        named.push((format!("{p}.ffn_up.weight"), tensor(&[FFN, HIDDEN], 0.2)?));
-        named.push((format!("{p}.ffn_down.weight"), tensor(&[HIDDEN, FFN], 0.2)?));
-        named.push((format!("{p}.attn_norm.weight"), ones(HIDDEN)?));
-        named.push((format!("{p}.ffn_norm.weight"), ones(HIDDEN)?));
+        named.push((
+            format!("{p}.ffn_gate.weight"),
+            tensor(&[ffn, hidden], w(hidden))?,
+        ));
+        named.push((
+            format!("{p}.ffn_up.weight"),
+            tensor(&[ffn, hidden], w(hidden))?,
+        ));
+        named.push((
+            format!("{p}.ffn_down.weight"),
+            tensor(&[hidden, ffn], w(ffn))?,
+        ));
+        named.push((format!("{p}.attn_norm.weight"), ones(hidden)?));
+        named.push((format!("{p}.ffn_norm.weight"), ones(hidden)?));
     }
 
     let s = |v: &str| Value::String(v.to_string());
@@ -89,11 +168,11 @@ pub fn write_tiny_llama(path: &Path, context_length: u32) -> candle_core::Result
         ("general.architecture", s("llama")),
         ("general.name", s("tiny-llama")),
         ("llama.context_length", Value::U32(context_length)),
-        ("llama.embedding_length", Value::U32(HIDDEN as u32)),
-        ("llama.block_count", Value::U32(LAYERS as u32)),
-        ("llama.feed_forward_length", Value::U32(FFN as u32)),
-        ("llama.attention.head_count", Value::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
+        ("llama.embedding_length", Value::U32(hidden as u32)),
+        ("llama.block_count", Value::U32(layers as u32)),
+        ("llama.feed_forward_length", Value::U32(ffn as u32)),
+        ("llama.attention.head_count", Value::U32(heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
         ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", s("gpt2")),

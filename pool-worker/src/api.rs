@@ -127,6 +127,7 @@ async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     set("fail_next", &faults.fail_next);
     set("drop_after_tokens", &faults.drop_after_tokens);
     set("delay_first_token_ms", &faults.delay_first_token_ms);
+    set("token_delay_ms", &s.engine.stats.fault_token_delay_ms);
     if let Some(b) = v.get("exit_next").and_then(Value::as_bool) {
         faults.exit_next.store(b, Ordering::Relaxed);
     }
@@ -134,6 +135,7 @@ async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         "fail_next": faults.fail_next.load(Ordering::Relaxed),
         "drop_after_tokens": faults.drop_after_tokens.load(Ordering::Relaxed),
         "delay_first_token_ms": faults.delay_first_token_ms.load(Ordering::Relaxed),
+        "token_delay_ms": s.engine.stats.fault_token_delay_ms.load(Ordering::Relaxed),
         "exit_next": faults.exit_next.load(Ordering::Relaxed),
     }))
     .into_response()
@@ -336,6 +338,7 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
             top_p,
             seed,
             stop,
+            ignore_eos: false,
         },
         stream,
         include_usage,

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -26,6 +26,8 @@ pub struct GenParams {
     pub top_p: Option<f64>,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks only; not an API option).
+    pub ignore_eos: bool,
 }
 
 /// What a job reports, in order: zero or more `Text`, then exactly one `Done` or `Failed`.
@@ -60,6 +62,9 @@ pub struct EngineStats {
     pub tokens_generated: AtomicU64,
     /// Tokens per second of the last finished job, ×1000.
     pub last_tps_milli: AtomicU64,
+    /// Fault injection (slow hardware): the engine sleeps this long before each token it
+    /// produces, holding its slot. 0 = off; set only through the worker's `/admin/faults`.
+    pub fault_token_delay_ms: AtomicU32,
 }
 
 /// A loaded model: tokenizer, template and limits. The weights live in the actor thread.
@@ -81,6 +86,29 @@ pub struct LoadedModel {
 pub struct SimProfile {
     pub ttft: std::time::Duration,
     pub tokens_per_s: f64,
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` cargo feature).
+pub fn parse_device(spec: &str) -> Result<Device, WorkerError> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| WorkerError::Model(format!("bad cuda ordinal in `{s}`")))?,
+                None => 0,
+            };
+            Device::new_cuda(n).map_err(|e| {
+                WorkerError::Model(format!(
+                    "CUDA device {n}: {e} (the worker must be built with --features cuda)"
+                ))
+            })
+        }
+        other => Err(WorkerError::Model(format!(
+            "unknown device `{other}` (cpu, cuda, cuda:N)"
+        ))),
+    }
 }
 
 /// Which backend produces tokens.
@@ -229,6 +257,7 @@ impl Engine {
             top_p: None,
             seed: 0,
             stop: vec![],
+            ignore_eos: false,
         };
         self.submit(Job {
             prompt,
@@ -344,7 +373,11 @@ impl Actor {
             sampler.sample(&logits)?
         };
         while generated.len() < budget {
-            if self.model.eos.contains(&next) {
+            let delay = self.stats.fault_token_delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(u64::from(delay)));
+            }
+            if !params.ignore_eos && self.model.eos.contains(&next) {
                 finish_length = false;
                 break;
             }
@@ -403,5 +436,84 @@ impl Actor {
             finish_length,
         }));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let err = parse_device("cuda").err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn bad_device_names_are_refused_clearly() {
+        let err = |s: &str| {
+            parse_device(s)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            err("tpu").contains("unknown device `tpu`"),
+            "{}",
+            err("tpu")
+        );
+        assert!(
+            err("cuda:x").contains("bad cuda ordinal"),
+            "{}",
+            err("cuda:x")
+        );
+        assert!(parse_device("cpu").is_ok());
+    }
+
+    /// A Q4_1 model (the real pools' weight type) runs through the engine, and
+    /// `ignore_eos` makes a stream produce exactly `max_tokens` tokens.
+    #[tokio::test]
+    async fn quantized_model_generates_exactly_max_tokens_when_eos_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("engine-q41-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q41.gguf");
+        let shape = model_meta::tiny::LlamaShape {
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            layers: 2,
+            ffn: 128,
+            vocab: 300,
+            dtype: candle_core::quantized::GgmlDType::Q4_1,
+        };
+        model_meta::tiny::write_random_llama(&path, &shape, 1024).unwrap();
+        let engine = Engine::load(&path, None, "q".into(), Backend::Real(Device::Cpu), 2).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        engine
+            .submit(Job {
+                prompt: (10..40).collect(),
+                params: GenParams {
+                    max_tokens: 9,
+                    temperature: None,
+                    top_p: None,
+                    seed: 1,
+                    stop: vec![],
+                    ignore_eos: true,
+                },
+                events: tx,
+            })
+            .unwrap();
+        let usage = loop {
+            match rx.recv().await.unwrap() {
+                Event::Text(_) => {}
+                Event::Done(u) => break u,
+                Event::Failed(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(usage.completion_tokens, 9);
+        assert_eq!(usage.prompt_tokens, 30);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

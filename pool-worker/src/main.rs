@@ -67,22 +67,6 @@ struct Args {
     drain_timeout_s: u64,
 }
 
-fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
-    match spec {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let n = s
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()
-                .context("bad cuda ordinal")?
-                .unwrap_or(0);
-            candle_core::Device::new_cuda(n).context("CUDA device (build with --features cuda)")
-        }
-        other => anyhow::bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -107,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             tokens_per_s: args.sim_tokens_per_s,
         })
     } else {
-        pool_worker::engine::Backend::Real(device(&args.device)?)
+        pool_worker::engine::Backend::Real(pool_worker::engine::parse_device(&args.device)?)
     };
     let t0 = std::time::Instant::now();
     let engine = Engine::load(

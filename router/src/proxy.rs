@@ -86,6 +86,9 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &ProxyErr
 struct AttemptFailure {
     reason: RetryOn,
     message: String,
+    /// The worker answered 429: it is healthy but full. That is not held against its
+    /// health (ejecting busy workers under load would only shrink capacity further).
+    overloaded: bool,
 }
 
 #[async_trait]
@@ -379,7 +382,7 @@ impl SwitchyardProxy {
                     return self.relay(session, ctx, decision, &peer, up, resp).await;
                 }
                 Err(f) => {
-                    if worker.health.record_failure() {
+                    if !f.overloaded && worker.health.record_failure() {
                         tracing::warn!(worker = %worker.id, %pool, "worker ejected after {} consecutive failures", crate::registry::EJECT_AFTER);
                     }
                     tracing::warn!(worker = %worker.id, %pool, reason = reason_name(f.reason), "attempt failed: {}", f.message);
@@ -425,6 +428,7 @@ impl SwitchyardProxy {
         let fail = |reason, e: &dyn std::fmt::Display| AttemptFailure {
             reason,
             message: e.to_string(),
+            overloaded: false,
         };
         let mut req = RequestHeader::build("POST", path.as_bytes(), Some(6))
             .map_err(|e| fail(RetryOn::Connect, &e))?;
@@ -469,16 +473,25 @@ impl SwitchyardProxy {
                         return Err(fail(RetryOn::Reset, &"no response header"));
                     };
                     let status = resp.status.as_u16();
-                    if status == 503 || status == 429 {
+                    if status == 429 {
+                        return Err(AttemptFailure {
+                            reason: RetryOn::Preempted,
+                            message: "worker is at capacity (429)".into(),
+                            overloaded: true,
+                        });
+                    }
+                    if status == 503 {
                         return Err(AttemptFailure {
                             reason: RetryOn::Preempted,
                             message: format!("worker answered {status}"),
+                            overloaded: false,
                         });
                     }
                     if status >= 500 {
                         return Err(AttemptFailure {
                             reason: RetryOn::Status5xx,
                             message: format!("worker answered {status}"),
+                            overloaded: false,
                         });
                     }
                     return Ok((up, resp));

@@ -1,0 +1,262 @@
+//! `worker-bench`: the worker engine's throughput, measured the way a pool sees it.
+//!
+//! Loads a model into the real engine (the same code `switchyard-worker` serves with) on a
+//! device and measures, through the engine's job queue:
+//!
+//! - prefill: time to the first token (TTFT) for prompts of the given lengths, and prompt
+//!   tokens per second (best of `--rounds`, after one warm-up job);
+//! - decode: N concurrent streams of `--decode-tokens` tokens each (end-of-sequence
+//!   ignored, so every stream generates exactly that many): aggregate tokens per second and
+//!   each stream's mean time per token after its first;
+//! - load time and peak resident memory (VmHWM).
+//!
+//! `--synthetic smollm2-135m` writes a random-weight model with SmolLM2-135M's exact shapes
+//! and Q4_1 quantization instead of reading a file: the speed is the real model's, the text
+//! is nonsense. Prints one JSON object to stdout (and a readable summary to stderr).
+//!
+//! ```text
+//! worker-bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf --prompts 512,2048 --streams 1,4,8
+//! worker-bench --synthetic smollm2-135m --device cuda
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use pool_worker::engine::{Backend, Engine, Event, GenParams, Job, parse_device};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Measure the worker engine's prefill and decode throughput"
+)]
+struct Args {
+    /// GGUF model file.
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
+    model: Option<PathBuf>,
+    /// Write and load a random-weight model of a known shape: `smollm2-135m` or `tiny`.
+    #[arg(long, value_parser = ["smollm2-135m", "tiny"])]
+    synthetic: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Prompt lengths, in tokens, for the prefill measurement.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    prompts: Vec<usize>,
+    /// Concurrent stream counts for the decode measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    streams: Vec<usize>,
+    /// Tokens each decode stream generates.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Prefill repetitions; the best is reported.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
+/// What one job reported, with timestamps relative to its submission.
+struct JobTiming {
+    first: Option<Duration>,
+    done: Duration,
+    completion_tokens: usize,
+    /// Text pieces streamed (one per token, but for partial UTF-8 held back).
+    pieces: usize,
+}
+
+async fn run_job(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> anyhow::Result<JobTiming> {
+    let (tx, mut rx) = mpsc::channel(max_tokens + 8);
+    let start = Instant::now();
+    engine.submit(Job {
+        prompt,
+        params: GenParams {
+            max_tokens,
+            temperature: None,
+            top_p: None,
+            seed: 7,
+            stop: vec![],
+            ignore_eos: true,
+        },
+        events: tx,
+    })?;
+    let mut first = None;
+    let mut pieces = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(_) => {
+                pieces += 1;
+                first.get_or_insert_with(|| start.elapsed());
+            }
+            Event::Done(usage) => {
+                let done = start.elapsed();
+                return Ok(JobTiming {
+                    first: first.or(Some(done)),
+                    done,
+                    completion_tokens: usage.completion_tokens,
+                    pieces,
+                });
+            }
+            Event::Failed(e) => bail!("engine failed: {e}"),
+        }
+    }
+    bail!("engine stopped")
+}
+
+/// Prompt token ids of exactly `n` tokens: English text, tokenized, repeated.
+fn prompt_of(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
+    const TEXT: &str = "The router classifies each request by its context length and modality \
+        and sends it to the cheapest pool of hardware that can serve it, retrying on an \
+        on-demand pool when a spot worker is preempted before the first token. ";
+    let ids = engine
+        .model
+        .tokenizer
+        .encode(TEXT, false)
+        .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?
+        .get_ids()
+        .to_vec();
+    Ok(ids.iter().copied().cycle().take(n).collect())
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scratch = std::env::temp_dir().join(format!("worker-bench-{}", std::process::id()));
+    let (path, label) = match (&args.model, args.synthetic.as_deref()) {
+        (Some(p), _) => (p.clone(), p.display().to_string()),
+        (None, Some(kind)) => {
+            std::fs::create_dir_all(&scratch)?;
+            let shape = match kind {
+                "tiny" => model_meta::tiny::LlamaShape::TINY,
+                _ => model_meta::tiny::LlamaShape::SMOLLM2_135M,
+            };
+            let p = scratch.join(format!("{kind}.gguf"));
+            let t = Instant::now();
+            model_meta::tiny::write_random_llama(&p, &shape, 8192)
+                .context("write synthetic model")?;
+            eprintln!(
+                "wrote synthetic {kind} in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            (p, format!("synthetic {kind} (random weights, real shapes)"))
+        }
+        (None, None) => bail!("--model or --synthetic"),
+    };
+    let device = parse_device(&args.device)?;
+    let t = Instant::now();
+    let max_streams = args.streams.iter().copied().max().unwrap_or(1);
+    let engine = Engine::load(
+        &path,
+        None,
+        "bench".into(),
+        Backend::Real(device),
+        max_streams + 4,
+    )?;
+    engine.warm_up().await?;
+    let load_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "model: {label} on {}; load + warm-up {load_s:.2} s",
+        args.device
+    );
+
+    let mut prefill = Vec::new();
+    for &n in &args.prompts {
+        if n + 1 > engine.model.max_context {
+            eprintln!(
+                "prefill {n}: skipped (context window {})",
+                engine.model.max_context
+            );
+            continue;
+        }
+        let mut best: Option<Duration> = None;
+        for _ in 0..args.rounds.max(1) {
+            let timing = run_job(&engine, prompt_of(&engine, n)?, 1).await?;
+            let ttft = timing.first.unwrap_or(timing.done);
+            best = Some(best.map_or(ttft, |b| b.min(ttft)));
+        }
+        let ttft = best.unwrap_or_default().as_secs_f64();
+        eprintln!(
+            "prefill {n:>5} tokens: TTFT {:8.1} ms = {:8.0} prompt tok/s",
+            ttft * 1e3,
+            n as f64 / ttft
+        );
+        prefill.push(
+            json!({"prompt_tokens": n, "ttft_ms": ttft * 1e3, "prompt_tok_per_s": n as f64 / ttft}),
+        );
+    }
+
+    let mut decode = Vec::new();
+    for &streams in &args.streams {
+        let start = Instant::now();
+        let jobs = (0..streams)
+            .map(|_| {
+                let prompt = prompt_of(&engine, 32)?;
+                Ok(run_job(&engine, prompt, args.decode_tokens))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let timings = futures::future::try_join_all(jobs).await?;
+        let wall = start.elapsed().as_secs_f64();
+        let total: usize = timings.iter().map(|t| t.completion_tokens).sum();
+        let per_token_ms: Vec<f64> = timings
+            .iter()
+            .filter(|t| t.pieces > 1)
+            .filter_map(|t| {
+                let first = t.first?;
+                Some((t.done - first).as_secs_f64() * 1e3 / (t.completion_tokens - 1) as f64)
+            })
+            .collect();
+        let mean_tpot = per_token_ms.iter().sum::<f64>() / per_token_ms.len().max(1) as f64;
+        let worst_ttft = timings
+            .iter()
+            .filter_map(|t| t.first)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64();
+        eprintln!(
+            "decode {streams} stream(s): {:7.1} tok/s aggregate, {:6.1} ms/token per stream, worst TTFT {:7.1} ms",
+            total as f64 / wall,
+            mean_tpot,
+            worst_ttft * 1e3
+        );
+        decode.push(json!({
+            "streams": streams,
+            "tokens": total,
+            "wall_s": wall,
+            "aggregate_tok_per_s": total as f64 / wall,
+            "per_stream_ms_per_token": mean_tpot,
+            "worst_ttft_ms": worst_ttft * 1e3,
+        }));
+    }
+    let rss = peak_rss_kib();
+    eprintln!("peak RSS: {} MiB", rss.map_or(0, |k| k / 1024));
+    println!(
+        "{}",
+        json!({
+            "model": label,
+            "device": args.device,
+            "load_s": load_s,
+            "prefill": prefill,
+            "decode": decode,
+            "peak_rss_kib": rss,
+        })
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
