@@ -1,22 +1,26 @@
-//! The inference engine: one actor thread owns the model and runs one sequence at a time.
+//! The inference engine: one scheduler thread owns the model and runs continuous batching.
 //!
 //! Requests arrive on a bounded queue (full → the HTTP layer answers 429); each carries its
-//! own event channel. The first event of a job is sent only after prefill succeeded and the
-//! first token was sampled — the commit point the router's failover relies on.
+//! own event channel. Every scheduler step is one batched forward pass ([`Llama::forward`])
+//! over all running sequences — each decoding sequence contributes its last token, and at
+//! most one sequence contributes a chunk of its prompt — and new requests join at the next
+//! step, up to `max_batch` sequences. The first event of a job is sent only after its
+//! prefill succeeded and its first token was sampled — the commit point the router's
+//! failover relies on.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
 use candle_transformers::generation::LogitsProcessor;
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use model_meta::{ChatTemplate, GgufInfo, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::error::WorkerError;
+use crate::llama::{Item, KvCache, Llama};
 
 /// Sampling and stopping parameters for one job.
 #[derive(Debug, Clone)]
@@ -62,6 +66,12 @@ pub struct EngineStats {
     pub tokens_generated: AtomicU64,
     /// Tokens per second of the last finished job, ×1000.
     pub last_tps_milli: AtomicU64,
+    /// Sequences in the last batched step.
+    pub batch_size: AtomicUsize,
+    /// Tokens held in the running sequences' KV caches.
+    pub kv_tokens: AtomicUsize,
+    /// Time to first token of the last started job, in microseconds.
+    pub last_ttft_us: AtomicU64,
     /// Fault injection (slow hardware): the engine sleeps this long before each token it
     /// produces, holding its slot. 0 = off; set only through the worker's `/admin/faults`.
     pub fault_token_delay_ms: AtomicU32,
@@ -136,6 +146,7 @@ impl Engine {
         name: String,
         backend: Backend,
         queue_capacity: usize,
+        max_batch: usize,
     ) -> Result<Self, WorkerError> {
         let load_err =
             |e: candle_core::Error| WorkerError::Model(format!("{}: {e}", path.display()));
@@ -174,7 +185,7 @@ impl Engine {
             Backend::Sim(p) => (Device::Cpu, Some(p)),
         };
         let weights = match sim {
-            None => Some(ModelWeights::from_gguf(content, &mut file, &device).map_err(load_err)?),
+            None => Some(Llama::from_gguf(&content, &mut file, &device).map_err(load_err)?),
             Some(_) => None,
         };
         let model = Arc::new(LoadedModel {
@@ -182,11 +193,9 @@ impl Engine {
             tokenizer,
             template,
             eos,
-            max_context: if sim.is_some() {
-                info.context_length
-            } else {
-                info.context_length.min(MAX_SEQ_LEN)
-            },
+            max_context: weights
+                .as_ref()
+                .map_or(info.context_length, |w| w.cfg.context_length),
             modalities: if sim.is_some() {
                 vec!["text".into(), "image".into(), "audio".into()]
             } else {
@@ -200,9 +209,9 @@ impl Engine {
             (Some(weights), _) => {
                 let actor = Actor {
                     weights,
-                    device,
                     model: Arc::clone(&model),
                     stats: Arc::clone(&stats),
+                    max_batch: max_batch.max(1),
                 };
                 std::thread::Builder::new()
                     .name("engine".into())
@@ -329,113 +338,278 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<E
     }
 }
 
+/// Prompt tokens one sequence may prefill in one step: bounds a step's time (and the
+/// attention scores' memory), so running streams keep getting tokens during long prefills.
+const PREFILL_CHUNK: usize = 512;
+
 struct Actor {
-    weights: ModelWeights,
-    device: Device,
+    weights: Llama,
     model: Arc<LoadedModel>,
     stats: Arc<EngineStats>,
+    max_batch: usize,
+}
+
+/// A running sequence.
+struct Seq {
+    events: mpsc::Sender<Event>,
+    params: GenParams,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    cache: KvCache,
+    sampler: LogitsProcessor,
+    generated: Vec<u32>,
+    /// Bytes of decoded text already sent.
+    sent_len: usize,
+    budget: usize,
+    started: Instant,
+}
+
+impl Seq {
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+}
+
+/// What happened to a sequence after a token.
+enum Next {
+    Continue,
+    Finished {
+        finish_length: bool,
+    },
+    /// The client went away: stop without a final event.
+    Gone,
 }
 
 impl Actor {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            if job.events.is_closed() {
-                continue; // client went away while queued
+        let mut running: Vec<Seq> = Vec::new();
+        loop {
+            if running.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.admit(job, &mut running),
+                    Err(_) => return,
+                }
             }
-            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let events = job.events.clone();
-            if let Err(e) = self.generate(job) {
-                let _ = events.blocking_send(Event::Failed(e.to_string()));
+            while running.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => self.admit(job, &mut running),
+                    Err(_) => break,
+                }
             }
-            self.weights.clear_kv_cache();
-            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    fn generate(&mut self, job: Job) -> candle_core::Result<()> {
-        let Job {
-            prompt,
-            params,
-            events,
-        } = job;
-        let started = Instant::now();
-        let mut sampler = LogitsProcessor::new(params.seed, params.temperature, params.top_p);
-        let budget = params
-            .max_tokens
-            .min(self.model.max_context.saturating_sub(prompt.len()));
-        let mut generated: Vec<u32> = Vec::with_capacity(budget);
-        let mut sent_len = 0usize; // bytes of decoded text already sent
-        let mut finish_length = true;
-        let mut next = {
-            let input = Tensor::new(prompt.as_slice(), &self.device)?.unsqueeze(0)?;
-            let logits = self.weights.forward(&input, 0)?.squeeze(0)?;
-            sampler.sample(&logits)?
-        };
-        while generated.len() < budget {
+            running.retain(|seq| {
+                let open = !seq.events.is_closed();
+                if !open {
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                open
+            });
+            if running.is_empty() {
+                continue;
+            }
             let delay = self.stats.fault_token_delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(u64::from(delay)));
             }
-            if !params.ignore_eos && self.model.eos.contains(&next) {
-                finish_length = false;
-                break;
+            self.step(&mut running);
+            self.stats.kv_tokens.store(
+                running.iter().map(|s| s.cache.len()).sum(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn admit(&self, job: Job, running: &mut Vec<Seq>) {
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        if job.events.is_closed() {
+            return; // client went away while queued
+        }
+        if job.prompt.is_empty() {
+            let _ = job
+                .events
+                .blocking_send(Event::Failed("empty prompt".into()));
+            return;
+        }
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let budget = job
+            .params
+            .max_tokens
+            .min(self.model.max_context.saturating_sub(job.prompt.len()));
+        running.push(Seq {
+            sampler: LogitsProcessor::new(
+                job.params.seed,
+                job.params.temperature,
+                job.params.top_p,
+            ),
+            events: job.events,
+            prompt: job.prompt,
+            prefilled: 0,
+            cache: self.weights.new_cache(),
+            generated: Vec::with_capacity(budget),
+            sent_len: 0,
+            budget,
+            params: job.params,
+            started: Instant::now(),
+        });
+    }
+
+    /// One batched forward pass over the running sequences, then one token for each
+    /// sequence whose prompt is complete.
+    fn step(&mut self, running: &mut Vec<Seq>) {
+        // Every decoding sequence, and at most one prompt chunk; in `running` order, which
+        // is the order of the logits' rows.
+        let mut chosen: Vec<usize> = (0..running.len())
+            .filter(|&i| !running[i].prefilling())
+            .collect();
+        if let Some(i) = (0..running.len()).find(|&i| running[i].prefilling()) {
+            chosen.push(i);
+            chosen.sort_unstable();
+        }
+        self.stats.batch_size.store(chosen.len(), Ordering::Relaxed);
+        let logits = {
+            let mut items: Vec<Item<'_>> = running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| chosen.contains(i))
+                .map(|(_, seq)| {
+                    let tokens: &[u32] = if seq.prefilling() {
+                        let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+                        &seq.prompt[seq.prefilled..end]
+                    } else {
+                        match seq.generated.last() {
+                            Some(t) => std::slice::from_ref(t),
+                            None => &seq.prompt[seq.prompt.len() - 1..],
+                        }
+                    };
+                    Item {
+                        tokens,
+                        cache: &mut seq.cache,
+                    }
+                })
+                .collect();
+            self.weights
+                .forward(&mut items)
+                .and_then(|l| l.to_device(&Device::Cpu))
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("batched forward failed: {e}");
+                for &i in chosen.iter().rev() {
+                    let seq = running.swap_remove(i);
+                    let _ = seq.events.blocking_send(Event::Failed(e.to_string()));
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                return;
             }
-            generated.push(next);
-            let text = self
-                .model
-                .tokenizer
-                .decode(&generated, true)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            // Stop sequences: cut the text at the first one and finish.
-            let stop_at = params
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min();
-            let visible_end = stop_at.unwrap_or(text.len());
-            // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-            let safe_end = if stop_at.is_none() && text.ends_with('\u{FFFD}') {
-                text.len() - '\u{FFFD}'.len_utf8()
-            } else {
-                visible_end
-            };
-            if safe_end > sent_len && text.is_char_boundary(sent_len) {
-                let piece = text[sent_len..safe_end].to_string();
-                sent_len = safe_end;
-                if events.blocking_send(Event::Text(piece)).is_err() {
-                    return Ok(()); // client disconnected: stop generating
+        };
+        let mut done: Vec<usize> = Vec::new();
+        for (row, &i) in chosen.iter().enumerate() {
+            let seq = &mut running[i];
+            if seq.prefilling() {
+                let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+                seq.prefilled = end;
+                if seq.prefilling() {
+                    continue; // more prompt to go; these logits are not needed
+                }
+                self.stats
+                    .last_ttft_us
+                    .store(seq.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if seq.budget == 0 {
+                    self.finish(seq, false);
+                    done.push(i);
+                    continue;
                 }
             }
-            if stop_at.is_some() {
-                finish_length = false;
-                break;
+            let next = logits
+                .get(row)
+                .and_then(|l| seq.sampler.sample(&l))
+                .map_err(|e| e.to_string())
+                .map(|t| self.accept(seq, t));
+            match next {
+                Ok(Next::Continue) => {}
+                Ok(Next::Finished { finish_length }) => {
+                    self.finish(seq, finish_length);
+                    done.push(i);
+                }
+                Ok(Next::Gone) => done.push(i),
+                Err(e) => {
+                    let _ = seq.events.blocking_send(Event::Failed(e));
+                    done.push(i);
+                }
             }
-            if generated.len() >= budget {
-                break;
-            }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            let logits = self
-                .weights
-                .forward(&input, prompt.len() + generated.len() - 1)?
-                .squeeze(0)?;
-            next = sampler.sample(&logits)?;
         }
-        let n = generated.len();
+        done.sort_unstable();
+        for i in done.into_iter().rev() {
+            running.swap_remove(i);
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a sampled token: streams its text and says whether the sequence goes on.
+    fn accept(&self, seq: &mut Seq, token: u32) -> Next {
+        if !seq.params.ignore_eos && self.model.eos.contains(&token) {
+            return Next::Finished {
+                finish_length: false,
+            };
+        }
+        seq.generated.push(token);
+        let text = match self.model.tokenizer.decode(&seq.generated, true) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = seq.events.blocking_send(Event::Failed(e.to_string()));
+                return Next::Gone;
+            }
+        };
+        // Stop sequences: cut the text at the first one and finish.
+        let stop_at = seq
+            .params
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
+        let visible_end = stop_at.unwrap_or(text.len());
+        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+        let safe_end = if stop_at.is_none() && text.ends_with('\u{FFFD}') {
+            text.len() - '\u{FFFD}'.len_utf8()
+        } else {
+            visible_end
+        };
+        if safe_end > seq.sent_len && text.is_char_boundary(seq.sent_len) {
+            let piece = text[seq.sent_len..safe_end].to_string();
+            seq.sent_len = safe_end;
+            if seq.events.blocking_send(Event::Text(piece)).is_err() {
+                return Next::Gone;
+            }
+        }
+        if stop_at.is_some() {
+            return Next::Finished {
+                finish_length: false,
+            };
+        }
+        if seq.generated.len() >= seq.budget {
+            return Next::Finished {
+                finish_length: true,
+            };
+        }
+        Next::Continue
+    }
+
+    fn finish(&self, seq: &Seq, finish_length: bool) {
+        let n = seq.generated.len();
         self.stats
             .tokens_generated
             .fetch_add(n as u64, Ordering::Relaxed);
-        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        let secs = seq.started.elapsed().as_secs_f64().max(1e-6);
         self.stats
             .last_tps_milli
             .store((n as f64 / secs * 1000.0) as u64, Ordering::Relaxed);
-        let _ = events.blocking_send(Event::Done(Usage {
-            prompt_tokens: prompt.len(),
+        let _ = seq.events.blocking_send(Event::Done(Usage {
+            prompt_tokens: seq.prompt.len(),
             completion_tokens: n,
-            total_tokens: prompt.len() + n,
+            total_tokens: seq.prompt.len() + n,
             finish_length,
         }));
-        Ok(())
     }
 }
 
@@ -489,7 +663,8 @@ mod tests {
             dtype: candle_core::quantized::GgmlDType::Q4_1,
         };
         model_meta::tiny::write_random_llama(&path, &shape, 1024).unwrap();
-        let engine = Engine::load(&path, None, "q".into(), Backend::Real(Device::Cpu), 2).unwrap();
+        let engine =
+            Engine::load(&path, None, "q".into(), Backend::Real(Device::Cpu), 2, 4).unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         engine
             .submit(Job {
@@ -514,6 +689,65 @@ mod tests {
         };
         assert_eq!(usage.completion_tokens, 9);
         assert_eq!(usage.prompt_tokens, 30);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Continuous batching: requests submitted together run in the same steps — every one
+    /// has its first token before any of them finishes (one at a time, the first would
+    /// finish before the second started).
+    #[tokio::test]
+    async fn concurrent_requests_share_the_batch() {
+        let dir = std::env::temp_dir().join(format!("engine-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        model_meta::tiny::write_tiny_llama(&path, 2048).unwrap();
+        let engine =
+            Engine::load(&path, None, "t".into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
+        let mut receivers = Vec::new();
+        for seed in 0..3u64 {
+            let (tx, rx) = mpsc::channel(512);
+            engine
+                .submit(Job {
+                    prompt: (10..30).collect(),
+                    params: GenParams {
+                        max_tokens: 200,
+                        temperature: Some(1.0),
+                        top_p: None,
+                        seed,
+                        stop: vec![],
+                        ignore_eos: true,
+                    },
+                    events: tx,
+                })
+                .unwrap();
+            receivers.push(rx);
+        }
+        let mut firsts = Vec::new();
+        let mut dones = Vec::new();
+        let timings = futures::future::join_all(receivers.into_iter().map(|mut rx| async move {
+            let mut first = None;
+            loop {
+                match rx.recv().await.unwrap() {
+                    Event::Text(_) => {
+                        first.get_or_insert_with(Instant::now);
+                    }
+                    Event::Done(u) => return (first.unwrap(), Instant::now(), u),
+                    Event::Failed(e) => panic!("{e}"),
+                }
+            }
+        }))
+        .await;
+        for (first, done, usage) in timings {
+            assert_eq!(usage.completion_tokens, 200);
+            firsts.push(first);
+            dones.push(done);
+        }
+        let last_first = firsts.iter().max().unwrap();
+        let first_done = dones.iter().min().unwrap();
+        assert!(
+            last_first < first_done,
+            "a request finished before another had started"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

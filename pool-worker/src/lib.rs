@@ -7,4 +7,5 @@
 pub mod api;
 pub mod engine;
 pub mod error;
+pub mod llama;
 pub mod registration;

@@ -53,6 +53,10 @@ struct Args {
     /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Sequences generated together (continuous batching): requests beyond this wait in
+    /// the queue.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
     /// Requests that may wait for the engine before the worker answers 429.
     #[arg(long, default_value_t = 16)]
     queue: usize,
@@ -100,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         name.clone(),
         backend,
         args.queue,
+        args.max_batch,
     )?;
     engine.warm_up().await.context("warm-up")?;
     tracing::info!(model = %name, "loaded and warmed up in {:.2?}", t0.elapsed());

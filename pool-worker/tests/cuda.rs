@@ -105,7 +105,7 @@ async fn engine_on_cuda_streams_every_requested_token() {
     let path = scratch("engine");
     write_random_llama(&path, &LlamaShape::TINY, 2048).unwrap();
     let device = parse_device("cuda:0").unwrap();
-    let engine = Engine::load(&path, None, "tiny".into(), Backend::Real(device), 4).unwrap();
+    let engine = Engine::load(&path, None, "tiny".into(), Backend::Real(device), 4, 4).unwrap();
     engine.warm_up().await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     engine

@@ -168,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         "bench".into(),
         Backend::Real(device),
         max_streams + 4,
+        max_streams,
     )?;
     engine.warm_up().await?;
     let load_s = t.elapsed().as_secs_f64();
