@@ -493,3 +493,123 @@ async fn image_parts_go_to_h100_served_by_the_labelled_sim_backend() {
         json!(["text", "image", "audio"])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let get = |path: &str| {
+        let url = format!("{}{path}", env.admin);
+        let http = env.http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+
+    // ready: the cpu pool has a live worker
+    let (status, ready) = get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["pools_with_capacity"], json!(["cpu"]));
+
+    // pools: every pool of the rules, with price and workers by state
+    let (_, pools) = get("/admin/pools").await;
+    let pools = pools.as_array().unwrap();
+    assert_eq!(pools.len(), 5);
+    let cpu = pools.iter().find(|p| p["name"] == "cpu").unwrap();
+    assert_eq!(cpu["workers"]["live"], 1);
+    assert_eq!(cpu["cost_per_hour"], 0.2);
+    let spot = pools.iter().find(|p| p["name"] == "l40s-spot").unwrap();
+    assert_eq!(spot["capacity"], "spot");
+    assert_eq!(spot["workers"]["live"], 0);
+
+    // explain: what the router reads and where the request would go now, forwarding nothing
+    let explain = |body: Value| {
+        let url = format!("{}/admin/explain", env.admin);
+        let http = env.http.clone();
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, short) = explain(chat_body("tiny", 30, 4, false)).await;
+    assert_eq!(status, 200, "{short}");
+    assert_eq!(short["decision"]["rule"], "light");
+    assert_eq!(short["would_serve"], "cpu");
+    assert!(
+        short["features"]["prompt_tokens"].as_u64().unwrap() > 10,
+        "{short}"
+    );
+    let (_, medium) = explain(chat_body("tiny", 1500, 4, false)).await;
+    assert_eq!(medium["decision"]["rule"], "chat");
+    assert_eq!(
+        medium["targets_now"],
+        json!([{ "pool": "l40s-spot", "routable_workers": 0 }, { "pool": "l40s-ondemand", "routable_workers": 0 }])
+    );
+    assert_eq!(medium["would_serve"], Value::Null, "no l40s worker is up");
+    let r = env
+        .http
+        .post(format!("{}/admin/explain", env.admin))
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_json");
+
+    // a broken edit, then SIGHUP: the router survives the signal, the reload is rejected
+    // with every problem listed in /admin/rules, and the old rules keep serving
+    let (_, before) = get("/admin/rules").await;
+    assert_eq!(before["last_reload"], Value::Null);
+    let current = std::fs::read_to_string(&env.rules_path).unwrap();
+    std::fs::write(
+        &env.rules_path,
+        current.replace("route: [cpu]", "route: [nowhere]"),
+    )
+    .unwrap();
+    env.router.signal("HUP");
+    let rejected = eventually(Duration::from_secs(5), "the rejected reload", || async {
+        let (_, rules) = get("/admin/rules").await;
+        (rules["last_reload"]["outcome"] == "rejected").then_some(rules)
+    })
+    .await
+    .unwrap();
+    let problems = rejected["last_reload"]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["message"].as_str().unwrap().contains("nowhere")),
+        "{rejected}"
+    );
+    assert_eq!(
+        rejected["generation"], before["generation"],
+        "the old rules keep serving"
+    );
+    let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+    assert!(
+        env.log("router.log").contains("SIGHUP: reloading rules"),
+        "the router handled SIGHUP"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_a_pool_has_a_worker() {
+    let env = TestEnv::new().rules(RULES).start().await.unwrap();
+    let r = env
+        .http
+        .get(format!("{}/readyz", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["pools_with_capacity"], json!([]));
+}

@@ -1,25 +1,32 @@
-//! The admin listener (loopback by default): `/healthz`, `/metrics`, `/admin/workers`,
-//! `/admin/rules`, `POST /admin/reload`.
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`,
+//! `/admin/workers`, `/admin/pools`, `/admin/rules`, `POST /admin/reload` (also
+//! `/admin/rules/reload`), `POST /admin/explain`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use crate::error::ProxyError;
+use crate::registry::WorkerState;
 use crate::state::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/workers", get(workers))
+        .route("/admin/pools", get(pools))
         .route("/admin/rules", get(rules))
         .route("/admin/reload", post(reload))
+        .route("/admin/rules/reload", post(reload))
+        .route("/admin/explain", post(explain))
         .with_state(shared)
 }
 
@@ -50,6 +57,131 @@ async fn workers(State(s): State<Arc<Shared>>) -> Response {
     axum::Json(list).into_response()
 }
 
+/// Ready when some pool of the live rules has a worker that takes requests: what a load
+/// balancer in front of several routers should check.
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let snap = s.registry.snapshot();
+    let loaded = s.rules.load();
+    let ready: Vec<&str> = loaded
+        .rules
+        .pools()
+        .iter()
+        .filter(|p| {
+            snap.by_pool.get(&p.name).is_some_and(|ws| {
+                ws.iter()
+                    .any(|w| w.state == WorkerState::Live && !w.health.is_ejected())
+            })
+        })
+        .map(|p| &*p.name)
+        .collect();
+    let status = if ready.is_empty() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({ "ready": !ready.is_empty(), "pools_with_capacity": ready, "rules_generation": loaded.generation });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Every pool of the live rules with its price, capacity type and workers by state.
+async fn pools(State(s): State<Arc<Shared>>) -> Response {
+    let snap = s.registry.snapshot();
+    let loaded = s.rules.load();
+    let list: Vec<_> = loaded
+        .rules
+        .pools()
+        .iter()
+        .map(|p| {
+            let workers = snap
+                .by_pool
+                .get(&p.name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let count = |f: &dyn Fn(&crate::registry::Worker) -> bool| {
+                workers.iter().filter(|w| f(w)).count()
+            };
+            let load: u64 = workers.iter().map(|w| u64::from(w.load())).sum();
+            json!({
+                "name": p.name, "class": p.class, "capacity": p.capacity,
+                "cost_per_hour": p.cost_per_hour, "labels": p.labels, "static_workers": p.workers,
+                "workers": {
+                    "live": count(&|w| w.state == WorkerState::Live && !w.health.is_ejected()),
+                    "draining": count(&|w| w.state == WorkerState::Draining),
+                    "ejected": count(&|w| w.health.is_ejected()),
+                },
+                "load": load,
+            })
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    endpoint: Option<String>,
+}
+
+/// `POST /admin/explain[?endpoint=/v1/completions]` with a request body: the features the
+/// router reads from it, the rule it matches, and for each target pool how many workers
+/// could take it right now. Nothing is forwarded.
+async fn explain(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<ExplainQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let endpoint = q.endpoint.as_deref().unwrap_or("/v1/chat/completions");
+    let Some(endpoint) = crate::classify::endpoint_of(endpoint) else {
+        let e = ProxyError::NotFound(endpoint.to_string());
+        return (StatusCode::NOT_FOUND, e.body()).into_response();
+    };
+    let loaded = s.rules.load();
+    let counter = |model: &str| s.counters.load().get(model).cloned();
+    let explained = match crate::classify::explain(
+        &loaded.rules,
+        counter,
+        endpoint,
+        &body,
+        s.config.classify_budget,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                e.body(),
+            )
+                .into_response();
+        }
+    };
+    let snap = s.registry.snapshot();
+    let model = explained.features.model.clone();
+    let modalities = explained.features.modalities;
+    let targets: Vec<_> = explained
+        .decision
+        .targets
+        .iter()
+        .map(|pool| {
+            let n = snap
+                .routable(pool, &model)
+                .filter(|w| w.accepts(&model, modalities) && !w.health.is_ejected())
+                .count();
+            json!({ "pool": pool, "routable_workers": n })
+        })
+        .collect();
+    let would_serve = targets
+        .iter()
+        .find(|t| t["routable_workers"].as_u64().unwrap_or(0) > 0)
+        .map(|t| t["pool"].clone());
+    let mut out = explained.to_json();
+    out["targets_now"] = json!(targets);
+    out["would_serve"] = would_serve.unwrap_or(serde_json::Value::Null);
+    out["rules_generation"] = json!(loaded.generation);
+    axum::Json(out).into_response()
+}
+
 async fn rules(State(s): State<Arc<Shared>>) -> Response {
     let l = s.rules.load();
     let rules: Vec<_> = l
@@ -63,18 +195,15 @@ async fn rules(State(s): State<Arc<Shared>>) -> Response {
         "path": s.rules.path().display().to_string(),
         "pools": l.rules.pools(),
         "rules": rules,
+        "last_reload": s.last_reload.lock().ok().and_then(|l| l.clone()),
     }))
     .into_response()
 }
 
 async fn reload(State(s): State<Arc<Shared>>) -> Response {
     let shared = Arc::clone(&s);
-    let result = tokio::task::spawn_blocking(move || {
-        let r = shared.rules.reload();
-        shared.on_reload(&r);
-        r.map_err(|e| e.problems())
-    })
-    .await;
+    let result =
+        tokio::task::spawn_blocking(move || shared.reload_now().map_err(|e| e.problems())).await;
     match result {
         Ok(Ok(_)) => axum::Json(json!({ "generation": s.rules.generation() })).into_response(),
         Ok(Err(problems)) => (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({ "error": "rules rejected; the previous rules keep serving", "problems": problems }))).into_response(),

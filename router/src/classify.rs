@@ -231,6 +231,58 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
     })
 }
 
+/// The endpoint a path names, for `rules explain` and `POST /admin/explain`.
+pub fn endpoint_of(path: &str) -> Option<Endpoint> {
+    match path {
+        "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+        "/v1/completions" => Some(Endpoint::Completions),
+        "/v1/embeddings" => Some(Endpoint::Embeddings),
+        _ => None,
+    }
+}
+
+/// What the router reads from a request and which rule it matches.
+pub struct Explained {
+    pub features: RequestFeatures,
+    pub exact: bool,
+    pub decision: routing_rules::RouteDecision,
+}
+
+impl Explained {
+    pub fn to_json(&self) -> Value {
+        let f = &self.features;
+        serde_json::json!({
+            "features": {
+                "model": f.model, "modalities": f.modalities.names(), "prompt_tokens": f.prompt_tokens,
+                "prompt_tokens_exact": self.exact, "max_tokens": f.max_tokens,
+                "context_tokens": f.context_tokens(), "stream": f.stream,
+            },
+            "decision": self.decision,
+        })
+    }
+}
+
+/// Classifies `body` exactly as the proxy does and routes it with `rules`, forwarding
+/// nothing. `counter` gives the tokenizer of a model.
+pub async fn explain(
+    rules: &CompiledRules,
+    counter: impl Fn(&str) -> Option<Arc<Counter>>,
+    endpoint: Endpoint,
+    body: &[u8],
+    budget: Duration,
+) -> Result<Explained, ProxyError> {
+    let mut parsed = parse(endpoint, body)?;
+    let model = rules.model(&parsed.features.model);
+    let tokenizer = counter(&parsed.features.model);
+    let exact = count_tokens(&mut parsed, model, tokenizer, rules, budget).await;
+    let decision = rules.route(&parsed.features);
+    Ok(Explained {
+        features: parsed.features,
+        exact,
+        decision,
+    })
+}
+
 /// Fills in token counts: a bound from byte length, exact counting only where a rule
 /// threshold falls inside the bound. Returns whether the count is exact.
 pub async fn count_tokens(

@@ -148,38 +148,25 @@ fn explain(
 ) -> anyhow::Result<()> {
     let rules = routing_rules::compile_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = std::fs::read(request).with_context(|| format!("read {}", request.display()))?;
-    let ep = match endpoint {
-        "/v1/chat/completions" => routing_rules::Endpoint::ChatCompletions,
-        "/v1/completions" => routing_rules::Endpoint::Completions,
-        "/v1/embeddings" => routing_rules::Endpoint::Embeddings,
-        other => anyhow::bail!("unknown endpoint {other}"),
-    };
-    let mut parsed = router::classify::parse(ep, &body).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ep = router::classify::endpoint_of(endpoint)
+        .with_context(|| format!("unknown endpoint {endpoint}"))?;
     let (counters, errors) = router::classify::load_counters(&rules, &Default::default());
     for e in errors {
         eprintln!("warning: {e}");
     }
-    let model = rules.model(&parsed.features.model);
-    let counter = counters.get(&parsed.features.model).cloned();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let exact = rt.block_on(router::classify::count_tokens(
-        &mut parsed,
-        model,
-        counter,
-        &rules,
-        Duration::from_secs(30),
-    ));
-    let f = &parsed.features;
-    let decision = rules.route(f);
-    let out = serde_json::json!({
-        "features": {
-            "model": f.model, "modalities": f.modalities.names(), "prompt_tokens": f.prompt_tokens,
-            "prompt_tokens_exact": exact, "max_tokens": f.max_tokens, "context_tokens": f.context_tokens(), "stream": f.stream,
-        },
-        "decision": decision,
-    });
+    let explained = rt
+        .block_on(router::classify::explain(
+            &rules,
+            |m| counters.get(m).cloned(),
+            ep,
+            &body,
+            Duration::from_secs(30),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = explained.to_json();
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
@@ -266,6 +253,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     }
                 };
                 tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
+                tokio::spawn(reload_on_sighup(Arc::clone(&cp_shared)));
                 let svc = router::grpc::RegistryService {
                     registry: Arc::clone(&cp_shared.registry),
                     rules: Arc::clone(&cp_shared.rules),
@@ -301,6 +289,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("LISTENING proxy=http://{listen} grpc=http://{grpc_addr} admin=http://{admin_addr}");
     tracing::info!(%listen, %grpc_addr, %admin_addr, rules = %args.rules.display(), "switchyard serving");
     server.run_forever();
+}
+
+/// `kill -HUP` re-reads the rules file, as the file watcher and `POST /admin/reload` do.
+async fn reload_on_sighup(shared: Arc<router::state::Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading rules");
+        let s = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || s.reload_now()).await;
+    }
 }
 
 fn tokio_stream_from(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

@@ -23,8 +23,22 @@ pub struct Config {
     pub debug_headers: bool,
 }
 
+/// The outcome of the most recent reload that saw a changed file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadStatus {
+    /// Seconds since the Unix epoch.
+    pub at_unix: u64,
+    /// `applied` or `rejected`.
+    pub outcome: &'static str,
+    /// The generation serving after this reload.
+    pub generation: u64,
+    /// Every problem found in a rejected file (empty when applied).
+    pub problems: Vec<routing_rules::Problem>,
+}
+
 pub struct Shared {
     pub rules: Arc<RulesStore>,
+    pub last_reload: std::sync::Mutex<Option<ReloadStatus>>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub counters: ArcSwap<Counters>,
@@ -44,6 +58,7 @@ impl Shared {
             registry,
             metrics,
             counters: ArcSwap::from_pointee(Counters::default()),
+            last_reload: std::sync::Mutex::new(None),
             retry_budget: RetryBudget::default(),
             config,
         });
@@ -75,19 +90,47 @@ impl Shared {
 
     /// Called after every reload attempt that saw a change.
     pub fn on_reload(&self, result: &Result<ReloadOutcome, RulesError>) {
-        match result {
+        let status = match result {
             Ok(ReloadOutcome::Applied(generation)) => {
                 self.apply_rules();
                 self.metrics.reloads.with_label_values(&["applied"]).inc();
                 tracing::info!(generation, "rules reloaded");
+                ReloadStatus {
+                    at_unix: unix_now(),
+                    outcome: "applied",
+                    generation: *generation,
+                    problems: Vec::new(),
+                }
             }
-            Ok(ReloadOutcome::Unchanged) => {}
+            Ok(ReloadOutcome::Unchanged) => return,
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["rejected"]).inc();
                 tracing::error!("rules reload rejected, the previous rules keep serving: {e}");
+                ReloadStatus {
+                    at_unix: unix_now(),
+                    outcome: "rejected",
+                    generation: self.rules.generation(),
+                    problems: e.problems(),
+                }
             }
+        };
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(status);
         }
     }
+
+    /// Re-reads the rules file now (SIGHUP, `POST /admin/reload`); blocking.
+    pub fn reload_now(&self) -> Result<ReloadOutcome, RulesError> {
+        let r = self.rules.reload();
+        self.on_reload(&r);
+        r
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn resolve(host_port: &str) -> Option<std::net::SocketAddr> {
