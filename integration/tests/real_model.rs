@@ -42,20 +42,33 @@ rules:
         .start()
         .await
         .unwrap();
-    let r = env
-        .chat(&json!({
-            "model": "smollm2",
-            "messages": [
-                { "role": "system", "content": "You are a helpful assistant." },
-                { "role": "user", "content": "What is the capital of France?" },
-            ],
-            "max_tokens": 24, "temperature": 0,
-        }))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-switchyard-pool"], "cpu");
-    let v: Value = r.json().await.unwrap();
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(text.contains("Paris"), "{text}");
+    // Three questions at once: they run in one continuous batch. One carries its own
+    // system prompt; the others get the model's default one from its chat template.
+    let ask = |system: Option<&str>, country: &str| {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(json!({ "role": "system", "content": s }));
+        }
+        messages.push(
+            json!({ "role": "user", "content": format!("What is the capital of {country}?") }),
+        );
+        let body = json!({
+            "model": "smollm2", "messages": messages, "max_tokens": 24, "temperature": 0,
+        });
+        let env = &env;
+        async move { env.chat(&body).await }
+    };
+    let (france, japan, italy) = tokio::join!(
+        ask(Some("You are a helpful assistant."), "France"),
+        ask(None, "Japan"),
+        ask(None, "Italy"),
+    );
+    for (r, city) in [(france, "Paris"), (japan, "Tokyo"), (italy, "Rome")] {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-switchyard-pool"], "cpu");
+        let v: Value = r.json().await.unwrap();
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(text.contains(city), "{city}: {text}");
+    }
 }
