@@ -597,6 +597,11 @@ async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
         env.log("router.log").contains("SIGHUP: reloading rules"),
         "the router handled SIGHUP"
     );
+    let metrics = env.metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub rules_generation: IntGauge,
     /// Registrations accepted, by pool.
     pub registrations: IntCounterVec,
+    /// Workers ejected after consecutive failures, by pool.
+    pub ejections: IntCounterVec,
+    /// Prompt tokens of requests a pool answered (exact or the classifier's lower bound).
+    pub prompt_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -97,6 +101,22 @@ impl Metrics {
             ),
             &["pool"],
         )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_ejections_total",
+                "Workers ejected from selection after consecutive failures, by pool.",
+            ),
+            &["pool"],
+        )?;
+        let prompt_tokens = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_prompt_tokens_total",
+                "Prompt tokens of answered requests (exact, or the classifier's lower bound), by pool.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -117,6 +137,8 @@ impl Metrics {
             reloads,
             rules_generation,
             registrations,
+            ejections,
+            prompt_tokens,
         })
     }
 

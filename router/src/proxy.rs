@@ -151,6 +151,11 @@ impl ProxyHttp for SwitchyardProxy {
             m.duration
                 .with_label_values(&[pool])
                 .observe(elapsed.as_secs_f64());
+            if ctx.pool.is_some() {
+                m.prompt_tokens
+                    .with_label_values(&[pool])
+                    .inc_by(ctx.prompt_tokens);
+            }
             if let Some(p) = ctx.pool.as_deref().and_then(|p| {
                 self.shared
                     .rules
@@ -384,6 +389,7 @@ impl SwitchyardProxy {
                 Err(f) => {
                     if !f.overloaded && worker.health.record_failure() {
                         tracing::warn!(worker = %worker.id, %pool, "worker ejected after {} consecutive failures", crate::registry::EJECT_AFTER);
+                        shared.metrics.ejections.with_label_values(&[pool]).inc();
                     }
                     tracing::warn!(worker = %worker.id, %pool, reason = reason_name(f.reason), "attempt failed: {}", f.message);
                     last_failure = Some((pool.clone(), f));
