@@ -19,6 +19,67 @@ pub fn pick(
     modalities: ModalitySet,
     tried: &[String],
 ) -> Option<Arc<Worker>> {
+    if let Some(w) = sample_two(snapshot, pool, model, modalities, tried) {
+        return Some(w);
+    }
+    scan(snapshot, pool, model, modalities, tried)
+}
+
+/// Pools beyond this size are sampled rather than scanned.
+const SAMPLE_ABOVE: usize = 16;
+/// Random draws before falling back to the scan (a pool mostly draining, ejected or serving
+/// other models).
+const DRAWS: usize = 12;
+
+/// Power of two choices by sampling: two distinct healthy candidates drawn at random, the
+/// less loaded wins. Constant time in the pool's size; `None` when the pool is small or two
+/// candidates were not found in [`DRAWS`] draws.
+fn sample_two(
+    snapshot: &Snapshot,
+    pool: &str,
+    model: &str,
+    modalities: ModalitySet,
+    tried: &[String],
+) -> Option<Arc<Worker>> {
+    let workers = snapshot.by_pool.get(pool)?;
+    let n = workers.len();
+    if n <= SAMPLE_ABOVE {
+        return None;
+    }
+    let mut rng = rand::rng();
+    let mut first: Option<usize> = None;
+    for _ in 0..DRAWS {
+        let i = rng.random_range(0..n);
+        if first == Some(i) {
+            continue;
+        }
+        let w = &workers[i];
+        if !(w.state == crate::registry::WorkerState::Live
+            && w.accepts(model, modalities)
+            && !w.health.is_ejected()
+            && !tried.iter().any(|t| *t == w.id))
+        {
+            continue;
+        }
+        match first {
+            None => first = Some(i),
+            Some(a) => {
+                let (wa, wb) = (&workers[a], w);
+                return Some(Arc::clone(if wb.load() < wa.load() { wb } else { wa }));
+            }
+        }
+    }
+    None
+}
+
+/// The exact form: every eligible worker collected, two drawn from them.
+fn scan(
+    snapshot: &Snapshot,
+    pool: &str,
+    model: &str,
+    modalities: ModalitySet,
+    tried: &[String],
+) -> Option<Arc<Worker>> {
     let untried: Vec<&Arc<Worker>> = snapshot
         .routable(pool, model)
         .filter(|w| w.accepts(model, modalities) && !tried.iter().any(|t| *t == w.id))
@@ -118,5 +179,65 @@ mod tests {
         }
         let granted = (0..100).filter(|_| b.try_retry(0.2, 3)).count();
         assert_eq!(granted, 23);
+    }
+
+    /// A registry with `n` workers of pool `p` serving model `m`; returns the leases.
+    fn pool_of(n: usize) -> (Arc<crate::registry::Registry>, Vec<String>) {
+        let r = crate::registry::Registry::new(Duration::from_secs(2), Duration::from_secs(6));
+        let models = vec![crate::registry::ServedModel {
+            name: "m".into(),
+            max_context: 4096,
+            modalities: vec![],
+        }];
+        let leases = (0..n)
+            .map(|i| {
+                r.register(
+                    format!("w{i:03}"),
+                    "p".into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                    models.clone(),
+                    "cpu".into(),
+                )
+            })
+            .collect();
+        (r, leases)
+    }
+
+    #[test]
+    fn large_pool_finds_its_only_live_worker() {
+        let (r, leases) = pool_of(100);
+        for l in &leases[1..] {
+            r.drain(l).unwrap();
+        }
+        let snap = r.snapshot();
+        for _ in 0..50 {
+            let w = pick(&snap, "p", "m", ModalitySet::default(), &[]).unwrap();
+            assert_eq!(w.id, "w000");
+        }
+        assert!(pick(&snap, "p", "m", ModalitySet::default(), &["w000".into()]).is_none());
+        assert!(pick(&snap, "p", "other-model", ModalitySet::default(), &[]).is_none());
+    }
+
+    #[test]
+    fn large_pool_prefers_the_less_loaded_and_skips_tried_workers() {
+        let (r, leases) = pool_of(100);
+        for l in &leases[50..] {
+            r.heartbeat(l, 100).unwrap(); // w050..w099 busy
+        }
+        let snap = r.snapshot();
+        let tried: Vec<String> = vec!["w001".into(), "w002".into()];
+        let mut idle = 0;
+        for _ in 0..2000 {
+            let w = pick(&snap, "p", "m", ModalitySet::default(), &tried).unwrap();
+            assert!(!tried.contains(&w.id));
+            if w.load() == 0 {
+                idle += 1;
+            }
+        }
+        // two draws, the less loaded wins: an idle worker 3 times in 4
+        assert!(
+            (1350..=1650).contains(&idle),
+            "{idle} of 2000 picks were idle workers"
+        );
     }
 }
