@@ -54,11 +54,11 @@ fn sample_two(
             continue;
         }
         let w = &workers[i];
-        if !(w.state == crate::registry::WorkerState::Live
+        let eligible = w.state == crate::registry::WorkerState::Live
             && w.accepts(model, modalities)
             && !w.health.is_ejected()
-            && !tried.iter().any(|t| *t == w.id))
-        {
+            && !tried.iter().any(|t| *t == w.id);
+        if !eligible {
             continue;
         }
         match first {
