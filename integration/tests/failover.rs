@@ -82,3 +82,36 @@ async fn large_bodies_are_replayed_whole_on_failover() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_the_total_timeout_ends_with_a_timeout_event() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--total-timeout-ms")
+        .router_arg("1500")
+        .worker(WorkerSpec::new("cpu").faulty())
+        .start()
+        .await
+        .unwrap();
+    // 200 ms per token: 40 tokens would take 8 s
+    env.faults(0, json!({ "token_delay_ms": 200 }))
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let r = env.chat(&chat_body("tiny", 30, 40, true)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = tokio::time::timeout(std::time::Duration::from_secs(10), r.text())
+        .await
+        .expect("no hang")
+        .unwrap();
+    let elapsed = t0.elapsed();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let last: Value =
+        serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "timeout", "{text}");
+    assert!(events.len() > 2, "some tokens came through first: {text}");
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "ended by the total timeout, not the worker ({elapsed:?})"
+    );
+}

@@ -92,6 +92,10 @@ struct ServeArgs {
     /// Time a worker has to send its response header (prefill included).
     #[arg(long, default_value_t = 120_000)]
     first_byte_timeout_ms: u64,
+    /// Longest a request may take from arrival to its last byte; a stream past it ends with
+    /// an SSE error event (`timeout`).
+    #[arg(long, default_value_t = 600_000)]
+    total_timeout_ms: u64,
     /// Time budget for exact token counting before the bound is used.
     #[arg(long, default_value_t = 50)]
     classify_budget_ms: u64,
@@ -196,6 +200,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         classify_budget: Duration::from_millis(args.classify_budget_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
+        total_timeout: Duration::from_millis(args.total_timeout_ms),
         debug_headers: !args.no_debug_headers,
     };
     let shared = Shared::new(

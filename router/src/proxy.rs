@@ -547,32 +547,43 @@ impl SwitchyardProxy {
             resp.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
         }
         session.write_response_header(Box::new(resp), false).await?;
+        let deadline = ctx.started + self.shared.config.total_timeout;
         loop {
-            match up.read_response_body().await {
-                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(
-                        pool = ctx.pool.as_deref().unwrap_or("-"),
-                        "worker failed mid-stream: {e}"
-                    );
-                    if sse {
-                        let ev = serde_json::json!({ "error": {
-                            "message": format!("the worker failed mid-stream: {e}"),
-                            "type": "server_error", "code": "upstream_disconnected", "param": null } });
-                        session
-                            .write_response_body(
-                                Some(Bytes::from(format!("data: {ev}\n\n"))),
-                                false,
-                            )
-                            .await?;
-                    }
-                    ctx.status = 502;
-                    session.write_response_body(None, true).await?;
-                    up.shutdown().await;
-                    return Ok(());
+            let next = tokio::time::timeout_at(deadline.into(), up.read_response_body()).await;
+            let (message, code, status) = match next {
+                Ok(Ok(Some(chunk))) => {
+                    session.write_response_body(Some(chunk), false).await?;
+                    continue;
                 }
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => (
+                    format!("the worker failed mid-stream: {e}"),
+                    "upstream_disconnected",
+                    502,
+                ),
+                Err(_) => (
+                    format!(
+                        "the request passed the router's total timeout of {:?}",
+                        self.shared.config.total_timeout
+                    ),
+                    "timeout",
+                    504,
+                ),
+            };
+            // After the first byte a failure cannot be hidden: an SSE stream ends with an
+            // error event (never a silent cut), any other body is cut short.
+            tracing::warn!(pool = ctx.pool.as_deref().unwrap_or("-"), "{message}");
+            if sse {
+                let ev = serde_json::json!({ "error": {
+                    "message": message, "type": "server_error", "code": code, "param": null } });
+                session
+                    .write_response_body(Some(Bytes::from(format!("data: {ev}\n\n"))), false)
+                    .await?;
             }
+            ctx.status = status;
+            session.write_response_body(None, true).await?;
+            up.shutdown().await;
+            return Ok(());
         }
         session.write_response_body(None, true).await?;
         if up.response_done() {

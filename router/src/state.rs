@@ -19,6 +19,8 @@ pub struct Config {
     pub classify_budget: Duration,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
+    /// From arrival to the last byte.
+    pub total_timeout: Duration,
     /// Add `x-switchyard-pool`, `-rule`, `-attempts` to answers.
     pub debug_headers: bool,
 }
