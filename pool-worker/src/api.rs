@@ -465,7 +465,7 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
         }
         drop_after = f.drop_after_tokens.load(Ordering::Relaxed);
     }
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     s.engine.submit(Job {
         prompt: p.prompt,
         params: p.params,
@@ -572,7 +572,7 @@ impl Meta {
 fn stream_response(
     meta: Meta,
     first: Event,
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
     include_usage: bool,
     drop_after: u32,
     active: Active,

@@ -55,7 +55,9 @@ pub struct Usage {
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
-    pub events: mpsc::Sender<Event>,
+    /// Unbounded: the engine never waits for a client, so one slow reader cannot stall the
+    /// other sequences of its batch (a job's events are bounded by its `max_tokens`).
+    pub events: mpsc::UnboundedSender<Event>,
 }
 
 /// Live counters the heartbeat and `/metrics` report.
@@ -259,7 +261,7 @@ impl Engine {
             .map_err(|e| WorkerError::Engine(e.to_string()))?
             .get_ids()
             .to_vec();
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let params = GenParams {
             max_tokens: 1,
             temperature: None,
@@ -314,7 +316,7 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<E
                     }
                     if job
                         .events
-                        .blocking_send(Event::Text(WORDS[i % WORDS.len()].to_string()))
+                        .send(Event::Text(WORDS[i % WORDS.len()].to_string()))
                         .is_err()
                     {
                         break;
@@ -324,7 +326,7 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<E
                 stats
                     .tokens_generated
                     .fetch_add(n as u64, Ordering::Relaxed);
-                let _ = job.events.blocking_send(Event::Done(Usage {
+                let _ = job.events.send(Event::Done(Usage {
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
@@ -351,7 +353,7 @@ struct Actor {
 
 /// A running sequence.
 struct Seq {
-    events: mpsc::Sender<Event>,
+    events: mpsc::UnboundedSender<Event>,
     params: GenParams,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
@@ -425,9 +427,7 @@ impl Actor {
             return; // client went away while queued
         }
         if job.prompt.is_empty() {
-            let _ = job
-                .events
-                .blocking_send(Event::Failed("empty prompt".into()));
+            let _ = job.events.send(Event::Failed("empty prompt".into()));
             return;
         }
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -497,7 +497,7 @@ impl Actor {
                 tracing::error!("batched forward failed: {e}");
                 for &i in chosen.iter().rev() {
                     let seq = running.swap_remove(i);
-                    let _ = seq.events.blocking_send(Event::Failed(e.to_string()));
+                    let _ = seq.events.send(Event::Failed(e.to_string()));
                     self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
                 return;
@@ -534,7 +534,7 @@ impl Actor {
                 }
                 Ok(Next::Gone) => done.push(i),
                 Err(e) => {
-                    let _ = seq.events.blocking_send(Event::Failed(e));
+                    let _ = seq.events.send(Event::Failed(e));
                     done.push(i);
                 }
             }
@@ -557,7 +557,7 @@ impl Actor {
         let text = match self.model.tokenizer.decode(&seq.generated, true) {
             Ok(t) => t,
             Err(e) => {
-                let _ = seq.events.blocking_send(Event::Failed(e.to_string()));
+                let _ = seq.events.send(Event::Failed(e.to_string()));
                 return Next::Gone;
             }
         };
@@ -578,7 +578,7 @@ impl Actor {
         if safe_end > seq.sent_len && text.is_char_boundary(seq.sent_len) {
             let piece = text[seq.sent_len..safe_end].to_string();
             seq.sent_len = safe_end;
-            if seq.events.blocking_send(Event::Text(piece)).is_err() {
+            if seq.events.send(Event::Text(piece)).is_err() {
                 return Next::Gone;
             }
         }
@@ -604,7 +604,7 @@ impl Actor {
         self.stats
             .last_tps_milli
             .store((n as f64 / secs * 1000.0) as u64, Ordering::Relaxed);
-        let _ = seq.events.blocking_send(Event::Done(Usage {
+        let _ = seq.events.send(Event::Done(Usage {
             prompt_tokens: seq.prompt.len(),
             completion_tokens: n,
             total_tokens: seq.prompt.len() + n,
@@ -665,7 +665,7 @@ mod tests {
         model_meta::tiny::write_random_llama(&path, &shape, 1024).unwrap();
         let engine =
             Engine::load(&path, None, "q".into(), Backend::Real(Device::Cpu), 2, 4).unwrap();
-        let (tx, mut rx) = mpsc::channel(64);
+        let (tx, mut rx) = mpsc::unbounded_channel();
         engine
             .submit(Job {
                 prompt: (10..40).collect(),
@@ -705,7 +705,7 @@ mod tests {
             Engine::load(&path, None, "t".into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
         let mut receivers = Vec::new();
         for seed in 0..3u64 {
-            let (tx, rx) = mpsc::channel(512);
+            let (tx, rx) = mpsc::unbounded_channel();
             engine
                 .submit(Job {
                     prompt: (10..30).collect(),
@@ -748,6 +748,48 @@ mod tests {
             last_first < first_done,
             "a request finished before another had started"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client that does not read its stream holds nothing up: the other sequence of the
+    /// batch finishes.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_does_not_stall_the_batch() {
+        let dir = std::env::temp_dir().join(format!("engine-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        model_meta::tiny::write_tiny_llama(&path, 2048).unwrap();
+        let engine =
+            Engine::load(&path, None, "t".into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
+        let job = |events| Job {
+            prompt: (10..30).collect(),
+            params: GenParams {
+                max_tokens: 400,
+                temperature: None,
+                top_p: None,
+                seed: 0,
+                stop: vec![],
+                ignore_eos: true,
+            },
+            events,
+        };
+        let (idle_tx, _idle_rx) = mpsc::unbounded_channel(); // never read
+        engine.submit(job(idle_tx)).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.submit(job(tx)).unwrap();
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                match rx.recv().await {
+                    Some(Event::Done(u)) => return u.completion_tokens,
+                    Some(Event::Failed(e)) => panic!("{e}"),
+                    Some(Event::Text(_)) => {}
+                    None => panic!("engine stopped"),
+                }
+            }
+        })
+        .await
+        .expect("the reading client's stream finished");
+        assert_eq!(finished, 400);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -140,7 +140,7 @@ async fn engine_on_cuda_streams_every_requested_token() {
     let device = parse_device("cuda:0").unwrap();
     let engine = Engine::load(&path, None, "tiny".into(), Backend::Real(device), 4, 4).unwrap();
     engine.warm_up().await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     engine
         .submit(Job {
             prompt: (10..50).collect(),

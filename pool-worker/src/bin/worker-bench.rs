@@ -75,7 +75,7 @@ async fn run_job(
     prompt: Vec<u32>,
     max_tokens: usize,
 ) -> anyhow::Result<JobTiming> {
-    let (tx, mut rx) = mpsc::channel(max_tokens + 8);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let start = Instant::now();
     engine.submit(Job {
         prompt,
