@@ -602,6 +602,14 @@ async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
         metrics.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"switchyard_router_workers{pool="cpu",state="live"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"switchyard_router_workers{pool="l40s-spot",state="live"} 0"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,24 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let snap = s.registry.snapshot();
+    let gauge = &s.metrics.workers;
+    gauge.reset();
+    for pool in s.rules.load().rules.pools() {
+        for state in ["live", "draining", "ejected"] {
+            gauge.with_label_values(&[&*pool.name, state]).set(0);
+        }
+    }
+    for w in snap.workers() {
+        let state = if w.state == WorkerState::Draining {
+            "draining"
+        } else if w.health.is_ejected() {
+            "ejected"
+        } else {
+            "live"
+        };
+        gauge.with_label_values(&[&*w.pool, state]).inc();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     /// Prompt tokens of requests a pool answered (exact or the classifier's lower bound).
     pub prompt_tokens: IntCounterVec,
+    /// Workers by pool and state (`live`, `draining`, `ejected`), set at scrape time.
+    pub workers: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -115,6 +117,14 @@ impl Metrics {
             ),
             &["pool"],
         )?;
+        let workers = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "switchyard_router_workers",
+                "Workers known to the router, by pool and state (live, draining, ejected).",
+            ),
+            &["pool", "state"],
+        )?;
+        registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -139,6 +149,7 @@ impl Metrics {
             registrations,
             ejections,
             prompt_tokens,
+            workers,
         })
     }
 
