@@ -205,6 +205,11 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Decode steps of several sequences attend in one padded batch (a handful of kernel
+    /// launches instead of a dozen per sequence). On by default on GPUs, where launches
+    /// dominate small decode steps; off on CPU, where the per-sequence form avoids the
+    /// padding copies.
+    batched_decode: bool,
 }
 
 impl Llama {
@@ -255,8 +260,15 @@ impl Llama {
             norm,
             output: Linear::new(output, device)?,
             device: device.clone(),
+            batched_decode: !device.is_cpu(),
             cfg,
         })
+    }
+
+    /// Chooses the decode attention form (see the field); for tests and benchmarks.
+    pub fn with_batched_decode(mut self, on: bool) -> Self {
+        self.batched_decode = on;
+        self
     }
 
     /// An empty cache for a new sequence.
@@ -318,6 +330,8 @@ impl Llama {
                 Tensor::from_vec(mask, (n, total), &self.device).map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
+        let all_decode =
+            self.batched_decode && items.len() > 1 && items.iter().all(|i| i.tokens.len() == 1);
         let mut x = self.embeddings.index_select(&ids, 0)?; // (rows, hidden)
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps as f32)?;
@@ -337,21 +351,25 @@ impl Llama {
                 .forward(&h)?
                 .reshape((rows, cfg.kv_heads, cfg.head_dim))?
                 .transpose(0, 1)?; // (kv, rows, d)
-            let mut outs = Vec::with_capacity(items.len());
-            let mut row = 0;
-            for (item, mask) in items.iter_mut().zip(&masks) {
-                let n = item.tokens.len();
-                outs.push(self.attend(
-                    &q.narrow(1, row, n)?,
-                    &k.narrow(1, row, n)?.contiguous()?,
-                    &v.narrow(1, row, n)?.contiguous()?,
-                    mask.as_ref(),
-                    item.cache,
-                    l,
-                )?);
-                row += n;
-            }
-            let attn = Tensor::cat(&outs, 0)?; // (rows, hidden)
+            let attn = if all_decode {
+                self.attend_decode_batch(&q, &k, &v, items, l)?
+            } else {
+                let mut outs = Vec::with_capacity(items.len());
+                let mut row = 0;
+                for (item, mask) in items.iter_mut().zip(&masks) {
+                    let n = item.tokens.len();
+                    outs.push(self.attend(
+                        &q.narrow(1, row, n)?,
+                        &k.narrow(1, row, n)?.contiguous()?,
+                        &v.narrow(1, row, n)?.contiguous()?,
+                        mask.as_ref(),
+                        item.cache,
+                        l,
+                    )?);
+                    row += n;
+                }
+                Tensor::cat(&outs, 0)? // (rows, hidden)
+            };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
             let gated =
@@ -369,6 +387,53 @@ impl Llama {
         let x = x.index_select(&last, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.eps as f32)?;
         self.output.forward(&x)
+    }
+
+    /// Attention for a batch of decode steps (one new row per sequence): `q` (heads, B, d),
+    /// `k`/`v` (kv, B, d). Each sequence's keys are padded to the longest and masked, and
+    /// one batched product serves them all. Returns (B, heads·d).
+    fn attend_decode_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        items: &mut [Item<'_>],
+        l: usize,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let b = items.len();
+        let longest = items.iter().map(|i| i.cache.len + 1).max().unwrap_or(1);
+        let mut keys = Vec::with_capacity(b);
+        let mut values = Vec::with_capacity(b);
+        let mut mask = vec![0f32; b * longest];
+        for (i, item) in items.iter_mut().enumerate() {
+            let start = item.cache.len;
+            let total = start + 1;
+            let (kc, vc) = &item.cache.layers[l];
+            kc.slice_set(&k.narrow(1, i, 1)?.contiguous()?, 1, start)?;
+            vc.slice_set(&v.narrow(1, i, 1)?.contiguous()?, 1, start)?;
+            keys.push(
+                kc.narrow(1, 0, total)?
+                    .pad_with_zeros(1, 0, longest - total)?,
+            );
+            values.push(
+                vc.narrow(1, 0, total)?
+                    .pad_with_zeros(1, 0, longest - total)?,
+            );
+            mask[i * longest + total..(i + 1) * longest].fill(f32::NEG_INFINITY);
+        }
+        let keys = Tensor::stack(&keys, 0)?; // (B, kv, longest, d)
+        let values = Tensor::stack(&values, 0)?;
+        let group = cfg.heads / cfg.kv_heads;
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, cfg.kv_heads, group, cfg.head_dim))?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, kv, group, longest)
+        let mask = Tensor::from_vec(mask, (b, 1, 1, longest), &self.device)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        probs.matmul(&values)?.reshape((b, cfg.hidden)) // (B, kv, group, d) → (B, hidden)
     }
 
     /// Attention for one sequence: `q` (heads, n, d) for its new rows, `k`/`v` (kv, n, d)
@@ -659,5 +724,43 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("context window of 1024"), "{err}");
+    }
+
+    /// The padded batch form of decode attention (the GPU default) gives the per-sequence
+    /// form's logits, for sequences of different lengths.
+    #[test]
+    fn batched_decode_attention_matches_per_sequence_attention() {
+        let path = model_file("padded", &LlamaShape::TINY);
+        let run = |batched: bool| {
+            let model = ours(&path).with_batched_decode(batched);
+            let prompts: [Vec<u32>; 3] = [(10..50).collect(), (60..63).collect(), vec![7]];
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+            for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+                model
+                    .forward(&mut [Item {
+                        tokens: p,
+                        cache: c,
+                    }])
+                    .unwrap();
+            }
+            let mut out = Vec::new();
+            for step in 0..3u32 {
+                let tokens = [[step + 1], [step + 20], [step + 90]];
+                let mut items: Vec<Item<'_>> = tokens
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(t, c)| Item {
+                        tokens: t,
+                        cache: c,
+                    })
+                    .collect();
+                out.push(model.forward(&mut items).unwrap());
+            }
+            out
+        };
+        for (a, b) in run(false).iter().zip(&run(true)) {
+            let g = gap(a, b);
+            assert!(g < 1e-5, "padded batch attention differs by {g}");
+        }
     }
 }
