@@ -24,7 +24,7 @@ fn load(path: &Path, device: &Device) -> Llama {
 }
 
 /// The worker's model on one device: a prompt prefilled in two chunks, three decode steps,
-/// then a batched step of two sequences. Logits of every step.
+/// a step mixing a decode and a prefill, then two batched decode steps. Logits of every step.
 fn logits(path: &Path, device: &Device, prompt: &[u32]) -> Vec<Vec<f32>> {
     let model = load(path, device);
     let mut out = Vec::new();
@@ -74,6 +74,23 @@ fn logits(path: &Path, device: &Device, prompt: &[u32]) -> Vec<Vec<f32>> {
             ])
             .unwrap(),
     );
+    // all-decode steps: on the GPU these take the padded batch attention
+    for step in 0..2u32 {
+        push(
+            model
+                .forward(&mut [
+                    Item {
+                        tokens: &[step + 8],
+                        cache: &mut cache,
+                    },
+                    Item {
+                        tokens: &[step + 60],
+                        cache: &mut other,
+                    },
+                ])
+                .unwrap(),
+        );
+    }
     out
 }
 
