@@ -260,7 +260,12 @@ impl Llama {
             norm,
             output: Linear::new(output, device)?,
             device: device.clone(),
-            batched_decode: !device.is_cpu(),
+            // SWITCHYARD_BATCHED_DECODE=0|1 overrides the default (for side-by-side timing).
+            batched_decode: match std::env::var("SWITCHYARD_BATCHED_DECODE").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => !device.is_cpu(),
+            },
             cfg,
         })
     }
