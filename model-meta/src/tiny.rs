@@ -51,6 +51,19 @@ impl LlamaShape {
         vocab: 256 + SPECIALS.len(),
         dtype: GgmlDType::F32,
     };
+    /// A 2-layer model whose sizes (hidden 64, FFN 128) are whole blocks of every GGUF
+    /// quantization: for tests of the quantized paths.
+    pub const fn small(dtype: GgmlDType) -> Self {
+        Self {
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            layers: 2,
+            ffn: 128,
+            vocab: 300,
+            dtype,
+        }
+    }
     /// SmolLM2-135M-Instruct's shapes, Q4_1 like the GGUF the CPU pools serve.
     pub const SMOLLM2_135M: Self = Self {
         hidden: 576,

@@ -646,40 +646,51 @@ mod tests {
         assert!(parse_device("cpu").is_ok());
     }
 
+    /// A CPU engine over a random model of `shape`, in a fresh directory (returned, for
+    /// removal at the end of the test).
+    fn engine_for(
+        name: &str,
+        shape: &model_meta::tiny::LlamaShape,
+    ) -> (std::path::PathBuf, Engine) {
+        let dir = std::env::temp_dir().join(format!("engine-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        model_meta::tiny::write_random_llama(&path, shape, 2048).unwrap();
+        let engine =
+            Engine::load(&path, None, name.into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
+        (dir, engine)
+    }
+
+    /// A job that generates exactly `max_tokens` tokens (end-of-sequence ignored).
+    fn job(
+        prompt: std::ops::Range<u32>,
+        max_tokens: usize,
+        temperature: Option<f64>,
+        seed: u64,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Job {
+        Job {
+            prompt: prompt.collect(),
+            params: GenParams {
+                max_tokens,
+                temperature,
+                top_p: None,
+                seed,
+                stop: vec![],
+                ignore_eos: true,
+            },
+            events,
+        }
+    }
+
     /// A Q4_1 model (the real pools' weight type) runs through the engine, and
     /// `ignore_eos` makes a stream produce exactly `max_tokens` tokens.
     #[tokio::test]
     async fn quantized_model_generates_exactly_max_tokens_when_eos_is_ignored() {
-        let dir = std::env::temp_dir().join(format!("engine-q41-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("q41.gguf");
-        let shape = model_meta::tiny::LlamaShape {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            layers: 2,
-            ffn: 128,
-            vocab: 300,
-            dtype: candle_core::quantized::GgmlDType::Q4_1,
-        };
-        model_meta::tiny::write_random_llama(&path, &shape, 1024).unwrap();
-        let engine =
-            Engine::load(&path, None, "q".into(), Backend::Real(Device::Cpu), 2, 4).unwrap();
+        let shape = model_meta::tiny::LlamaShape::small(candle_core::quantized::GgmlDType::Q4_1);
+        let (dir, engine) = engine_for("q41", &shape);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        engine
-            .submit(Job {
-                prompt: (10..40).collect(),
-                params: GenParams {
-                    max_tokens: 9,
-                    temperature: None,
-                    top_p: None,
-                    seed: 1,
-                    stop: vec![],
-                    ignore_eos: true,
-                },
-                events: tx,
-            })
-            .unwrap();
+        engine.submit(job(10..40, 9, None, 1, tx)).unwrap();
         let usage = loop {
             match rx.recv().await.unwrap() {
                 Event::Text(_) => {}
@@ -697,28 +708,12 @@ mod tests {
     /// finish before the second started).
     #[tokio::test]
     async fn concurrent_requests_share_the_batch() {
-        let dir = std::env::temp_dir().join(format!("engine-batch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tiny.gguf");
-        model_meta::tiny::write_tiny_llama(&path, 2048).unwrap();
-        let engine =
-            Engine::load(&path, None, "t".into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
+        let (dir, engine) = engine_for("batch", &model_meta::tiny::LlamaShape::TINY);
         let mut receivers = Vec::new();
         for seed in 0..3u64 {
             let (tx, rx) = mpsc::unbounded_channel();
             engine
-                .submit(Job {
-                    prompt: (10..30).collect(),
-                    params: GenParams {
-                        max_tokens: 200,
-                        temperature: Some(1.0),
-                        top_p: None,
-                        seed,
-                        stop: vec![],
-                        ignore_eos: true,
-                    },
-                    events: tx,
-                })
+                .submit(job(10..30, 200, Some(1.0), seed, tx))
                 .unwrap();
             receivers.push(rx);
         }
@@ -755,28 +750,11 @@ mod tests {
     /// batch finishes.
     #[tokio::test]
     async fn a_client_that_stops_reading_does_not_stall_the_batch() {
-        let dir = std::env::temp_dir().join(format!("engine-slow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tiny.gguf");
-        model_meta::tiny::write_tiny_llama(&path, 2048).unwrap();
-        let engine =
-            Engine::load(&path, None, "t".into(), Backend::Real(Device::Cpu), 8, 4).unwrap();
-        let job = |events| Job {
-            prompt: (10..30).collect(),
-            params: GenParams {
-                max_tokens: 400,
-                temperature: None,
-                top_p: None,
-                seed: 0,
-                stop: vec![],
-                ignore_eos: true,
-            },
-            events,
-        };
+        let (dir, engine) = engine_for("slow", &model_meta::tiny::LlamaShape::TINY);
         let (idle_tx, _idle_rx) = mpsc::unbounded_channel(); // never read
-        engine.submit(job(idle_tx)).unwrap();
+        engine.submit(job(10..30, 400, None, 0, idle_tx)).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        engine.submit(job(tx)).unwrap();
+        engine.submit(job(10..30, 400, None, 0, tx)).unwrap();
         let finished = tokio::time::timeout(std::time::Duration::from_secs(30), async {
             loop {
                 match rx.recv().await {

@@ -548,30 +548,11 @@ mod tests {
     fn matches_candle_quantized_llama_for_prefill_and_decode() {
         for (name, shape) in [
             ("f32", LlamaShape::TINY),
-            (
-                "q8",
-                LlamaShape {
-                    hidden: 64,
-                    heads: 4,
-                    kv_heads: 2,
-                    layers: 2,
-                    ffn: 128,
-                    vocab: 300,
-                    dtype: GgmlDType::Q8_0,
-                },
-            ),
+            ("q8", LlamaShape::small(GgmlDType::Q8_0)),
             (
                 // re-encoded as Q8_0 on CPU; the reference multiplies Q4_1 as stored
                 "q4_1",
-                LlamaShape {
-                    hidden: 64,
-                    heads: 4,
-                    kv_heads: 2,
-                    layers: 2,
-                    ffn: 128,
-                    vocab: 300,
-                    dtype: GgmlDType::Q4_1,
-                },
+                LlamaShape::small(GgmlDType::Q4_1),
             ),
         ] {
             let path = model_file(name, &shape);

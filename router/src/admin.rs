@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::error::ProxyError;
-use crate::registry::WorkerState;
 use crate::state::Shared;
+use crate::upstream::takes;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -40,14 +40,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         }
     }
     for w in snap.workers() {
-        let state = if w.state == WorkerState::Draining {
-            "draining"
-        } else if w.health.is_ejected() {
-            "ejected"
-        } else {
-            "live"
-        };
-        gauge.with_label_values(&[&*w.pool, state]).inc();
+        gauge
+            .with_label_values(&[&*w.pool, w.routing_state()])
+            .inc();
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -85,10 +80,9 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         .pools()
         .iter()
         .filter(|p| {
-            snap.by_pool.get(&p.name).is_some_and(|ws| {
-                ws.iter()
-                    .any(|w| w.state == WorkerState::Live && !w.health.is_ejected())
-            })
+            snap.by_pool
+                .get(&p.name)
+                .is_some_and(|ws| ws.iter().any(|w| w.routing_state() == "live"))
         })
         .map(|p| &*p.name)
         .collect();
@@ -115,17 +109,13 @@ async fn pools(State(s): State<Arc<Shared>>) -> Response {
                 .get(&p.name)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let count = |f: &dyn Fn(&crate::registry::Worker) -> bool| {
-                workers.iter().filter(|w| f(w)).count()
-            };
+            let count = |state: &str| workers.iter().filter(|w| w.routing_state() == state).count();
             let load: u64 = workers.iter().map(|w| u64::from(w.load())).sum();
             json!({
                 "name": p.name, "class": p.class, "capacity": p.capacity,
                 "cost_per_hour": p.cost_per_hour, "labels": p.labels, "static_workers": p.workers,
                 "workers": {
-                    "live": count(&|w| w.state == WorkerState::Live && !w.health.is_ejected()),
-                    "draining": count(&|w| w.state == WorkerState::Draining),
-                    "ejected": count(&|w| w.health.is_ejected()),
+                    "live": count("live"), "draining": count("draining"), "ejected": count("ejected"),
                 },
                 "load": load,
             })
@@ -183,8 +173,11 @@ async fn explain(
         .iter()
         .map(|pool| {
             let n = snap
-                .routable(pool, &model)
-                .filter(|w| w.accepts(&model, modalities) && !w.health.is_ejected())
+                .by_pool
+                .get(&**pool)
+                .into_iter()
+                .flatten()
+                .filter(|w| takes(w, &model, modalities, &[]) && !w.health.is_ejected())
                 .count();
             json!({ "pool": pool, "routable_workers": n })
         })

@@ -105,6 +105,18 @@ impl Health {
 }
 
 impl Worker {
+    /// `live`, `draining`, or `ejected` (live but out of selection after failures): the
+    /// states `/admin/pools`, `/readyz` and `switchyard_router_workers` report.
+    pub fn routing_state(&self) -> &'static str {
+        if self.state == WorkerState::Draining {
+            "draining"
+        } else if self.health.is_ejected() {
+            "ejected"
+        } else {
+            "live"
+        }
+    }
+
     pub fn load(&self) -> u32 {
         self.reported_load.load(Ordering::Relaxed) + self.router_in_flight.load(Ordering::Relaxed)
     }

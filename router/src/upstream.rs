@@ -25,6 +25,14 @@ pub fn pick(
     scan(snapshot, pool, model, modalities, tried)
 }
 
+/// Whether `w` may take this request: live (not draining), serving `model` with these
+/// modalities, and not already tried for it. Ejection is judged separately.
+pub fn takes(w: &Worker, model: &str, modalities: ModalitySet, tried: &[String]) -> bool {
+    w.state == crate::registry::WorkerState::Live
+        && w.accepts(model, modalities)
+        && !tried.contains(&w.id)
+}
+
 /// Pools beyond this size are sampled rather than scanned.
 const SAMPLE_ABOVE: usize = 16;
 /// Random draws before falling back to the scan (a pool mostly draining, ejected or serving
@@ -54,11 +62,7 @@ fn sample_two(
             continue;
         }
         let w = &workers[i];
-        let eligible = w.state == crate::registry::WorkerState::Live
-            && w.accepts(model, modalities)
-            && !w.health.is_ejected()
-            && !tried.iter().any(|t| *t == w.id);
-        if !eligible {
+        if !takes(w, model, modalities, tried) || w.health.is_ejected() {
             continue;
         }
         match first {
@@ -81,8 +85,11 @@ fn scan(
     tried: &[String],
 ) -> Option<Arc<Worker>> {
     let untried: Vec<&Arc<Worker>> = snapshot
-        .routable(pool, model)
-        .filter(|w| w.accepts(model, modalities) && !tried.iter().any(|t| *t == w.id))
+        .by_pool
+        .get(pool)
+        .into_iter()
+        .flatten()
+        .filter(|w| takes(w, model, modalities, tried))
         .collect();
     let healthy: Vec<&Arc<Worker>> = untried
         .iter()
