@@ -435,6 +435,19 @@ pub fn chat_body(model: &str, filler_bytes: usize, max_tokens: u32, stream: bool
     })
 }
 
+/// One fault-injectable `cpu` worker on [`FLEET_RULES`] with `faults` already set.
+pub async fn faulty_cpu(router_args: &[&str], faults: Value) -> Result<Running> {
+    let mut env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu").faulty());
+    for a in router_args {
+        env = env.router_arg(a);
+    }
+    let env = env.start().await?;
+    env.faults(0, faults).await?;
+    Ok(env)
+}
+
 /// The usual failover fleet on [`FLEET_RULES`]: a fault-injectable `<class>-spot` worker
 /// (index 0) and a `<class>-ondemand` worker (index 1).
 pub async fn spot_and_on_demand(class: &str, router_args: &[&str]) -> Result<Running> {

@@ -2,18 +2,12 @@
 //! the client), after it (a well-formed SSE error event), with large bodies replayed whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header, spot_and_on_demand};
+use integration::{chat_body, faulty_cpu, header, spot_and_on_demand};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_dying_mid_stream_ends_the_sse_stream_with_an_error_event() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .worker(WorkerSpec::new("cpu").faulty())
-        .start()
-        .await
-        .unwrap();
-    env.faults(0, json!({ "drop_after_tokens": 3 }))
+    let env = faulty_cpu(&[], json!({ "drop_after_tokens": 3 }))
         .await
         .unwrap();
     let r = env.chat(&chat_body("tiny", 30, 40, true)).await.unwrap();
@@ -85,18 +79,13 @@ async fn large_bodies_are_replayed_whole_on_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_past_the_total_timeout_ends_with_a_timeout_event() {
-    let env = TestEnv::new()
-        .rules(FLEET_RULES)
-        .router_arg("--total-timeout-ms")
-        .router_arg("1500")
-        .worker(WorkerSpec::new("cpu").faulty())
-        .start()
-        .await
-        .unwrap();
     // 200 ms per token: 40 tokens would take 8 s
-    env.faults(0, json!({ "token_delay_ms": 200 }))
-        .await
-        .unwrap();
+    let env = faulty_cpu(
+        &["--total-timeout-ms", "1500"],
+        json!({ "token_delay_ms": 200 }),
+    )
+    .await
+    .unwrap();
     let t0 = std::time::Instant::now();
     let r = env.chat(&chat_body("tiny", 30, 40, true)).await.unwrap();
     assert_eq!(r.status(), 200);

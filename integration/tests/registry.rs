@@ -120,6 +120,8 @@ async fn wrong_token_and_disallowed_address_are_refused() {
         .rules(FLEET_RULES)
         .router_arg("--registry-token")
         .router_arg("s3cret")
+        .router_arg("--allow-networks")
+        .router_arg("127.0.0.0/8,10.0.0.0/8")
         .worker(WorkerSpec::new("cpu").arg("--token").arg("wrong"))
         .worker(WorkerSpec::new("l40s-spot").arg("--token").arg("s3cret"))
         .expect_registered(1)
@@ -181,6 +183,22 @@ async fn wrong_token_and_disallowed_address_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // the advertised address must fall in --allow-networks, token or not
+    let e = client
+        .register(register("192.168.1.5:8000", "cpu", Some("s3cret")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message().contains("192.168.1.5:8000") && e.message().contains("10.0.0.0/8"),
+        "{}",
+        e.message()
+    );
+    let ok = client
+        .register(register("10.1.2.3:8000", "cpu", Some("s3cret")))
+        .await
+        .unwrap();
+    assert!(!ok.into_inner().lease_id.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

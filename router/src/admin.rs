@@ -35,7 +35,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let gauge = &s.metrics.workers;
     gauge.reset();
     for pool in s.rules.load().rules.pools() {
-        for state in ["live", "draining", "ejected"] {
+        for state in ["live", "draining", "unhealthy", "ejected"] {
             gauge.with_label_values(&[&*pool.name, state]).set(0);
         }
     }
@@ -44,6 +44,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             .with_label_values(&[&*w.pool, w.routing_state()])
             .inc();
     }
+    s.metrics.body_bytes.set(s.body_budget.in_use() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
@@ -58,7 +59,8 @@ async fn workers(State(s): State<Arc<Shared>>) -> Response {
         .workers()
         .map(|w| {
             json!({
-                "id": w.id, "pool": w.pool, "state": w.state, "address": w.address.to_string(),
+                "id": w.id, "pool": w.pool, "state": w.state, "routing_state": w.routing_state(),
+                "address": w.address.to_string(),
                 "load": w.load(), "reported_load": w.reported_load.load(std::sync::atomic::Ordering::Relaxed),
                 "router_in_flight": w.router_in_flight.load(std::sync::atomic::Ordering::Relaxed),
                 "models": w.models, "device": w.device, "static": w.is_static,
@@ -86,12 +88,17 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         })
         .map(|p| &*p.name)
         .collect();
-    let status = if ready.is_empty() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
+    let shutting_down = s.shutting_down.load(std::sync::atomic::Ordering::Relaxed);
+    let is_ready = !ready.is_empty() && !shutting_down;
+    let status = if is_ready {
         StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({ "ready": !ready.is_empty(), "pools_with_capacity": ready, "rules_generation": loaded.generation });
+    let body = json!({
+        "ready": is_ready, "shutting_down": shutting_down,
+        "pools_with_capacity": ready, "rules_generation": loaded.generation,
+    });
     (status, axum::Json(body)).into_response()
 }
 
@@ -109,13 +116,19 @@ async fn pools(State(s): State<Arc<Shared>>) -> Response {
                 .get(&p.name)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let count = |state: &str| workers.iter().filter(|w| w.routing_state() == state).count();
+            let count = |state: &str| {
+                workers
+                    .iter()
+                    .filter(|w| w.routing_state() == state)
+                    .count()
+            };
             let load: u64 = workers.iter().map(|w| u64::from(w.load())).sum();
             json!({
                 "name": p.name, "class": p.class, "capacity": p.capacity,
                 "cost_per_hour": p.cost_per_hour, "labels": p.labels, "static_workers": p.workers,
                 "workers": {
-                    "live": count("live"), "draining": count("draining"), "ejected": count("ejected"),
+                    "live": count("live"), "draining": count("draining"),
+                    "unhealthy": count("unhealthy"), "ejected": count("ejected"),
                 },
                 "load": load,
             })
@@ -177,7 +190,7 @@ async fn explain(
                 .get(&**pool)
                 .into_iter()
                 .flatten()
-                .filter(|w| takes(w, &model, modalities, &[]) && !w.health.is_ejected())
+                .filter(|w| takes(w, &model, modalities, &[]) && !w.health.is_excluded())
                 .count();
             json!({ "pool": pool, "routable_workers": n })
         })

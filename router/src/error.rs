@@ -22,6 +22,9 @@ pub enum ProxyError {
     /// No pool on the route has a live worker (or every attempt failed).
     #[error("no capacity: {0}")]
     NoCapacity(String),
+    /// The bodies of requests in flight fill the router's memory budget.
+    #[error("the router is holding its limit of {limit} bytes of request bodies; retry shortly")]
+    BodyBudget { limit: usize },
 }
 
 impl ProxyError {
@@ -32,7 +35,7 @@ impl ProxyError {
             Self::MethodNotAllowed => 405,
             Self::TooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
-            Self::NoCapacity(_) => 503,
+            Self::NoCapacity(_) | Self::BodyBudget { .. } => 503,
         }
     }
 
@@ -46,12 +49,13 @@ impl ProxyError {
             Self::NotFound(_) => ("invalid_request_error", "not_found"),
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             Self::NoCapacity(_) => ("server_error", "no_capacity"),
+            Self::BodyBudget { .. } => ("server_error", "router_overloaded"),
         }
     }
 
     /// `Retry-After` seconds, for errors a client should retry later.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::NoCapacity(_)).then_some(1)
+        matches!(self, Self::NoCapacity(_) | Self::BodyBudget { .. }).then_some(1)
     }
 
     /// `{"error": {"message", "type", "code", "param"}}`.

@@ -20,6 +20,21 @@ pub struct RegistryService {
     pub rules: Arc<RulesStore>,
     pub token: Option<String>,
     pub metrics: Arc<Metrics>,
+    /// Networks a worker's advertised data-plane address must fall in.
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+/// The networks allowed when the operator names none: loopback, and only when the registry
+/// itself listens on loopback. A registry reachable from elsewhere must be told which
+/// networks its workers live in (`--allow-networks`), or it would route to any address a
+/// token holder advertises.
+pub fn default_networks(registry_listen: SocketAddr) -> Option<Vec<ipnet::IpNet>> {
+    registry_listen.ip().is_loopback().then(|| {
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    })
 }
 
 impl RegistryService {
@@ -72,9 +87,19 @@ impl RegistryApi for RegistryService {
         let address: SocketAddr = r.address.parse().map_err(|_| {
             Status::invalid_argument(format!("address `{}` is not ip:port", r.address))
         })?;
-        if self.token.is_none() && !address.ip().is_loopback() {
+        if !self
+            .allowed_networks
+            .iter()
+            .any(|n| n.contains(&address.ip()))
+        {
+            let nets: Vec<String> = self
+                .allowed_networks
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
             return Err(Status::permission_denied(format!(
-                "address {address} not allowed: without a registry token only loopback addresses are"
+                "address {address} not allowed: workers must advertise an address in the router's --allow-networks ({})",
+                nets.join(", ")
             )));
         }
         if r.models.is_empty() {

@@ -7,9 +7,11 @@
 //! registry service) over [`registry`] (leases and snapshots), [`admin`], [`metrics`].
 
 pub mod admin;
+pub mod budget;
 pub mod classify;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -105,6 +105,25 @@ struct ServeArgs {
     /// Proxy worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// All request bodies held in memory at once (bytes); beyond it requests get 503 with
+    /// Retry-After.
+    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
+    max_buffered_bytes: usize,
+    /// Networks workers may advertise addresses in (comma-separated CIDRs; also
+    /// SWITCHYARD_ALLOW_NETWORKS). Default: loopback, and only when --grpc is on loopback;
+    /// required otherwise.
+    #[arg(long, env = "SWITCHYARD_ALLOW_NETWORKS", value_delimiter = ',')]
+    allow_networks: Vec<ipnet::IpNet>,
+    /// On SIGTERM: seconds in-flight requests have to finish (new connections are refused
+    /// and /readyz answers 503 meanwhile). pingora waits the whole period.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_s: u64,
+    /// Interval of the active health checks of static workers (0 turns them off).
+    #[arg(long, default_value_t = 2000)]
+    health_check_ms: u64,
+    /// Path the static workers' health check requests (a 2xx answer is healthy).
+    #[arg(long, default_value = "/health")]
+    health_check_path: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -202,6 +221,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
         total_timeout: Duration::from_millis(args.total_timeout_ms),
         debug_headers: !args.no_debug_headers,
+        max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes),
+    };
+    let allowed_networks = if args.allow_networks.is_empty() {
+        router::grpc::default_networks(args.addrs.grpc).context(
+            "--allow-networks is required when the registry (--grpc) listens beyond loopback: \
+             name the networks workers advertise addresses in",
+        )?
+    } else {
+        args.allow_networks.clone()
     };
     let shared = Shared::new(
         Arc::clone(&rules),
@@ -232,6 +260,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let cp_shared = Arc::clone(&shared);
     let token = args.registry_token.clone();
+    let health_every =
+        (args.health_check_ms > 0).then(|| Duration::from_millis(args.health_check_ms));
+    let health_path = args.health_check_path.clone();
     std::thread::Builder::new()
         .name("control-plane".into())
         .spawn(move || {
@@ -259,11 +290,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 };
                 tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
                 tokio::spawn(reload_on_sighup(Arc::clone(&cp_shared)));
+                tokio::spawn(not_ready_on_sigterm(Arc::clone(&cp_shared)));
+                if let Some(every) = health_every {
+                    tokio::spawn(router::health::run(
+                        Arc::clone(&cp_shared),
+                        every,
+                        health_path,
+                    ));
+                }
                 let svc = router::grpc::RegistryService {
                     registry: Arc::clone(&cp_shared.registry),
                     rules: Arc::clone(&cp_shared.rules),
                     token,
                     metrics: Arc::clone(&cp_shared.metrics),
+                    allowed_networks,
                 };
                 let grpc_task = tonic::transport::Server::builder()
                     .add_service(proto::registry_server::RegistryServer::new(svc))
@@ -281,7 +321,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: args.threads.max(1),
-        grace_period_seconds: Some(1),
+        // SIGTERM: listeners close at once, in-flight requests get the grace period, then
+        // the runtimes one more second to wind down.
+        grace_period_seconds: Some(args.shutdown_grace_s),
         graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
@@ -310,6 +352,21 @@ async fn reload_on_sighup(shared: Arc<router::state::Shared>) {
         tracing::info!("SIGHUP: reloading rules");
         let s = Arc::clone(&shared);
         let _ = tokio::task::spawn_blocking(move || s.reload_now()).await;
+    }
+}
+
+/// pingora handles SIGTERM (graceful shutdown); this only flips `/readyz` to 503 so load
+/// balancers stop sending while in-flight requests finish.
+async fn not_ready_on_sigterm(shared: Arc<router::state::Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    if term.recv().await.is_some() {
+        tracing::info!("SIGTERM: not ready; in-flight requests are finishing");
+        shared
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

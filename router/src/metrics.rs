@@ -16,7 +16,8 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// Classification time (parse + token count).
     pub classify: HistogramVec,
-    /// Cost attributed to requests, by pool and tenant (USD; price per hour × time).
+    /// Cost attributed to requests, by pool and tenant (USD; price per hour × the request's
+    /// share of its worker's time, see `registry::ShareClock`).
     pub cost: prometheus::CounterVec,
     /// Rules reloads by outcome (applied, rejected).
     pub reloads: IntCounterVec,
@@ -27,8 +28,18 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     /// Prompt tokens of requests a pool answered (exact or the classifier's lower bound).
     pub prompt_tokens: IntCounterVec,
-    /// Workers by pool and state (`live`, `draining`, `ejected`), set at scrape time.
+    /// Workers by pool and state (`live`, `draining`, `unhealthy`, `ejected`), set at
+    /// scrape time.
     pub workers: prometheus::IntGaugeVec,
+    /// Time from a request's arrival to its first response byte relayed to the client, by
+    /// pool: the first token of a stream, as the client sees it.
+    pub ttft: HistogramVec,
+    /// Completion tokens the workers reported in `usage`, by pool.
+    pub completion_tokens: IntCounterVec,
+    /// Request-body bytes held right now against the global budget (set at scrape time).
+    pub body_bytes: IntGauge,
+    /// Active health checks of static workers that failed, by pool.
+    pub health_check_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,7 +92,7 @@ impl Metrics {
         let cost = prometheus::CounterVec::new(
             Opts::new(
                 "switchyard_router_cost_usd_total",
-                "Pool cost attributed to requests (price per hour × request time), by pool and tenant.",
+                "Pool cost attributed to requests (price per hour × the request's share of its worker's time), by pool and tenant.",
             ),
             &["pool", "tenant"],
         )?;
@@ -124,6 +135,39 @@ impl Metrics {
             ),
             &["pool", "state"],
         )?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_router_ttft_seconds",
+                "Time from arrival to the first response byte sent to the client (a stream's first token), by pool.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0,
+            ]),
+            &["pool"],
+        )?;
+        let completion_tokens = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_completion_tokens_total",
+                "Completion tokens the worker reported in the answer's usage (every non-streaming answer; streams that ask for include_usage), by pool.",
+            ),
+            &["pool"],
+        )?;
+        let body_bytes = IntGauge::new(
+            "switchyard_router_buffered_body_bytes",
+            "Request-body bytes held now against --max-buffered-bytes.",
+        )?;
+        let health_check_failures = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_health_check_failures_total",
+                "Failed active health checks of static workers, by pool.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(completion_tokens.clone()))?;
+        registry.register(Box::new(body_bytes.clone()))?;
+        registry.register(Box::new(health_check_failures.clone()))?;
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -150,6 +194,10 @@ impl Metrics {
             ejections,
             prompt_tokens,
             workers,
+            ttft,
+            completion_tokens,
+            body_bytes,
+            health_check_failures,
         })
     }
 

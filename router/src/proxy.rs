@@ -23,6 +23,7 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use routing_rules::{Endpoint, RetryOn, RouteDecision};
 
+use crate::budget::Held;
 use crate::classify::{self, Parsed};
 use crate::error::ProxyError;
 use crate::state::Shared;
@@ -41,6 +42,10 @@ pub struct RequestCtx {
     status: u16,
     exact: bool,
     prompt_tokens: u64,
+    /// Completion tokens the worker reported in its answer's `usage`.
+    completion_tokens: Option<u64>,
+    /// Each attempt's pool and share of its worker's time (seconds), for cost.
+    worker_seconds: Vec<(Arc<str>, f64)>,
 }
 
 pub struct SwitchyardProxy {
@@ -108,6 +113,8 @@ impl ProxyHttp for SwitchyardProxy {
             status: 0,
             exact: false,
             prompt_tokens: 0,
+            completion_tokens: None,
+            worker_seconds: Vec::new(),
         }
     }
 
@@ -155,19 +162,22 @@ impl ProxyHttp for SwitchyardProxy {
                 m.prompt_tokens
                     .with_label_values(&[pool])
                     .inc_by(ctx.prompt_tokens);
+                if let Some(n) = ctx.completion_tokens {
+                    m.completion_tokens.with_label_values(&[pool]).inc_by(n);
+                }
             }
-            if let Some(p) = ctx.pool.as_deref().and_then(|p| {
-                self.shared
-                    .rules
-                    .load()
-                    .rules
-                    .pool(p)
-                    .map(|p| p.cost_per_hour)
-            }) {
+            // Every attempt's pool is charged its share of the worker's time, failed
+            // attempts included: the worker spent it.
+            if !ctx.worker_seconds.is_empty() {
+                let rules = self.shared.rules.load();
                 let tenant = ctx.tenant.as_deref().unwrap_or("anonymous");
-                m.cost
-                    .with_label_values(&[pool, tenant])
-                    .inc_by(p * elapsed.as_secs_f64() / 3600.0);
+                for (p, secs) in &ctx.worker_seconds {
+                    if let Some(price) = rules.rules.pool(p).map(|p| p.cost_per_hour) {
+                        m.cost
+                            .with_label_values(&[p, tenant])
+                            .inc_by(price * secs / 3600.0);
+                    }
+                }
             }
         }
         tracing::info!(
@@ -221,7 +231,8 @@ impl SwitchyardProxy {
                 .and_then(|v| v.to_str().ok()),
         );
 
-        let body = match self.read_body(session).await? {
+        // `_held` keeps the body's bytes reserved in the global budget until the end.
+        let (body, _held) = match self.read_body(session).await? {
             Ok(b) => b,
             Err(e) => return respond_error(session, ctx, &e).await,
         };
@@ -280,13 +291,14 @@ impl SwitchyardProxy {
         }
     }
 
-    /// Reads the whole body under the byte cap: Content-Length is checked before reading,
-    /// chunked bodies are counted as they arrive.
+    /// Reads the whole body under the byte cap and the global budget: Content-Length is
+    /// checked (and reserved) before reading, chunked bodies are counted as they arrive.
     async fn read_body(
         &self,
         session: &mut Session,
-    ) -> Result<std::result::Result<Bytes, ProxyError>> {
+    ) -> Result<std::result::Result<(Bytes, Held), ProxyError>> {
         let limit = self.shared.config.max_body_bytes;
+        let budget = &self.shared.body_budget;
         let declared = session
             .req_header()
             .headers
@@ -296,14 +308,25 @@ impl SwitchyardProxy {
         if declared.is_some_and(|n| n > limit) {
             return Ok(Err(ProxyError::TooLarge { limit }));
         }
+        let Some(mut held) = budget.reserve(declared.unwrap_or(0)) else {
+            return Ok(Err(ProxyError::BodyBudget {
+                limit: budget.limit(),
+            }));
+        };
         let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
         while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
-            if buf.len() + chunk.len() > limit {
+            let len = buf.len() + chunk.len();
+            if len > limit {
                 return Ok(Err(ProxyError::TooLarge { limit }));
+            }
+            if !held.grow_to(len) {
+                return Ok(Err(ProxyError::BodyBudget {
+                    limit: budget.limit(),
+                }));
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok(Ok(buf.freeze()))
+        Ok(Ok((buf.freeze(), held)))
     }
 
     async fn models(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
@@ -371,10 +394,11 @@ impl SwitchyardProxy {
             }
             ctx.attempts += 1;
             ctx.tried.push(worker.id.clone());
-            let _in_flight = InFlight::new(Arc::clone(&worker));
+            let in_flight = InFlight::new(Arc::clone(&worker));
             let peer = self.peer(&worker);
             let t0 = Instant::now();
-            match self.attempt(&peer, session, path, &body).await {
+            let attempt = self.attempt(&peer, session, path, &body).await;
+            match attempt {
                 Ok((up, resp)) => {
                     worker.health.record_success();
                     shared
@@ -384,9 +408,12 @@ impl SwitchyardProxy {
                         .observe(t0.elapsed().as_secs_f64());
                     ctx.pool = Some(pool.clone());
                     ctx.status = resp.status.as_u16();
-                    return self.relay(session, ctx, decision, &peer, up, resp).await;
+                    let relayed = self.relay(session, ctx, decision, &peer, up, resp).await;
+                    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                    return relayed;
                 }
                 Err(f) => {
+                    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
                     if !f.overloaded && worker.health.record_failure() {
                         tracing::warn!(worker = %worker.id, %pool, "worker ejected after {} consecutive failures", crate::registry::EJECT_AFTER);
                         shared.metrics.ejections.with_label_values(&[pool]).inc();
@@ -548,14 +575,30 @@ impl SwitchyardProxy {
         }
         session.write_response_header(Box::new(resp), false).await?;
         let deadline = ctx.started + self.shared.config.total_timeout;
+        let pool = ctx.pool.clone().unwrap_or_else(|| Arc::from("none"));
+        let mut usage = UsageScan::default();
+        let mut first = true;
         loop {
             let next = tokio::time::timeout_at(deadline.into(), up.read_response_body()).await;
             let (message, code, status) = match next {
                 Ok(Ok(Some(chunk))) => {
+                    usage.feed(&chunk);
                     session.write_response_body(Some(chunk), false).await?;
+                    if std::mem::take(&mut first) {
+                        // What the client waited for its first token (or whole answer, when
+                        // not streaming): classification and failover included.
+                        self.shared
+                            .metrics
+                            .ttft
+                            .with_label_values(&[&*pool])
+                            .observe(ctx.started.elapsed().as_secs_f64());
+                    }
                     continue;
                 }
-                Ok(Ok(None)) => break,
+                Ok(Ok(None)) => {
+                    ctx.completion_tokens = usage.completion_tokens;
+                    break;
+                }
                 Ok(Err(e)) => (
                     format!("the worker failed mid-stream: {e}"),
                     "upstream_disconnected",
@@ -581,6 +624,7 @@ impl SwitchyardProxy {
                     .await?;
             }
             ctx.status = status;
+            ctx.completion_tokens = usage.completion_tokens;
             session.write_response_body(None, true).await?;
             up.shutdown().await;
             return Ok(());
@@ -602,5 +646,74 @@ fn reason_name(r: RetryOn) -> &'static str {
         RetryOn::Status5xx => "status_5xx",
         RetryOn::Preempted => "preempted",
         RetryOn::Timeout => "timeout",
+    }
+}
+
+/// Finds `"completion_tokens": N` in a relayed answer (the last one wins: a stream's usage
+/// chunk comes last), across chunk boundaries, without buffering the answer.
+#[derive(Default)]
+struct UsageScan {
+    /// The end of the previous chunk, for a key split across two chunks.
+    tail: Vec<u8>,
+    completion_tokens: Option<u64>,
+}
+
+impl UsageScan {
+    const KEY: &'static [u8] = b"\"completion_tokens\":";
+    const KEEP: usize = 48;
+
+    fn feed(&mut self, chunk: &[u8]) {
+        if !self.tail.is_empty() {
+            let mut seam = std::mem::take(&mut self.tail);
+            seam.extend_from_slice(&chunk[..chunk.len().min(Self::KEEP)]);
+            if let Some(n) = Self::find(&seam) {
+                self.completion_tokens = Some(n);
+            }
+            self.tail = seam;
+            self.tail.clear();
+        }
+        if let Some(n) = Self::find(chunk) {
+            self.completion_tokens = Some(n);
+        }
+        self.tail
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+    }
+
+    /// The last complete `"completion_tokens": N` in `buf`.
+    fn find(buf: &[u8]) -> Option<u64> {
+        let mut found = None;
+        for at in memchr::memmem::find_iter(buf, Self::KEY) {
+            let rest = &buf[at + Self::KEY.len()..];
+            let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            // a number cut by the end of the buffer is read again from the seam
+            if digits > 0 && digits < rest.len() {
+                found = std::str::from_utf8(&rest[..digits])
+                    .ok()
+                    .and_then(|d| d.parse().ok());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UsageScan;
+
+    #[test]
+    fn completion_tokens_are_found_in_one_chunk_and_across_chunks() {
+        let answer = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":345,"total_tokens":357}}"#;
+        for split in 0..answer.len() {
+            let mut u = UsageScan::default();
+            u.feed(&answer[..split]);
+            u.feed(&answer[split..]);
+            assert_eq!(u.completion_tokens, Some(345), "split at {split}");
+        }
+        let mut u = UsageScan::default();
+        u.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        assert_eq!(u.completion_tokens, None, "no usage, no count");
+        u.feed(b"data: {\"usage\":{\"completion_tokens\": 7}}\n\ndata: [DONE]\n\n");
+        assert_eq!(u.completion_tokens, Some(7));
     }
 }

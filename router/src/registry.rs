@@ -45,9 +45,13 @@ pub struct Worker {
     /// Requests this router has in flight to the worker right now.
     #[serde(serialize_with = "ser_atomic")]
     pub router_in_flight: Arc<AtomicU32>,
-    /// Outlier detection state, shared by every snapshot of this worker.
+    /// Outlier detection and active health-check state, shared by every snapshot of this
+    /// worker.
     #[serde(skip)]
     pub health: Arc<Health>,
+    /// Each request's share of this worker's time (for cost attribution).
+    #[serde(skip)]
+    pub share: Arc<ShareClock>,
     #[serde(skip)]
     pub registered_at: Instant,
     #[serde(skip)]
@@ -67,6 +71,8 @@ pub struct Health {
     times_ejected: AtomicU32,
     /// Milliseconds since `EPOCH` until which the worker is ejected.
     ejected_until_ms: std::sync::atomic::AtomicU64,
+    /// The last active health check failed (static workers only).
+    down: std::sync::atomic::AtomicBool,
 }
 
 /// Failures in a row that eject a worker.
@@ -102,14 +108,79 @@ impl Health {
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
     }
+
+    /// Records an active health check's outcome; returns whether the state changed.
+    pub fn set_down(&self, down: bool) -> bool {
+        self.down.swap(down, Ordering::Relaxed) != down
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Out of selection: failed its health check, or ejected after failures. Selection
+    /// still falls back to such a worker when the pool has nothing else.
+    pub fn is_excluded(&self) -> bool {
+        self.is_down() || self.is_ejected()
+    }
+}
+
+/// Attributes a worker's time to the requests it serves at once: while `n` requests from
+/// this router are in flight to it, each accrues `1/n` of every second. A request's share is
+/// the clock's advance between its start and its end (processor-sharing accounting), so
+/// concurrent requests split the worker's cost instead of each paying for all of it.
+#[derive(Debug)]
+pub struct ShareClock(Mutex<ShareState>);
+
+#[derive(Debug)]
+struct ShareState {
+    at: Instant,
+    in_flight: u32,
+    /// Seconds accrued per request since the clock started.
+    per_request: f64,
+}
+
+impl Default for ShareClock {
+    fn default() -> Self {
+        Self(Mutex::new(ShareState {
+            at: Instant::now(),
+            in_flight: 0,
+            per_request: 0.0,
+        }))
+    }
+}
+
+impl ShareClock {
+    fn advance(&self, now: Instant, delta: i32) -> f64 {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dt = now.saturating_duration_since(s.at).as_secs_f64();
+        if s.in_flight > 0 {
+            s.per_request += dt / f64::from(s.in_flight);
+        }
+        s.at = s.at.max(now);
+        s.in_flight = s.in_flight.saturating_add_signed(delta);
+        s.per_request
+    }
+
+    /// A request starts; returns the clock reading to hand back to [`ShareClock::end`].
+    pub fn start(&self, now: Instant) -> f64 {
+        self.advance(now, 1)
+    }
+
+    /// A request that started at reading `started` ends; returns its share in seconds.
+    pub fn end(&self, now: Instant, started: f64) -> f64 {
+        (self.advance(now, -1) - started).max(0.0)
+    }
 }
 
 impl Worker {
-    /// `live`, `draining`, or `ejected` (live but out of selection after failures): the
-    /// states `/admin/pools`, `/readyz` and `switchyard_router_workers` report.
+    /// `live`, `draining`, `unhealthy` (a static worker failing its health check) or
+    /// `ejected` (live but out of selection after failures): the states `/admin/pools`, `/readyz` and `switchyard_router_workers` report.
     pub fn routing_state(&self) -> &'static str {
         if self.state == WorkerState::Draining {
             "draining"
+        } else if self.health.is_down() {
+            "unhealthy"
         } else if self.health.is_ejected() {
             "ejected"
         } else {
@@ -257,6 +328,7 @@ impl Registry {
             reported_load: Arc::default(),
             router_in_flight: Arc::new(AtomicU32::new(0)),
             health: Arc::default(),
+            share: Arc::default(),
             registered_at: Instant::now(),
             registered_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -330,11 +402,19 @@ impl Registry {
         ids
     }
 
-    /// Replaces the static workers (pools that list addresses in the rules file).
+    /// Replaces the static workers (pools that list addresses in the rules file). A worker
+    /// listed before keeps its state (health, in-flight count) across reloads.
     pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr)>) {
+        let mut statics = self.statics.lock().unwrap_or_else(|p| p.into_inner());
         let list = workers
             .into_iter()
             .map(|(pool, address)| {
+                if let Some(w) = statics
+                    .iter()
+                    .find(|w| w.pool == pool && w.address == address)
+                {
+                    return Arc::clone(w);
+                }
                 Arc::new(Worker {
                     id: format!("static-{pool}-{address}"),
                     pool,
@@ -345,15 +425,25 @@ impl Registry {
                     reported_load: Arc::default(),
                     router_in_flight: Arc::new(AtomicU32::new(0)),
                     health: Arc::default(),
+                    share: Arc::default(),
                     registered_at: Instant::now(),
                     registered_unix: 0,
                     is_static: true,
                 })
             })
             .collect();
-        *self.statics.lock().unwrap_or_else(|p| p.into_inner()) = list;
+        *statics = list;
+        drop(statics);
         let leases = self.leases();
         self.publish(&leases);
+    }
+
+    /// The static workers (for the active health checker).
+    pub fn statics(&self) -> Vec<Arc<Worker>> {
+        self.statics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs the expiry loop forever.
@@ -379,6 +469,7 @@ fn clone_worker(w: &Worker) -> Worker {
         reported_load: Arc::clone(&w.reported_load),
         router_in_flight: Arc::clone(&w.router_in_flight),
         health: Arc::clone(&w.health),
+        share: Arc::clone(&w.share),
         registered_at: w.registered_at,
         registered_unix: w.registered_unix,
         is_static: w.is_static,
@@ -388,6 +479,25 @@ fn clone_worker(w: &Worker) -> Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A alone for 1 s, A and B together for 2 s, B alone for 1 s: each had the worker's
+    /// whole attention for 1 s and half of it for 2 s, so each is charged 2 s, and the
+    /// charges add up to the 4 s the worker was busy.
+    #[test]
+    fn concurrent_requests_split_the_workers_time() {
+        let c = ShareClock::default();
+        let t0 = Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let a = c.start(s(0));
+        let b = c.start(s(1));
+        let a_share = c.end(s(3), a);
+        let b_share = c.end(s(4), b);
+        assert!((a_share - 2.0).abs() < 1e-9, "{a_share}");
+        assert!((b_share - 2.0).abs() < 1e-9, "{b_share}");
+        // idle time is charged to nobody
+        let d = c.start(s(10));
+        assert!((c.end(s(11), d) - 1.0).abs() < 1e-9);
+    }
 
     #[test]
     fn consecutive_failures_eject_and_success_resets() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use routing_rules::{ReloadOutcome, RulesError, RulesStore};
 
+use crate::budget::BodyBudget;
 use crate::classify::{Counters, load_counters};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -23,6 +24,8 @@ pub struct Config {
     pub total_timeout: Duration,
     /// Add `x-switchyard-pool`, `-rule`, `-attempts` to answers.
     pub debug_headers: bool,
+    /// All request bodies held at once (see [`crate::budget`]).
+    pub max_buffered_bytes: usize,
 }
 
 /// The outcome of the most recent reload that saw a changed file.
@@ -45,6 +48,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub counters: ArcSwap<Counters>,
     pub retry_budget: RetryBudget,
+    pub body_budget: Arc<BodyBudget>,
+    /// Set on SIGTERM: `/readyz` answers 503 so load balancers stop sending while
+    /// in-flight requests finish.
+    pub shutting_down: std::sync::atomic::AtomicBool,
     pub config: Config,
 }
 
@@ -62,6 +69,8 @@ impl Shared {
             counters: ArcSwap::from_pointee(Counters::default()),
             last_reload: std::sync::Mutex::new(None),
             retry_budget: RetryBudget::default(),
+            body_budget: BodyBudget::new(config.max_buffered_bytes),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             config,
         });
         s.apply_rules();

@@ -62,7 +62,7 @@ fn sample_two(
             continue;
         }
         let w = &workers[i];
-        if !takes(w, model, modalities, tried) || w.health.is_ejected() {
+        if !takes(w, model, modalities, tried) || w.health.is_excluded() {
             continue;
         }
         match first {
@@ -94,7 +94,7 @@ fn scan(
     let healthy: Vec<&Arc<Worker>> = untried
         .iter()
         .copied()
-        .filter(|w| !w.health.is_ejected())
+        .filter(|w| !w.health.is_excluded())
         .collect();
     let candidates = if healthy.is_empty() { untried } else { healthy };
     match candidates.len() {
@@ -156,21 +156,44 @@ impl RetryBudget {
 }
 
 /// Decrements a worker's router-side in-flight count when dropped.
-pub struct InFlight(Arc<Worker>);
+pub struct InFlight {
+    worker: Arc<Worker>,
+    share_start: f64,
+    done: bool,
+}
 
 impl InFlight {
-    pub fn new(w: Arc<Worker>) -> Self {
-        w.router_in_flight
+    pub fn new(worker: Arc<Worker>) -> Self {
+        worker
+            .router_in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(w)
+        let share_start = worker.share.start(Instant::now());
+        Self {
+            worker,
+            share_start,
+            done: false,
+        }
+    }
+
+    /// Ends the request; returns its share of the worker's time in seconds.
+    pub fn finish(mut self) -> f64 {
+        self.end()
+    }
+
+    fn end(&mut self) -> f64 {
+        if std::mem::replace(&mut self.done, true) {
+            return 0.0;
+        }
+        self.worker
+            .router_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.worker.share.end(Instant::now(), self.share_start)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .router_in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.end();
     }
 }
 

@@ -1,0 +1,277 @@
+//! What an operator relies on: the body memory budget, cost split by each request's share
+//! of its worker, completion-token and TTFT metrics, active health checks of static
+//! workers, and graceful shutdown that lets in-flight streams finish.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, faulty_cpu, header};
+use serde_json::{Value, json};
+
+/// The value of the first metric line starting with `prefix` (labels included).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_beyond_the_memory_budget_get_503_and_the_budget_is_returned() {
+    // Each body may be 1 MB; all bodies together 1.5 MB.
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--max-body-bytes")
+        .router_arg("1000000")
+        .router_arg("--max-buffered-bytes")
+        .router_arg("1500000")
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    // A slow client: 900 KB of a chunked body, then a pause before the rest.
+    let head = format!(
+        r#"{{"model":"tiny","max_tokens":2,"messages":[{{"role":"user","content":"{}"#,
+        "ab ".repeat(300_000)
+    );
+    let parts: Vec<Result<String, std::io::Error>> = vec![Ok(head), Ok(r#"hi"}]}"#.into())];
+    let slow = futures::stream::iter(parts)
+        .enumerate()
+        .then(|(i, p)| async move {
+            if i == 1 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            p
+        });
+    let http = env.http.clone();
+    let url = format!("{}/v1/chat/completions", env.proxy);
+    let slow_req = tokio::spawn(async move {
+        http.post(&url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(slow))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    eventually(Duration::from_secs(5), "900 KB held", || async {
+        let m = env.metrics().await.ok()?;
+        (metric(&m, "switchyard_router_buffered_body_bytes ")? >= 900_000.0).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // 900 KB more does not fit: 503, Retry-After, OpenAI's error shape.
+    let big = json!({ "model": "tiny", "max_tokens": 2,
+        "messages": [{ "role": "user", "content": "ab ".repeat(300_000) }] });
+    let r = env.chat(&big).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "router_overloaded", "{v}");
+    assert_eq!(v["error"]["type"], "server_error");
+    // a small request still fits beside the slow one
+    let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // the slow request is answered (its 600k-token prompt goes to the long-context pools,
+    // which have no worker here) and its bytes go back to the budget
+    let answer = slow_req.await.unwrap();
+    assert!(
+        answer.contains("no_capacity") && !answer.contains("router_overloaded"),
+        "the slow request itself was within budget: {answer}"
+    );
+    eventually(Duration::from_secs(5), "the budget returned", || async {
+        let m = env.metrics().await.ok()?;
+        (metric(&m, "switchyard_router_buffered_body_bytes ")? == 0.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = env.chat(&big).await.unwrap();
+    let answer = r.text().await.unwrap();
+    assert!(
+        answer.contains("no_capacity"),
+        "900 KB fits again: {answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_split_their_workers_cost_and_report_tokens_and_ttft() {
+    // ~1 s per request: three at once overlap almost entirely on the one worker
+    let env = faulty_cpu(&[], json!({ "token_delay_ms": 100 }))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let jobs: Vec<_> = (0..3)
+        .map(|i| {
+            let http = env.http.clone();
+            let url = format!("{}/v1/chat/completions", env.proxy);
+            let mut body = chat_body("tiny", 30, 10, false);
+            body["seed"] = json!(i);
+            body["temperature"] = json!(1.0);
+            tokio::spawn(async move {
+                let r = http.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let v: Value = r.json().await.unwrap();
+                v["usage"]["completion_tokens"].as_u64().unwrap()
+            })
+        })
+        .collect();
+    let mut completion = 0;
+    for j in jobs {
+        completion += j.await.unwrap();
+    }
+    let wall = t0.elapsed().as_secs_f64();
+
+    let m = env.metrics().await.unwrap();
+    let reported = metric(
+        &m,
+        r#"switchyard_router_completion_tokens_total{pool="cpu"}"#,
+    );
+    assert_eq!(reported, Some(completion as f64), "{m}");
+    let ttft = metric(&m, r#"switchyard_router_ttft_seconds_count{pool="cpu"}"#);
+    assert_eq!(ttft, Some(3.0), "{m}");
+    // The worker was busy for at most `wall` seconds; three requests overlapping each
+    // charged their whole duration would add up to ~3 × that.
+    let cost = metric(
+        &m,
+        r#"switchyard_router_cost_usd_total{pool="cpu",tenant="anonymous"}"#,
+    )
+    .unwrap();
+    let busy = cost / 0.20 * 3600.0;
+    assert!(
+        busy > 0.5 && busy <= wall * 1.05,
+        "charged {busy:.3} worker-seconds for {wall:.3} s of wall time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_workers_are_health_checked_and_a_failing_one_gets_no_requests() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--health-check-ms")
+        .router_arg("300")
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let live = env.workers[0]
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let rules = FLEET_RULES
+        .replace("{TINY}", &env.tiny_model.display().to_string())
+        .replace(
+            "  cpu:  ",
+            &format!(
+                "  fixed: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.1, workers: [\"{live}\", \"{dead}\"] }}\n  cpu:  "
+            ),
+        )
+        .replace("route: [cpu]", "route: [fixed]");
+    assert!(rules.contains("route: [fixed]"));
+    std::fs::write(&env.rules_path, rules).unwrap();
+
+    let state_of = |addr: String| {
+        let env = &env;
+        async move {
+            let ws = env.workers_json().await.ok()?;
+            ws.iter()
+                .find(|w| w["static"] == true && w["address"] == addr.as_str())
+                .map(|w| w["routing_state"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    eventually(Duration::from_secs(10), "the dead worker unhealthy", || {
+        let f = state_of(dead.clone());
+        async move { (f.await? == "unhealthy").then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(state_of(live.clone()).await.as_deref(), Some("live"));
+
+    // Without the health check, power of two choices would try the dead worker first
+    // about half the time (attempts: 2) until it was ejected.
+    for _ in 0..8 {
+        let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-pool"), "fixed");
+        assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    }
+    let m = env.metrics().await.unwrap();
+    assert!(
+        metric(
+            &m,
+            r#"switchyard_router_health_check_failures_total{pool="fixed"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchyard_router_workers{pool="fixed",state="unhealthy"} 1"#),
+        "{m}"
+    );
+
+    // a frozen worker fails its checks; thawed, it is back
+    env.workers[0].proc.signal("STOP");
+    let frozen = eventually(
+        Duration::from_secs(5),
+        "the frozen worker unhealthy",
+        || {
+            let f = state_of(live.clone());
+            async move { (f.await? == "unhealthy").then_some(()) }
+        },
+    )
+    .await;
+    env.workers[0].proc.signal("CONT");
+    frozen.unwrap();
+    eventually(Duration::from_secs(5), "the thawed worker live", || {
+        let f = state_of(live.clone());
+        async move { (f.await? == "live").then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_stream_finish_and_readyz_goes_503() {
+    // 20 tokens at 100 ms: the stream runs ~2 s past the signal
+    let env = faulty_cpu(
+        &["--shutdown-grace-s", "5"],
+        json!({ "token_delay_ms": 100 }),
+    )
+    .await
+    .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 20, true)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    env.router.signal("TERM");
+    eventually(Duration::from_secs(3), "/readyz 503", || async {
+        let r = env
+            .http
+            .get(format!("{}/readyz", env.admin))
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        (v["shutting_down"] == true && v["ready"] == false).then_some(())
+    })
+    .await
+    .unwrap();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+    let finish = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ")?).ok())
+        .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from));
+    assert!(finish.is_some(), "the stream finished normally: {text}");
+}

@@ -1,0 +1,60 @@
+//! Active health checks for static workers (pools that list addresses in the rules file).
+//!
+//! Registered workers prove they are alive with heartbeats; static workers cannot, so the
+//! router asks them: `GET <path>` every interval, a 2xx answer within the interval (at most
+//! 2 s) is healthy. A failed check takes the worker out of selection at once (state
+//! `unhealthy`; like ejection, selection still falls back to it when its pool has nothing
+//! else); the first passing check brings it back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::registry::Worker;
+use crate::state::Shared;
+
+pub async fn run(shared: Arc<Shared>, every: Duration, path: String) {
+    let timeout = every.min(Duration::from_secs(2));
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("health checks disabled: {e}");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut checks = tokio::task::JoinSet::new();
+        for w in shared.registry.statics() {
+            let (client, path, shared) = (client.clone(), path.clone(), Arc::clone(&shared));
+            checks.spawn(async move { check(&shared, &client, &w, &path).await });
+        }
+        while checks.join_next().await.is_some() {}
+    }
+}
+
+async fn check(shared: &Shared, client: &reqwest::Client, w: &Worker, path: &str) {
+    let url = format!("http://{}{path}", w.address);
+    let failure = match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => Some(format!("answered {}", r.status())),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = &failure {
+        shared
+            .metrics
+            .health_check_failures
+            .with_label_values(&[&*w.pool])
+            .inc();
+        if w.health.set_down(true) {
+            tracing::warn!(worker = %w.id, pool = %w.pool, "static worker unhealthy: {url} {why}");
+        }
+    } else if w.health.set_down(false) {
+        tracing::info!(worker = %w.id, pool = %w.pool, "static worker healthy again");
+    }
+}
