@@ -274,4 +274,20 @@ async fn sigterm_lets_an_in_flight_stream_finish_and_readyz_goes_503() {
         .filter_map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ")?).ok())
         .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from));
     assert!(finish.is_some(), "the stream finished normally: {text}");
+    // with nothing left in flight the router exits without sleeping out its 5 s grace
+    let t0 = Instant::now();
+    let mut env = env;
+    let exited = loop {
+        if let Some(status) = env.router.child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if t0.elapsed() > Duration::from_secs(3) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the router exits once idle: {exited:?}"
+    );
 }

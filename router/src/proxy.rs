@@ -46,6 +46,23 @@ pub struct RequestCtx {
     completion_tokens: Option<u64>,
     /// Each attempt's pool and share of its worker's time (seconds), for cost.
     worker_seconds: Vec<(Arc<str>, f64)>,
+    _active: Active,
+}
+
+/// Counts a request in `Shared::active_requests` while it lives.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub struct SwitchyardProxy {
@@ -115,6 +132,7 @@ impl ProxyHttp for SwitchyardProxy {
             prompt_tokens: 0,
             completion_tokens: None,
             worker_seconds: Vec::new(),
+            _active: Active::new(&self.shared.active_requests),
         }
     }
 

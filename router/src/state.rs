@@ -52,6 +52,8 @@ pub struct Shared {
     /// Set on SIGTERM: `/readyz` answers 503 so load balancers stop sending while
     /// in-flight requests finish.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// Requests being handled now (a shut-down router exits when this reaches zero).
+    pub active_requests: Arc<std::sync::atomic::AtomicUsize>,
     pub config: Config,
 }
 
@@ -71,6 +73,7 @@ impl Shared {
             retry_budget: RetryBudget::default(),
             body_budget: BodyBudget::new(config.max_buffered_bytes),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            active_requests: Arc::default(),
             config,
         });
         s.apply_rules();
