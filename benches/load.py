@@ -1,194 +1,495 @@
 #!/usr/bin/env python3
-"""Side-by-side load harness: direct vs nginx vs Switchyard, each a plain forwarder to the
-same mock OpenAI upstream (benches/src/bin/mock-openai.rs).
+"""Side-by-side load harness: Switchyard against the routers an operator would pick instead,
+each a plain forwarder to the same mock OpenAI upstream (benches/src/bin/mock-openai.rs).
 
-    python3 benches/load.py [--duration 10] [--rounds 3]
+    python3 benches/load.py [--rounds 3] [--duration 5] [--only nginx,switchyard] [--quick]
 
-The system under test is pinned to core 0, the mock and the load generator (wrk) to core 1.
-Rounds are interleaved so machine noise hits every system alike; figures are reported as
-ratios against direct and nginx. Output: benches/results/load-<date>.json and .md.
-Installs nginx and wrk from Debian when missing (needs root or sudo).
+Systems: direct (no proxy), nginx, haproxy (Debian), Switchyard, sglang-router and the
+LiteLLM proxy (PyPI, installed into benches/.venv). Load comes from oha (installed with
+`cargo install oha` into benches/.tools when missing). The system under test is pinned to
+core 0, the mock and the load generator to core 1; rounds are interleaved so machine noise
+hits every system alike, and figures are reported as ratios against direct and nginx.
+
+Scenarios
+  latency     concurrency 1: p50/p99, added = system - direct
+  capacity    concurrency 32, closed loop: RPS and requests per CPU-second of the system
+  sweep       open loop at rising request rates: the highest rate served with p99 <= 1/5/10 ms
+  sse         added time to the first streamed chunk (sequential), and 256 concurrent
+              streams checked chunk by chunk (none may be lost)
+  prompt400k  a 400 KB prompt at concurrency 4 (Switchyard counts its tokens exactly: the
+              rule threshold lies inside the byte-length bound)
+  memory      RSS idle, under load (sampled mid-run) and after
+
+Output: benches/results/load-<time>.json (raw), .md (tables and ratios), .png (plot).
 """
-import argparse, datetime, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, datetime, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, "benches", ".venv")
+TOOLS = os.path.join(ROOT, "benches", ".tools")
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 BODY = json.dumps({"model": "mock", "max_tokens": 64,
                    "messages": [{"role": "user", "content": "Tell me about tiered routing. " * 30}]})
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+STREAM_BODY = json.dumps({"model": "mock", "max_tokens": 64, "stream": True,
+                          "messages": [{"role": "user", "content": "Tell me about tiered routing."}]})
+BIG_BODY = json.dumps({"model": "mock", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 9000}]})
+SSE_CHUNKS = 16
+ALL = ["direct", "nginx", "haproxy", "switchyard", "sglang-router", "litellm"]
 
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, **kw)
 
 
-def install():
-    missing = [p for p, b in (("nginx", "nginx"), ("wrk", "wrk")) if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
-    if missing:
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# installation: Debian packages, oha, the Python peers (and matplotlib) in a venv
+
+def install(only):
+    need = [p for p, b in (("nginx", "nginx"), ("haproxy", "haproxy")) if p in only
+            and not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
+    if need:
         sudo = "" if os.geteuid() == 0 else "sudo "
-        sh(f"{sudo}apt-get update -qq && {sudo}apt-get install -y -qq {' '.join(missing)} >/dev/null")
+        sh(f"{sudo}apt-get update -qq && {sudo}apt-get install -y -qq {' '.join(need)} >/dev/null")
+    if not oha_bin():
+        log("installing oha (cargo install, a few minutes once)")
+        sh(f"cargo install oha --locked --root {TOOLS} -q")
+    py = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(py):
+        sh(f"{sys.executable} -m venv {VENV}")
+    pkgs = ["matplotlib"] + (["sglang-router"] if "sglang-router" in only else []) \
+        + (["litellm[proxy]"] if "litellm" in only else [])
+    missing = subprocess.run([py, "-c", "import importlib.util,sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)",
+                              *[{"matplotlib": "matplotlib", "sglang-router": "sglang_router", "litellm[proxy]": "litellm"}[p] for p in pkgs]])
+    if missing.returncode:
+        sh(f"{py} -m pip install -q {' '.join(repr(p) for p in pkgs)}")
 
 
-def wait_port(port, timeout=20):
+def oha_bin():
+    for p in (os.path.join(TOOLS, "bin", "oha"), shutil.which("oha") or ""):
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def wait_http(port, path_body, timeout=120):
+    """Until a POST answers 200 (routers that discover workers need a moment)."""
     end = time.time() + timeout
     while time.time() < end:
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close(); return
+            c = socket.create_connection(("127.0.0.1", port), 0.5)
+            body = path_body.encode()
+            c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            head = c.recv(64); c.close()
+            if head.startswith(b"HTTP/1.1 200"):
+                return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"port {port} never answered 200")
 
 
 def tree(pid):
-    """`pid` and its child processes (nginx's workers), with their /proc stat fields."""
+    """`pid` and its descendants, with their /proc stat fields."""
+    procs = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
-            yield int(entry), fields
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    procs[int(entry)] = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                pass
+    keep, grew = {pid}, True
+    while grew:
+        grew = False
+        for p, f in procs.items():
+            if p not in keep and int(f[1]) in keep:
+                keep.add(p); grew = True
+    return [(p, procs[p]) for p in keep if p in procs]
 
 
 def cpu_seconds(pid):
-    """CPU time (user + system) of the process tree."""
     tck = os.sysconf("SC_CLK_TCK")
     return sum((int(f[11]) + int(f[12])) / tck for _, f in tree(pid))
 
 
 def rss_mb(pid):
-    """Resident memory of the process tree, MB."""
     total = 0.0
     for p, _ in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 total += next((int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:")), 0.0)
         except OSError:
-            continue
+            pass
     return total
 
 
-def wrk(url, conns, duration, script):
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", script, url],
-                         check=True, capture_output=True, text=True).stdout
-    def us(tag):
-        m = re.search(rf"^\s+{tag}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        v, unit = float(m.group(1)), m.group(2)
-        return v * {"us": 1, "ms": 1000, "s": 1e6}[unit]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"p50_us": us("50"), "p99_us": us("99"), "rps": rps, "requests": reqs,
-            "non_2xx": int(errors.group(1)) if errors else 0}
+class Fleet:
+    def __init__(self, only, tmp):
+        self.tmp, self.procs, self.systems = tmp, [], {}
+        self.mock_port = free_port()
+        self.spawn("mock", [f"{ROOT}/target/release/mock-openai", "--listen", f"127.0.0.1:{self.mock_port}",
+                            "--chunks", str(SSE_CHUNKS), "--itl-ms", "2"], core=1)
+        wait_http(self.mock_port, BODY)
+        self.systems["direct"] = (self.mock_port, None)
+        for name in only:
+            if name != "direct":
+                port = getattr(self, "start_" + name.replace("-", "_"))()
+                wait_http(port, BODY)
+                log(f"{name} up on {port}")
+
+    def spawn(self, name, argv, core=0, env=None):
+        p = subprocess.Popen(["taskset", "-c", str(core), *argv], stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(self.tmp, f"{name}.log"), "w"), env={**os.environ, **(env or {})},
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def add(self, name, argv, env=None):
+        port = free_port()
+        p = self.spawn(name, [a.replace("{PORT}", str(port)) for a in argv], env=env)
+        self.systems[name] = (port, p.pid)
+        return port
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def start_nginx(self):
+        conf = self.write("nginx.conf", f"""worker_processes 1; daemon off; pid {self.tmp}/nginx.pid; error_log {self.tmp}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; client_body_temp_path {self.tmp}; proxy_temp_path {self.tmp}; client_max_body_size 64m; client_body_buffer_size 1m;
+  upstream mock {{ server 127.0.0.1:{self.mock_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{{PORT}}; location / {{ proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }} }} }}""")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        port = free_port()
+        with open(conf) as f:
+            text = f.read().replace("{PORT}", str(port))
+        self.write("nginx.conf", text)
+        p = self.spawn("nginx", [nginx, "-c", conf, "-p", self.tmp])
+        self.systems["nginx"] = (port, p.pid)
+        return port
+
+    def start_haproxy(self):
+        port = free_port()
+        conf = self.write("haproxy.cfg", f"""global
+  maxconn 8192
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  http-reuse always
+  server mock 127.0.0.1:{self.mock_port}
+""")
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        p = self.spawn("haproxy", [haproxy, "-db", "-f", conf])
+        self.systems["haproxy"] = (port, p.pid)
+        return port
+
+    def start_switchyard(self):
+        model = ""
+        if os.path.exists(MODEL):
+            model = f"models:\n  mock:\n    tokenizer: {{ gguf: {MODEL} }}\n    context_window: 1048576\n"
+        rules = self.write("rules.yaml", f"""version: 1
+{model}pools:
+  mock: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2, workers: ["127.0.0.1:{self.mock_port}"] }}
+rules:
+  - name: up-to-150k
+    when: {{ context_tokens: {{ at_most: 150000 }} }}
+    route: [mock]
+  - name: all
+    route: [mock]
+""")
+        return self.add("switchyard", [f"{ROOT}/target/release/switchyard", "serve", "--rules", rules,
+                                       "--listen", "127.0.0.1:{PORT}", "--grpc", f"127.0.0.1:{free_port()}",
+                                       "--admin", f"127.0.0.1:{free_port()}", "--threads", "1", "--no-debug-headers"],
+                        env={"RUST_LOG": "warn"})
+
+    def start_sglang_router(self):
+        return self.add("sglang-router", [os.path.join(VENV, "bin", "sglang-router"), "launch", "--host", "127.0.0.1",
+                                          "--port", "{PORT}", "--worker-urls", f"http://127.0.0.1:{self.mock_port}",
+                                          "--policy", "round_robin", "--log-level", "warn"])
+
+    def start_litellm(self):
+        conf = self.write("litellm.yaml", f"""model_list:
+  - model_name: mock
+    litellm_params: {{ model: openai/mock, api_base: "http://127.0.0.1:{self.mock_port}/v1", api_key: none }}
+litellm_settings: {{ drop_params: true }}
+""")
+        return self.add("litellm", [os.path.join(VENV, "bin", "litellm"), "--config", conf, "--host", "127.0.0.1",
+                                    "--port", "{PORT}", "--num_workers", "1"],
+                        env={"LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true", "LITELLM_LOG": "ERROR"})
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# load
+
+def oha(port, conns, duration, body=BODY, rate=None):
+    cmd = ["taskset", "-c", "1", oha_bin(), "--no-tui", "--output-format", "json", "-z", f"{duration}s",
+           "-c", str(conns), "-m", "POST", "-H", "content-type: application/json", "-d", body]
+    if rate:
+        cmd += ["-q", str(rate), "--latency-correction"]
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/v1/chat/completions"], check=True, capture_output=True, text=True).stdout
+    j = json.loads(out)
+    codes = j.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    total = sum(codes.values()) + sum(j.get("errorDistribution", {}).values())
+    pct = j["latencyPercentiles"]
+    return {"p50_us": (pct.get("p50") or 0) * 1e6, "p99_us": (pct.get("p99") or 0) * 1e6,
+            "rps": j["summary"]["requestsPerSec"], "requests": total, "ok": ok, "failed": total - ok}
+
+
+def measured(fleet, name, fn):
+    """Runs fn(port) and adds the system's CPU time and mid-run RSS."""
+    port, pid = fleet.systems[name]
+    rss = []
+    if pid:
+        stop = threading.Event()
+        def sample():
+            while not stop.wait(0.5):
+                rss.append(rss_mb(pid))
+        t = threading.Thread(target=sample); t.start()
+        cpu0 = cpu_seconds(pid)
+    res = fn(port)
+    if pid:
+        stop.set(); t.join()
+        res["cpu_s"] = cpu_seconds(pid) - cpu0
+        res["req_per_cpu_s"] = res["requests"] / max(res["cpu_s"], 1e-9)
+        res["rss_load_mb"] = max(rss) if rss else rss_mb(pid)
+    return res
+
+
+def sweep(port, duration):
+    """Open-loop rates until p99 passes 10 ms or the rate is not kept up with."""
+    points = []
+    for rate in (250, 500, 1000, 2000, 3000, 4000, 5000, 6500, 8000, 10000, 13000, 16000, 20000):
+        r = oha(port, 64, duration, rate=rate)
+        r["rate"] = rate
+        points.append(r)
+        if r["p99_us"] > 10_000 or r["rps"] < 0.9 * rate or r["failed"]:
+            break
+    best = {}
+    for bound in (1, 5, 10):
+        good = [p["rate"] for p in points if p["p99_us"] <= bound * 1000 and p["rps"] >= 0.95 * p["rate"] and not p["failed"]]
+        best[f"p99_le_{bound}ms"] = max(good, default=0)
+    return {"points": points, **best}
+
+
+def first_chunk_us(port, n):
+    """Sequential streamed requests on one keep-alive connection: time to the first chunk."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", STREAM_BODY, {"content-type": "application/json"})
+        r = r0 = conn.getresponse()
+        r.read1(1)
+        out.append((time.perf_counter() - t0) * 1e6)
+        r0.read()
+    conn.close()
+    out.sort()
+    return {"p50_us": out[len(out) // 2], "p99_us": out[int(len(out) * 0.99) - 1]}
+
+
+async def one_stream(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = STREAM_BODY.encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    text = data.decode(errors="replace")
+    return len(re.findall(r'"content":\s*"token "', text)), "[DONE]" in text
+
+
+def concurrent_streams(port, n=256):
+    async def run():
+        return await asyncio.gather(*(one_stream(port) for _ in range(n)), return_exceptions=True)
+    results = asyncio.run(run())
+    ok = [r for r in results if not isinstance(r, Exception)]
+    lost = sum(SSE_CHUNKS - c for c, _ in ok) + SSE_CHUNKS * (n - len(ok))
+    return {"streams": n, "completed": sum(1 for c, done in ok if c == SSE_CHUNKS and done), "lost_chunks": lost,
+            "errors": n - len(ok)}
+
+
+# ---------------------------------------------------------------------------------------
+
+def med(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sweep-duration", type=int, default=3)
+    ap.add_argument("--only", default=",".join(ALL))
+    ap.add_argument("--quick", action="store_true", help="1 round of 2 s, short sweep")
     ap.add_argument("--skip-build", action="store_true")
     a = ap.parse_args()
-    install()
+    if a.quick:
+        a.rounds, a.duration, a.sweep_duration = 1, 2, 2
+    only = ["direct"] + [s for s in a.only.split(",") if s in ALL and s != "direct"]
+    install(only)
     if not a.skip_build:
-        sh("cargo build --release --bins", cwd=ROOT)
+        sh("cargo build --release -p router -p benches --bins", cwd=ROOT)
     tmp = tempfile.mkdtemp()
-    script = os.path.join(tmp, "post.lua")
-    with open(script, "w") as f:
-        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\nwrk.headers["Content-Type"] = "application/json"\n')
-    procs = []
+    fleet = None
+    res = {n: {"c1": [], "c32": [], "ttfc": [], "big": []} for n in only}
     try:
-        mock_port = free_port()
-        procs.append(subprocess.Popen(["taskset", "-c", "1", f"{ROOT}/target/release/mock-openai", "--listen", f"127.0.0.1:{mock_port}"], stdout=subprocess.DEVNULL))
-        wait_port(mock_port)
-        # Switchyard: one pool with the mock as a static worker
-        rules = os.path.join(tmp, "rules.yaml")
-        with open(rules, "w") as f:
-            f.write(f"version: 1\npools:\n  mock: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2, workers: [\"127.0.0.1:{mock_port}\"] }}\nrules:\n  - name: all\n    route: [mock]\n")
-        sy_port, grpc, admin = free_port(), free_port(), free_port()
-        sy = subprocess.Popen(["taskset", "-c", "0", f"{ROOT}/target/release/switchyard", "serve", "--rules", rules, "--listen", f"127.0.0.1:{sy_port}",
-                               "--grpc", f"127.0.0.1:{grpc}", "--admin", f"127.0.0.1:{admin}", "--threads", "1"],
-                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "switchyard.log"), "w"), env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(sy)
-        wait_port(sy_port)
-        # nginx: one worker process, keepalive to the upstream
-        ng_port = free_port()
-        conf = os.path.join(tmp, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp}; client_max_body_size 64m;
-  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{ng_port}; location / {{ proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }} }} }}""")
-        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-        ng = subprocess.Popen(["taskset", "-c", "0", nginx_bin, "-c", conf, "-p", tmp])
-        procs.append(ng)
-        wait_port(ng_port)
-        time.sleep(0.5)
-        systems = {"direct": (mock_port, None), "nginx": (ng_port, ng.pid), "switchyard": (sy_port, sy.pid)}
-        idle_rss = {"switchyard": rss_mb(sy.pid), "nginx": rss_mb(ng.pid)}
-        results = {name: {"c1": [], "c32": []} for name in systems}
+        fleet = Fleet(only, tmp)
+        time.sleep(1)
+        idle = {n: rss_mb(pid) for n, (_, pid) in fleet.systems.items() if pid}
         for r in range(a.rounds):
-            for name, (port, pid) in systems.items():
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                results[name]["c1"].append(wrk(url, 1, a.duration, script))
-                cpu0 = cpu_seconds(pid) if pid else None
-                res = wrk(url, 32, a.duration, script)
-                if pid:
-                    res["cpu_s"] = cpu_seconds(pid) - cpu0
-                    res["req_per_cpu_s"] = res["requests"] / max(res["cpu_s"], 1e-9)
-                results[name]["c32"].append(res)
-                print(f"round {r + 1} {name:10} c1 p50 {results[name]['c1'][-1]['p50_us']:.0f}us p99 {results[name]['c1'][-1]['p99_us']:.0f}us | c32 {res['rps']:.0f} rps", file=sys.stderr)
-        loaded_rss = {"switchyard": rss_mb(sy.pid), "nginx": rss_mb(ng.pid)}
+            for n in only:
+                res[n]["c1"].append(measured(fleet, n, lambda p: oha(p, 1, a.duration)))
+                res[n]["c32"].append(measured(fleet, n, lambda p: oha(p, 32, a.duration)))
+                res[n]["ttfc"].append(first_chunk_us(fleet.systems[n][0], 200))
+                res[n]["big"].append(measured(fleet, n, lambda p: oha(p, 4, a.duration, body=BIG_BODY)))
+                c1, c32 = res[n]["c1"][-1], res[n]["c32"][-1]
+                log(f"round {r + 1} {n:13} c1 p50 {c1['p50_us']:.0f}us p99 {c1['p99_us']:.0f}us | c32 {c32['rps']:.0f} rps"
+                    f" {c32.get('req_per_cpu_s', 0):.0f} req/cpu-s | ttfc p50 {res[n]['ttfc'][-1]['p50_us']:.0f}us")
+        for n in only:
+            res[n]["streams"] = concurrent_streams(fleet.systems[n][0])
+            log(f"{n:13} streams: {res[n]['streams']}")
+        for n in only:
+            res[n]["sweep"] = sweep(fleet.systems[n][0], a.sweep_duration)
+            log(f"{n:13} sweep: {[(p['rate'], round(p['p99_us'])) for p in res[n]['sweep']['points']]}")
+        after = {n: rss_mb(pid) for n, (_, pid) in fleet.systems.items() if pid}
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if fleet:
+            fleet.stop()
 
-    def med(xs):
-        xs = sorted(xs); return xs[len(xs) // 2]
     summary = {}
-    for name in systems:
-        c1, c32 = results[name]["c1"], results[name]["c32"]
-        summary[name] = {"p50_us": med([x["p50_us"] for x in c1]), "p99_us": med([x["p99_us"] for x in c1]),
-                         "rps_c32": med([x["rps"] for x in c32]),
-                         "req_per_cpu_s": med([x.get("req_per_cpu_s", 0) for x in c32]),
-                         "non_2xx": sum(x["non_2xx"] for x in c1 + c32)}
+    for n in only:
+        r = res[n]
+        summary[n] = {
+            "p50_us": med([x["p50_us"] for x in r["c1"]]), "p99_us": med([x["p99_us"] for x in r["c1"]]),
+            "rps_c32": med([x["rps"] for x in r["c32"]]), "req_per_cpu_s": med([x.get("req_per_cpu_s", 0) for x in r["c32"]]),
+            "ttfc_p50_us": med([x["p50_us"] for x in r["ttfc"]]), "ttfc_p99_us": med([x["p99_us"] for x in r["ttfc"]]),
+            "big_p50_us": med([x["p50_us"] for x in r["big"]]), "big_rps": med([x["rps"] for x in r["big"]]),
+            "failed": sum(x["failed"] for x in r["c1"] + r["c32"] + r["big"]),
+            "streams_completed": r["streams"]["completed"], "lost_chunks": r["streams"]["lost_chunks"],
+            **{k: r["sweep"][k] for k in ("p99_le_1ms", "p99_le_5ms", "p99_le_10ms")},
+            "rss_idle_mb": idle.get(n, 0), "rss_load_mb": med([x.get("rss_load_mb", 0) for x in r["c32"]]), "rss_after_mb": after.get(n, 0),
+        }
     d = summary["direct"]
-    for name in ("nginx", "switchyard"):
-        s = summary[name]
-        s["added_p50_us"] = s["p50_us"] - d["p50_us"]
-        s["added_p99_us"] = s["p99_us"] - d["p99_us"]
-    sy, ng = summary["switchyard"], summary["nginx"]
+    for n in only:
+        s = summary[n]
+        for k in ("p50_us", "p99_us", "ttfc_p50_us", "ttfc_p99_us", "big_p50_us"):
+            s["added_" + k] = s[k] - d[k]
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M")
-    os.makedirs(os.path.join(ROOT, "benches/results"), exist_ok=True)
-    raw = {"when": stamp, "rounds": a.rounds, "duration_s": a.duration, "raw": results, "summary": summary,
-           "rss_mb": {"idle": idle_rss, "after_load": loaded_rss}}
-    with open(os.path.join(ROOT, f"benches/results/load-{stamp}.json"), "w") as f:
-        json.dump(raw, f, indent=1)
-    md = [f"# Load harness, {stamp} ({a.rounds} interleaved rounds × {a.duration}s; SUT on core 0, mock + wrk on core 1)", "",
-          "| system | p50 µs (c=1) | p99 µs (c=1) | added p50 / p99 µs | RPS c=32 | requests per CPU-second | RSS idle / after MB | non-2xx |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("direct", "nginx", "switchyard"):
-        s = summary[name]
-        added = f"{s.get('added_p50_us', 0):.0f} / {s.get('added_p99_us', 0):.0f}" if name != "direct" else "—"
-        rss = f"{idle_rss.get(name, 0):.1f} / {loaded_rss.get(name, 0):.1f}" if name != "direct" else "—"
-        md.append(f"| {name} | {s['p50_us']:.0f} | {s['p99_us']:.0f} | {added} | {s['rps_c32']:.0f} | {s['req_per_cpu_s']:.0f} | {rss} | {s['non_2xx']} |")
-    md += ["", "Ratios (Switchyard / nginx):",
-           f"- added latency p50: {sy['added_p50_us'] / max(ng['added_p50_us'], 1):.2f}×, p99: {sy['added_p99_us'] / max(ng['added_p99_us'], 1):.2f}×",
-           f"- requests per CPU-second: {sy['req_per_cpu_s'] / max(ng['req_per_cpu_s'], 1):.2f}×",
-           f"- idle RSS: {idle_rss['switchyard'] / max(idle_rss['nginx'], 0.1):.2f}×"]
-    with open(os.path.join(ROOT, f"benches/results/load-{stamp}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    out = os.path.join(ROOT, "benches", "results", f"load-{stamp}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump({"when": stamp, "rounds": a.rounds, "duration_s": a.duration, "cpu": cpu_model(),
+                   "raw": res, "summary": summary}, f, indent=1)
+    md = report(summary, only, a, stamp)
+    with open(out + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    plot(out, summary, only, res)
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+
+
+def report(summary, only, a, stamp):
+    f0 = lambda v: f"{v:.0f}"
+    md = [f"# Load harness, {stamp}", "",
+          f"{a.rounds} interleaved rounds × {a.duration} s; system under test on core 0, mock and oha on core 1; {cpu_model()}.", "",
+          "| system | added p50 / p99 µs (c=1) | RPS c=32 | req per CPU-s | max RPS p99≤1/5/10 ms | added first chunk p50 / p99 µs | 256 streams complete / lost chunks | 400 KB prompt added p50 µs | RSS idle / load / after MB | failed |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n in only:
+        s = summary[n]
+        direct = n == "direct"
+        md.append("| " + " | ".join([
+            n,
+            f"{f0(s['p50_us'])} / {f0(s['p99_us'])} (abs)" if direct else f"{f0(s['added_p50_us'])} / {f0(s['added_p99_us'])}",
+            f0(s["rps_c32"]), "—" if direct else f0(s["req_per_cpu_s"]),
+            f"{s['p99_le_1ms']} / {s['p99_le_5ms']} / {s['p99_le_10ms']}",
+            f"{f0(s['ttfc_p50_us'])} / {f0(s['ttfc_p99_us'])} (abs)" if direct else f"{f0(s['added_ttfc_p50_us'])} / {f0(s['added_ttfc_p99_us'])}",
+            f"{s['streams_completed']} / {s['lost_chunks']}",
+            f"{f0(s['big_p50_us'])} (abs)" if direct else f0(s["added_big_p50_us"]),
+            "—" if direct else f"{s['rss_idle_mb']:.1f} / {s['rss_load_mb']:.1f} / {s['rss_after_mb']:.1f}",
+            str(s["failed"])]) + " |")
+    if "switchyard" in summary:
+        sy = summary["switchyard"]
+        md += ["", "Ratios (Switchyard / peer; added latency: lower is better, throughput: higher is better):", ""]
+        for n in only:
+            if n in ("direct", "switchyard"):
+                continue
+            s = summary[n]
+            ratio = lambda x, y: f"{x / y:.2f}×" if y else "n/a"
+            md.append(f"- vs {n}: added p50 {ratio(sy['added_p50_us'], s['added_p50_us'])}, added p99 {ratio(sy['added_p99_us'], s['added_p99_us'])}, "
+                      f"req per CPU-s {ratio(sy['req_per_cpu_s'], s['req_per_cpu_s'])}, max RPS at p99≤5 ms {ratio(sy['p99_le_5ms'], s['p99_le_5ms'])}, "
+                      f"idle RSS {ratio(sy['rss_idle_mb'], s['rss_idle_mb'])}")
+    return "\n".join(md) + "\n"
+
+
+def plot(out, summary, only, res):
+    code = r"""
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out = sys.argv[1]
+d = json.load(open(out + ".json"))
+names = [n for n in d["summary"] if n != "direct"]
+fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+x = range(len(names))
+ax[0].bar([i - 0.2 for i in x], [d["summary"][n]["added_p50_us"] for n in names], 0.4, label="p50")
+ax[0].bar([i + 0.2 for i in x], [d["summary"][n]["added_p99_us"] for n in names], 0.4, label="p99")
+ax[0].set_xticks(list(x), names, rotation=20); ax[0].set_yscale("log"); ax[0].set_ylabel("added latency, µs (c=1)"); ax[0].legend()
+ax[1].bar(list(x), [d["summary"][n]["req_per_cpu_s"] for n in names])
+ax[1].set_xticks(list(x), names, rotation=20); ax[1].set_yscale("log"); ax[1].set_ylabel("requests per CPU-second (c=32)")
+for n in d["summary"]:
+    pts = d["raw"][n]["sweep"]["points"]
+    ax[2].plot([p["rate"] for p in pts], [p["p99_us"] / 1000 for p in pts], marker="o", label=n)
+ax[2].set_xscale("log"); ax[2].set_yscale("log"); ax[2].axhline(5, color="grey", ls="--")
+ax[2].set_xlabel("offered requests/s (open loop)"); ax[2].set_ylabel("p99 ms"); ax[2].legend(fontsize=8)
+fig.suptitle("Switchyard vs peers, " + d["when"] + " (" + d["cpu"] + ")")
+fig.tight_layout(); fig.savefig(out + ".png", dpi=110)
+"""
+    py = os.path.join(VENV, "bin", "python")
+    r = subprocess.run([py, "-c", code, out])
+    if r.returncode:
+        log("plot failed")
 
 
 if __name__ == "__main__":

@@ -361,7 +361,9 @@ struct Seq {
     cache: KvCache,
     sampler: LogitsProcessor,
     generated: Vec<u32>,
-    /// Bytes of decoded text already sent.
+    /// The text of `generated`, decoded incrementally.
+    text: TextDecoder,
+    /// Bytes of `text` already sent.
     sent_len: usize,
     budget: usize,
     started: Instant,
@@ -371,6 +373,69 @@ impl Seq {
     fn prefilling(&self) -> bool {
         self.prefilled < self.prompt.len()
     }
+}
+
+/// Incremental detokenisation: `text` is the decoded text of `tokens[..read_offset]`. Each
+/// new token decodes only the window from `prefix_offset` (a few tokens of context, so
+/// word-initial spaces come out right) with and without the new tokens, and keeps the
+/// difference — constant work per token instead of re-decoding everything generated. An
+/// incomplete UTF-8 sequence (decoded as U+FFFD) waits for the token that completes it.
+#[derive(Debug, Default)]
+pub struct TextDecoder {
+    text: String,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl TextDecoder {
+    /// `tokens` are all tokens so far; the last one is new.
+    pub fn push(&mut self, tok: &Tokenizer, tokens: &[u32]) -> tokenizers::Result<()> {
+        let prefix = tok.decode(&tokens[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&tokens[self.prefix_offset..], true)?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
+            self.text.push_str(&full[prefix.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = tokens.len();
+        }
+        Ok(())
+    }
+
+    /// Takes in whatever is still pending (an incomplete UTF-8 sequence stays U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer, tokens: &[u32]) -> tokenizers::Result<()> {
+        if self.read_offset < tokens.len() {
+            let prefix = tok.decode(&tokens[self.prefix_offset..self.read_offset], true)?;
+            let full = tok.decode(&tokens[self.prefix_offset..], true)?;
+            let mut at = prefix.len().min(full.len());
+            while !full.is_char_boundary(at) {
+                at -= 1;
+            }
+            self.text.push_str(&full[at..]);
+            self.prefix_offset = tokens.len();
+            self.read_offset = tokens.len();
+        }
+        Ok(())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Bytes at the end of `text` that could be the start of one of `stops`.
+fn partial_stop_len(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .filter_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(|&k| s.is_char_boundary(k))
+                .find(|&k| text.ends_with(&s[..k]))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// What happened to a sequence after a token.
@@ -446,6 +511,7 @@ impl Actor {
             prefilled: 0,
             cache: self.weights.new_cache(),
             generated: Vec::with_capacity(budget),
+            text: TextDecoder::default(),
             sent_len: 0,
             budget,
             params: job.params,
@@ -549,38 +615,31 @@ impl Actor {
     /// Takes a sampled token: streams its text and says whether the sequence goes on.
     fn accept(&self, seq: &mut Seq, token: u32) -> Next {
         if !seq.params.ignore_eos && self.model.eos.contains(&token) {
-            return Next::Finished {
-                finish_length: false,
-            };
+            return self.flush(seq, false);
         }
         seq.generated.push(token);
-        let text = match self.model.tokenizer.decode(&seq.generated, true) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = seq.events.send(Event::Failed(e.to_string()));
-                return Next::Gone;
-            }
-        };
-        // Stop sequences: cut the text at the first one and finish.
-        let stop_at = seq
-            .params
-            .stop
+        if let Err(e) = seq.text.push(&self.model.tokenizer, &seq.generated) {
+            let _ = seq.events.send(Event::Failed(e.to_string()));
+            return Next::Gone;
+        }
+        // Stop sequences: cut the text at the first one and finish. Only the text a new
+        // stop could end in is searched: what was not sent yet, plus the longest stop's
+        // length before it. Text that may be the start of a stop is held back until the
+        // next tokens show whether it is one: a client never sees part of a stop sequence.
+        let stops = &seq.params.stop;
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        let text = seq.text.as_str();
+        let mut from = seq.sent_len.saturating_sub(longest);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let stop_at = stops
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
             .min();
-        let visible_end = stop_at.unwrap_or(text.len());
-        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-        let safe_end = if stop_at.is_none() && text.ends_with('\u{FFFD}') {
-            text.len() - '\u{FFFD}'.len_utf8()
-        } else {
-            visible_end
-        };
-        if safe_end > seq.sent_len && text.is_char_boundary(seq.sent_len) {
-            let piece = text[seq.sent_len..safe_end].to_string();
-            seq.sent_len = safe_end;
-            if seq.events.send(Event::Text(piece)).is_err() {
-                return Next::Gone;
-            }
+        let visible_end = stop_at.unwrap_or_else(|| text.len() - partial_stop_len(text, stops));
+        if !self.send_text(seq, visible_end) {
+            return Next::Gone;
         }
         if stop_at.is_some() {
             return Next::Finished {
@@ -588,11 +647,34 @@ impl Actor {
             };
         }
         if seq.generated.len() >= seq.budget {
-            return Next::Finished {
-                finish_length: true,
-            };
+            return self.flush(seq, true);
         }
         Next::Continue
+    }
+
+    /// Sends `seq`'s text up to byte `end` (what was not sent yet); false when the client
+    /// is gone.
+    fn send_text(&self, seq: &mut Seq, end: usize) -> bool {
+        if end <= seq.sent_len {
+            return true;
+        }
+        let piece = seq.text.as_str()[seq.sent_len..end].to_string();
+        seq.sent_len = end;
+        seq.events.send(Event::Text(piece)).is_ok()
+    }
+
+    /// The sequence ends without a stop sequence: what was held back (a possible start of
+    /// a stop, an incomplete UTF-8 sequence) is sent as it is.
+    fn flush(&self, seq: &mut Seq, finish_length: bool) -> Next {
+        if let Err(e) = seq.text.finish(&self.model.tokenizer, &seq.generated) {
+            let _ = seq.events.send(Event::Failed(e.to_string()));
+            return Next::Gone;
+        }
+        let end = seq.text.as_str().len();
+        if !self.send_text(seq, end) {
+            return Next::Gone;
+        }
+        Next::Finished { finish_length }
     }
 
     fn finish(&self, seq: &Seq, finish_length: bool) {
@@ -681,6 +763,68 @@ mod tests {
             },
             events,
         }
+    }
+
+    /// Token by token, the incremental text equals decoding the whole sequence at once —
+    /// spaces, accents, CJK and emoji split over byte tokens included (SmolLM2's real
+    /// tokenizer; skipped where the model file is absent).
+    #[test]
+    fn incremental_text_equals_the_whole_decode() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
+            return;
+        }
+        let content = model_meta::read_gguf(&path).unwrap();
+        let tok = model_meta::tokenizer_from_gguf(&content).unwrap();
+        let text = "Héllo wörld —  東京は 🚀🦀 done.\n\n  indented  `code` 123,456";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let mut d = TextDecoder::default();
+        let mut seen = Vec::new();
+        for n in 1..=ids.len() {
+            d.push(&tok, &ids[..n]).unwrap();
+            assert!(!d.as_str().contains('\u{FFFD}'), "{:?}", d.as_str());
+            seen.push(d.as_str().len());
+        }
+        assert_eq!(d.as_str(), tok.decode(&ids, true).unwrap());
+        assert_eq!(d.as_str(), text);
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "text only grows");
+    }
+
+    /// Runs a job to the end: (streamed text, usage).
+    async fn run_job(engine: &Engine, mut j: Job) -> (String, Usage) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        j.events = tx;
+        engine.submit(j).unwrap();
+        let mut text = String::new();
+        loop {
+            match rx.recv().await.unwrap() {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => return (text, u),
+                Event::Failed(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// A stop sequence cuts the text just before its first occurrence and finishes with
+    /// "stop" — also when it spans token boundaries (greedy decoding repeats the same text).
+    #[tokio::test]
+    async fn stop_sequences_cut_the_text_before_their_first_occurrence() {
+        let (dir, engine) = engine_for("stop", &model_meta::tiny::LlamaShape::TINY);
+        let (unused, _) = mpsc::unbounded_channel();
+        let (full, usage) = run_job(&engine, job(10..30, 40, None, 0, unused.clone())).await;
+        assert!(usage.finish_length && full.chars().count() > 12, "{full:?}");
+        // a stop string from the middle of the text
+        let start = full.char_indices().nth(8).unwrap().0;
+        let end = full.char_indices().nth(11).unwrap().0;
+        let stop = full[start..end].to_string();
+        let mut j = job(10..30, 40, None, 0, unused);
+        j.params.stop = vec![stop.clone()];
+        let (cut, usage) = run_job(&engine, j).await;
+        assert_eq!(cut, full[..full.find(&stop).unwrap()], "stop {stop:?}");
+        assert!(!usage.finish_length, "finished by the stop sequence");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A Q4_1 model (the real pools' weight type) runs through the engine, and
