@@ -36,6 +36,8 @@ BIG_BODY = json.dumps({"model": "mock", "max_tokens": 16,
                        "messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 9000}]})
 SSE_CHUNKS = 16
 ALL = ["direct", "nginx", "haproxy", "switchyard", "sglang-router", "litellm"]
+# --fleet: Switchyard with 1 and with 1,000 registered (simulated, heartbeating) workers
+FLEET = ["switchyard-1w", "switchyard-1000w"]
 
 
 def sh(cmd, **kw):
@@ -207,13 +209,16 @@ backend be
         self.systems["haproxy"] = (port, p.pid)
         return port
 
-    def start_switchyard(self):
+    def start_switchyard(self, name="switchyard", registered=0):
+        """With `registered` > 0 the pool has no static worker: fleet-sim registers that many
+        simulated workers over gRPC (all pointing at the mock) and heartbeats them."""
         model = ""
         if os.path.exists(MODEL):
             model = f"models:\n  mock:\n    tokenizer: {{ gguf: {MODEL} }}\n    context_window: 1048576\n"
-        rules = self.write("rules.yaml", f"""version: 1
+        workers = "" if registered else f', workers: ["127.0.0.1:{self.mock_port}"]'
+        rules = self.write(f"{name}.yaml", f"""version: 1
 {model}pools:
-  mock: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2, workers: ["127.0.0.1:{self.mock_port}"] }}
+  mock: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2{workers} }}
 rules:
   - name: up-to-150k
     when: {{ context_tokens: {{ at_most: 150000 }} }}
@@ -221,10 +226,22 @@ rules:
   - name: all
     route: [mock]
 """)
-        return self.add("switchyard", [f"{ROOT}/target/release/switchyard", "serve", "--rules", rules,
-                                       "--listen", "127.0.0.1:{PORT}", "--grpc", f"127.0.0.1:{free_port()}",
-                                       "--admin", f"127.0.0.1:{free_port()}", "--threads", "1", "--no-debug-headers"],
+        grpc = free_port()
+        port = self.add(name, [f"{ROOT}/target/release/switchyard", "serve", "--rules", rules,
+                               "--listen", "127.0.0.1:{PORT}", "--grpc", f"127.0.0.1:{grpc}",
+                               "--admin", f"127.0.0.1:{free_port()}", "--threads", "1", "--no-debug-headers"],
                         env={"RUST_LOG": "warn"})
+        if registered:
+            time.sleep(0.5)
+            self.spawn(f"{name}-fleet", [f"{ROOT}/target/release/fleet-sim", "--router", f"http://127.0.0.1:{grpc}",
+                                         "--address", f"127.0.0.1:{self.mock_port}", "--workers", str(registered)], core=1)
+        return port
+
+    def start_switchyard_1w(self):
+        return self.start_switchyard("switchyard-1w", 1)
+
+    def start_switchyard_1000w(self):
+        return self.start_switchyard("switchyard-1000w", 1000)
 
     def start_sglang_router(self):
         return self.add("sglang-router", [os.path.join(VENV, "bin", "sglang-router"), "launch", "--host", "127.0.0.1",
@@ -255,15 +272,21 @@ litellm_settings: {{ drop_params: true }}
 # load
 
 def oha(port, conns, duration, body=BODY, rate=None):
+    path = os.path.join(tempfile.gettempdir(), f"switchyard-load-body-{len(body)}.json")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(body)
     cmd = ["taskset", "-c", "1", oha_bin(), "--no-tui", "--output-format", "json", "-z", f"{duration}s",
-           "-c", str(conns), "-m", "POST", "-H", "content-type: application/json", "-d", body]
+           "-c", str(conns), "-m", "POST", "-H", "content-type: application/json", "-D", path]
     if rate:
         cmd += ["-q", str(rate), "--latency-correction"]
     out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/v1/chat/completions"], check=True, capture_output=True, text=True).stdout
     j = json.loads(out)
     codes = j.get("statusCodeDistribution", {})
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
-    total = sum(codes.values()) + sum(j.get("errorDistribution", {}).values())
+    # requests still in flight when the run's time is up are cut by oha itself: not failures
+    errors = {k: v for k, v in j.get("errorDistribution", {}).items() if "deadline" not in k}
+    total = sum(codes.values()) + sum(errors.values())
     pct = j["latencyPercentiles"]
     return {"p50_us": (pct.get("p50") or 0) * 1e6, "p99_us": (pct.get("p99") or 0) * 1e6,
             "rps": j["summary"]["requestsPerSec"], "requests": total, "ok": ok, "failed": total - ok}
@@ -306,17 +329,20 @@ def sweep(port, duration):
 
 
 def first_chunk_us(port, n):
-    """Sequential streamed requests on one keep-alive connection: time to the first chunk."""
+    """Sequential streamed requests on one keep-alive connection (TCP_NODELAY): time from
+    sending the request to the first byte of the body."""
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", STREAM_BODY, {"content-type": "application/json"})
-        r = r0 = conn.getresponse()
+        r = conn.getresponse()
         r.read1(1)
         out.append((time.perf_counter() - t0) * 1e6)
-        r0.read()
+        r.read()
     conn.close()
     out.sort()
     return {"p50_us": out[len(out) // 2], "p99_us": out[int(len(out) * 0.99) - 1]}
@@ -331,7 +357,7 @@ async def one_stream(port):
     data = await reader.read()
     writer.close()
     text = data.decode(errors="replace")
-    return len(re.findall(r'"content":\s*"token "', text)), "[DONE]" in text
+    return len(re.findall(r'"content":\s*"token "', text)), "[DONE]" in text, text[:300]
 
 
 def concurrent_streams(port, n=256):
@@ -339,9 +365,10 @@ def concurrent_streams(port, n=256):
         return await asyncio.gather(*(one_stream(port) for _ in range(n)), return_exceptions=True)
     results = asyncio.run(run())
     ok = [r for r in results if not isinstance(r, Exception)]
-    lost = sum(SSE_CHUNKS - c for c, _ in ok) + SSE_CHUNKS * (n - len(ok))
-    return {"streams": n, "completed": sum(1 for c, done in ok if c == SSE_CHUNKS and done), "lost_chunks": lost,
-            "errors": n - len(ok)}
+    lost = sum(SSE_CHUNKS - c for c, _, _ in ok) + SSE_CHUNKS * (n - len(ok))
+    bad = [t for c, done, t in ok if c != SSE_CHUNKS or not done][:3] + [repr(r) for r in results if isinstance(r, Exception)][:3]
+    return {"streams": n, "completed": sum(1 for c, done, _ in ok if c == SSE_CHUNKS and done), "lost_chunks": lost,
+            "errors": n - len(ok), "failed_examples": bad}
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,11 +385,14 @@ def main():
     ap.add_argument("--sweep-duration", type=int, default=3)
     ap.add_argument("--only", default=",".join(ALL))
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s, short sweep")
+    ap.add_argument("--fleet", action="store_true", help="add Switchyard with 1 and 1,000 registered workers")
     ap.add_argument("--skip-build", action="store_true")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.sweep_duration = 1, 2, 2
-    only = ["direct"] + [s for s in a.only.split(",") if s in ALL and s != "direct"]
+    only = ["direct"] + [s for s in a.only.split(",") if s in ALL + FLEET and s != "direct"]
+    if a.fleet:
+        only += [s for s in FLEET if s not in only]
     install(only)
     if not a.skip_build:
         sh("cargo build --release -p router -p benches --bins", cwd=ROOT)
@@ -452,13 +482,20 @@ def report(summary, only, a, stamp):
         sy = summary["switchyard"]
         md += ["", "Ratios (Switchyard / peer; added latency: lower is better, throughput: higher is better):", ""]
         for n in only:
-            if n in ("direct", "switchyard"):
+            if n in ["direct", "switchyard"] + FLEET:
                 continue
             s = summary[n]
             ratio = lambda x, y: f"{x / y:.2f}×" if y else "n/a"
             md.append(f"- vs {n}: added p50 {ratio(sy['added_p50_us'], s['added_p50_us'])}, added p99 {ratio(sy['added_p99_us'], s['added_p99_us'])}, "
                       f"req per CPU-s {ratio(sy['req_per_cpu_s'], s['req_per_cpu_s'])}, max RPS at p99≤5 ms {ratio(sy['p99_le_5ms'], s['p99_le_5ms'])}, "
                       f"idle RSS {ratio(sy['rss_idle_mb'], s['rss_idle_mb'])}")
+    if all(n in summary for n in FLEET):
+        one, many = (summary[n] for n in FLEET)
+        ratio = lambda x, y: f"{x / y:.2f}×" if y else "n/a"
+        md += ["", "Fleet scale (Switchyard with 1,000 registered workers heartbeating every 2 s / with 1):", "",
+               f"- added p50 {ratio(many['added_p50_us'], one['added_p50_us'])}, added p99 {ratio(many['added_p99_us'], one['added_p99_us'])}, "
+               f"RPS c=32 {ratio(many['rps_c32'], one['rps_c32'])}, req per CPU-s {ratio(many['req_per_cpu_s'], one['req_per_cpu_s'])}, "
+               f"RSS under load {many['rss_load_mb']:.1f} vs {one['rss_load_mb']:.1f} MB"]
     return "\n".join(md) + "\n"
 
 

@@ -188,6 +188,11 @@ async fn main() -> anyhow::Result<()> {
             r.deregister().await;
         }
     };
+    // Each token is a small SSE write: send it at once rather than letting Nagle hold it
+    // for the router's delayed ACK (up to 40 ms per token).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, pool_worker::api::router(state))
         .with_graceful_shutdown(shutdown)
         .await?;

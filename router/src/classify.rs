@@ -285,6 +285,15 @@ pub async fn explain(
 
 /// Fills in token counts: a bound from byte length, exact counting only where a rule
 /// threshold falls inside the bound. Returns whether the count is exact.
+/// Exact token counts allowed to run at once: one per core.
+fn counting_permits() -> Arc<tokio::sync::Semaphore> {
+    static PERMITS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    Arc::clone(PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Arc::new(tokio::sync::Semaphore::new(cores))
+    }))
+}
+
 pub async fn count_tokens(
     parsed: &mut Parsed,
     model: Option<&Model>,
@@ -330,9 +339,24 @@ pub async fn count_tokens(
         return false;
     }
     let texts = std::mem::take(&mut parsed.texts);
-    let job = tokio::task::spawn_blocking(move || counter.count(&texts));
-    match tokio::time::timeout(budget, job).await {
-        Ok(Ok(n)) => {
+    // At most one count per core runs at once, each on a blocking thread holding its permit
+    // to the end (a count that outlives its budget cannot be cancelled). So a flood of long
+    // prompts costs bounded CPU and threads: without the bound every one started its own
+    // count and thread (each thread with its own malloc arena: hundreds of MB of RSS after
+    // a burst of 400 KB prompts); with it, the ones that find no permit within the budget
+    // take the bound.
+    let counted = tokio::time::timeout(budget, async move {
+        let permit = counting_permits().acquire_owned().await.ok()?;
+        tokio::task::spawn_blocking(move || {
+            let n = counter.count(&texts);
+            drop(permit);
+            n
+        })
+        .await
+        .ok()
+    });
+    match counted.await {
+        Ok(Some(n)) => {
             parsed.features.prompt_tokens = fixed + n;
             true
         }

@@ -105,5 +105,9 @@ async fn main() -> std::io::Result<()> {
         .route("/health", get(|| async { "ok" }))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(mock);
+    // Small SSE writes go out at once (no Nagle wait for the peer's delayed ACK).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }
