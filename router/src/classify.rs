@@ -54,16 +54,87 @@ impl Counter {
     }
 
     pub fn count(&self, texts: &[String]) -> u64 {
-        texts
-            .iter()
-            .map(|t| {
-                self.tokenizer
-                    .encode_fast(t.as_str(), false)
-                    .map(|e| e.len() as u64)
-                    .unwrap_or(t.len() as u64)
-            })
-            .sum()
+        texts.iter().map(|t| self.count_piece(t)).sum()
     }
+
+    fn count_piece(&self, t: &str) -> u64 {
+        self.tokenizer
+            .encode_fast(t, false)
+            .map(|e| e.len() as u64)
+            .unwrap_or(t.len() as u64)
+    }
+
+    /// The exact count, or `None` once `deadline` passes. Long texts are cut into pieces
+    /// of about [`PIECE_BYTES`] at word boundaries (just before a space that starts a
+    /// word, where the pre-tokenizer splits anyway, so the pieces' counts add up to the
+    /// whole's) and counted on up to `threads` threads, each checking the deadline between
+    /// pieces: a count that cannot finish in time stops instead of burning a core.
+    pub fn count_within(
+        &self,
+        texts: &[String],
+        deadline: std::time::Instant,
+        threads: usize,
+    ) -> Option<u64> {
+        let pieces: Vec<&str> = texts.iter().flat_map(|t| word_pieces(t)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let late = std::sync::atomic::AtomicBool::new(false);
+        let work = || {
+            use std::sync::atomic::Ordering::Relaxed;
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= pieces.len() || late.load(Relaxed) {
+                    return;
+                }
+                if std::time::Instant::now() > deadline {
+                    late.store(true, Relaxed);
+                    return;
+                }
+                total.fetch_add(self.count_piece(pieces[i]), Relaxed);
+            }
+        };
+        let threads = threads.clamp(1, pieces.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(work);
+            }
+            work();
+        });
+        (!late.into_inner()).then(|| total.into_inner())
+    }
+}
+
+/// Pieces of [`Counter::count_within`]'s parallel count.
+pub const PIECE_BYTES: usize = 32 * 1024;
+
+/// `text` cut into pieces of about [`PIECE_BYTES`], each cut just before a space that
+/// follows a non-space and precedes a non-space (`"word| next"`), so no pre-token spans a
+/// cut. A text without such a place stays whole.
+fn word_pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let b = rest.as_bytes();
+        let mut cut = rest.len();
+        if b.len() > PIECE_BYTES {
+            let mut i = PIECE_BYTES;
+            while i + 1 < b.len() {
+                if b[i] == b' '
+                    && !b[i - 1].is_ascii_whitespace()
+                    && !b[i + 1].is_ascii_whitespace()
+                {
+                    cut = i;
+                    break;
+                }
+                i += 1;
+            }
+        }
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// Tokenizers for the models in the live rules, keyed by model name.
@@ -285,6 +356,11 @@ pub async fn explain(
 
 /// Fills in token counts: a bound from byte length, exact counting only where a rule
 /// threshold falls inside the bound. Returns whether the count is exact.
+/// Threads one long count may use: the cores (a long prompt's count is split over them).
+fn counting_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// Exact token counts allowed to run at once: one per core.
 fn counting_permits() -> Arc<tokio::sync::Semaphore> {
     static PERMITS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
@@ -345,15 +421,17 @@ pub async fn count_tokens(
     // count and thread (each thread with its own malloc arena: hundreds of MB of RSS after
     // a burst of 400 KB prompts); with it, the ones that find no permit within the budget
     // take the bound.
+    let deadline = std::time::Instant::now() + budget;
     let counted = tokio::time::timeout(budget, async move {
         let permit = counting_permits().acquire_owned().await.ok()?;
         tokio::task::spawn_blocking(move || {
-            let n = counter.count(&texts);
+            let n = counter.count_within(&texts, deadline, counting_threads());
             drop(permit);
             n
         })
         .await
         .ok()
+        .flatten()
     });
     match counted.await {
         Ok(Some(n)) => {
@@ -439,5 +517,32 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Counting a long prompt in pieces on several threads gives the same count as one
+    /// pass over the whole text (SmolLM2's real tokenizer: spaces, punctuation, digits,
+    /// accents, newlines, double spaces), and a count past its deadline gives up.
+    #[test]
+    fn counting_in_pieces_is_exact_and_stops_at_the_deadline() {
+        let real = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !real.exists() {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
+            return;
+        }
+        let c = Counter::load(&TokenizerRef::Gguf(real)).unwrap();
+        let text = "Hello,  world!\nThe capital of France is Paris; it's 2026. naïve café — déjà vu, x1y2 \t end. "
+            .repeat(2000);
+        assert!(word_pieces(&text).count() > 4, "several pieces");
+        assert_eq!(word_pieces(&text).collect::<String>(), text);
+        let whole = c.count(std::slice::from_ref(&text));
+        let far = std::time::Instant::now() + Duration::from_secs(60);
+        let texts = vec![text.clone(), "short one".to_string()];
+        assert_eq!(
+            c.count_within(&texts, far, 3),
+            Some(whole + c.count(&["short one".to_string()]))
+        );
+        let past = std::time::Instant::now();
+        assert_eq!(c.count_within(std::slice::from_ref(&text), past, 2), None);
     }
 }
