@@ -408,6 +408,10 @@ async fn overload_answers_503_with_retry_after_and_loses_no_accepted_request() {
             (r.status().as_u16(), r.text().await.unwrap_or_default())
         })
     };
+    // the worker's warm-up request is already in its histograms
+    let base = gauge("switchyard_worker_ttft_seconds_count ")
+        .await
+        .unwrap();
     let running = send(&env);
     eventually(Duration::from_secs(10), "one request running", || async {
         (gauge("switchyard_worker_in_flight ").await? == 1).then_some(())
@@ -441,6 +445,30 @@ async fn overload_answers_503_with_retry_after_and_loses_no_accepted_request() {
         let v: Value = serde_json::from_str(&body).unwrap();
         assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{body}");
     }
+    // both accepted requests are in the worker's TTFT and queue-wait histograms; the
+    // queued one waited ~1.5 s for its slot, the others (running, warm-up) did not wait
+    assert_eq!(
+        gauge("switchyard_worker_ttft_seconds_count ").await,
+        Some(base + 2)
+    );
+    assert_eq!(
+        gauge("switchyard_worker_queue_wait_seconds_count ").await,
+        Some(base + 2)
+    );
+    let text = env
+        .http
+        .get(&worker_metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let within_1s = format!(
+        "switchyard_worker_queue_wait_seconds_bucket{{le=\"1\"}} {}",
+        base + 1
+    );
+    assert!(text.contains(&within_1s), "{within_1s} in {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

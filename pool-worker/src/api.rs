@@ -116,6 +116,16 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         st.last_ttft_us.load(Ordering::Relaxed) as f64 / 1e6,
         st.last_tps_milli.load(Ordering::Relaxed) as f64 / 1e3,
     );
+    let mut body = body.into_bytes();
+    let families: Vec<_> = [&st.ttft, &st.queue_wait]
+        .into_iter()
+        .flat_map(prometheus::core::Collector::collect)
+        .collect();
+    if let Err(e) =
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut body)
+    {
+        tracing::warn!("metrics: {e}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

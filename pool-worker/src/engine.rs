@@ -60,8 +60,11 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+/// A job and when it was queued.
+type Queued = (Job, Instant);
+
 /// Live counters the heartbeat and `/metrics` report.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub in_flight: AtomicUsize,
@@ -77,6 +80,42 @@ pub struct EngineStats {
     /// Fault injection (slow hardware): the engine sleeps this long before each token it
     /// produces, holding its slot. 0 = off; set only through the worker's `/admin/faults`.
     pub fault_token_delay_ms: AtomicU32,
+    /// Time from queueing to the first token (queue wait + prefill), seconds.
+    pub ttft: prometheus::Histogram,
+    /// Time a request waited in the queue for a batch slot, seconds.
+    pub queue_wait: prometheus::Histogram,
+}
+
+impl EngineStats {
+    pub fn new() -> prometheus::Result<Self> {
+        let buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        Ok(Self {
+            queued: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            tokens_generated: AtomicU64::new(0),
+            last_tps_milli: AtomicU64::new(0),
+            batch_size: AtomicUsize::new(0),
+            kv_tokens: AtomicUsize::new(0),
+            last_ttft_us: AtomicU64::new(0),
+            fault_token_delay_ms: AtomicU32::new(0),
+            ttft: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "switchyard_worker_ttft_seconds",
+                    "Time from queueing a request to its first token (queue wait and prefill).",
+                )
+                .buckets(buckets.clone()),
+            )?,
+            queue_wait: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "switchyard_worker_queue_wait_seconds",
+                    "Time a request waited for a batch slot.",
+                )
+                .buckets(buckets),
+            )?,
+        })
+    }
 }
 
 /// A loaded model: tokenizer, template and limits. The weights live in the actor thread.
@@ -137,7 +176,7 @@ pub enum Backend {
 pub struct Engine {
     pub model: Arc<LoadedModel>,
     pub stats: Arc<EngineStats>,
-    queue: std::sync::mpsc::SyncSender<Job>,
+    queue: std::sync::mpsc::SyncSender<Queued>,
 }
 
 impl Engine {
@@ -205,8 +244,8 @@ impl Engine {
             },
             simulated: sim.is_some(),
         });
-        let stats = Arc::new(EngineStats::default());
-        let (queue, rx) = std::sync::mpsc::sync_channel::<Job>(queue_capacity);
+        let stats = Arc::new(EngineStats::new().map_err(|e| WorkerError::Engine(e.to_string()))?);
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Queued>(queue_capacity);
         let spawned = match (weights, sim) {
             (Some(weights), _) => {
                 let actor = Actor {
@@ -241,7 +280,7 @@ impl Engine {
     /// Queues a job; `Err(QueueFull)` when the bounded queue is full.
     pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.queue.try_send(job).map_err(|e| {
+        self.queue.try_send((job, Instant::now())).map_err(|e| {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             match e {
                 std::sync::mpsc::TrySendError::Full(_) => WorkerError::QueueFull,
@@ -288,7 +327,7 @@ impl Engine {
 
 /// The simulated backend: every job streams on its own thread at the profile's pace, so the
 /// worker behaves like hardware with many concurrent streams.
-fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<EngineStats>) {
+fn run_sim(rx: std::sync::mpsc::Receiver<Queued>, profile: SimProfile, stats: Arc<EngineStats>) {
     const WORDS: [&str; 8] = [
         "simulated ",
         "tokens ",
@@ -299,7 +338,7 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Job>, profile: SimProfile, stats: Arc<E
         "of ",
         "switchyard. ",
     ];
-    while let Ok(job) = rx.recv() {
+    while let Ok((job, _)) = rx.recv() {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&stats);
@@ -367,6 +406,7 @@ struct Seq {
     sent_len: usize,
     budget: usize,
     started: Instant,
+    queued_at: Instant,
 }
 
 impl Seq {
@@ -449,18 +489,18 @@ enum Next {
 }
 
 impl Actor {
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Queued>) {
         let mut running: Vec<Seq> = Vec::new();
         loop {
             if running.is_empty() {
                 match rx.recv() {
-                    Ok(job) => self.admit(job, &mut running),
+                    Ok((job, at)) => self.admit(job, at, &mut running),
                     Err(_) => return,
                 }
             }
             while running.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(job) => self.admit(job, &mut running),
+                    Ok((job, at)) => self.admit(job, at, &mut running),
                     Err(_) => break,
                 }
             }
@@ -486,8 +526,11 @@ impl Actor {
         }
     }
 
-    fn admit(&self, job: Job, running: &mut Vec<Seq>) {
+    fn admit(&self, job: Job, queued_at: Instant, running: &mut Vec<Seq>) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
         if job.events.is_closed() {
             return; // client went away while queued
         }
@@ -516,6 +559,7 @@ impl Actor {
             budget,
             params: job.params,
             started: Instant::now(),
+            queued_at,
         });
     }
 
@@ -581,6 +625,9 @@ impl Actor {
                 self.stats
                     .last_ttft_us
                     .store(seq.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats
+                    .ttft
+                    .observe(seq.queued_at.elapsed().as_secs_f64());
                 if seq.budget == 0 {
                     self.finish(seq, false);
                     done.push(i);
