@@ -247,3 +247,133 @@ async fn workers_come_back_after_a_router_restart() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
 }
+
+/// A throwaway PKI: a CA, the router's certificate (127.0.0.1), a worker certificate from
+/// the CA and a rogue one from another CA. Returns the PEM paths by name.
+fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let ca = |_: ()| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    };
+    let (good_ca, rogue_ca) = (ca(()), ca(()));
+    let mut out = std::collections::HashMap::new();
+    let mut write = |name: &'static str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        out.insert(name, path.display().to_string());
+    };
+    write("ca.pem", good_ca.pem());
+    for (name, sans, usage, issuer) in [
+        (
+            "router",
+            vec!["127.0.0.1".to_string()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &good_ca,
+        ),
+        (
+            "worker",
+            vec!["worker".to_string()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &good_ca,
+        ),
+        (
+            "rogue",
+            vec!["rogue".to_string()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &rogue_ca,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        write(
+            match name {
+                "router" => "router.pem",
+                "worker" => "worker.pem",
+                _ => "rogue.pem",
+            },
+            cert.pem(),
+        );
+        write(
+            match name {
+                "router" => "router.key",
+                "worker" => "worker.key",
+                _ => "rogue.key",
+            },
+            key.serialize_pem(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mtls_a_certified_worker_registers_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = pki(dir.path());
+    let worker = |pool: &str, cert: &str, key: &str| {
+        WorkerSpec::new(pool)
+            .arg("--tls-ca")
+            .arg(&f["ca.pem"])
+            .arg("--tls-cert")
+            .arg(&f[cert])
+            .arg("--tls-key")
+            .arg(&f[key])
+    };
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--registry-tls-cert")
+        .router_arg(&f["router.pem"])
+        .router_arg("--registry-tls-key")
+        .router_arg(&f["router.key"])
+        .router_arg("--registry-client-ca")
+        .router_arg(&f["ca.pem"])
+        .worker(worker("cpu", "worker.pem", "worker.key"))
+        .worker(worker("l40s-spot", "rogue.pem", "rogue.key"))
+        .expect_registered(1)
+        .start()
+        .await
+        .unwrap();
+    assert!(env.grpc.starts_with("https://"), "{}", env.grpc);
+    let w = env.workers_json().await.unwrap();
+    assert_eq!(w.len(), 1, "only the certified worker: {w:?}");
+    assert_eq!(w[0]["pool"], "cpu");
+    let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+
+    // a caller trusting the router but without a client certificate gets nowhere
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(&f["ca.pem"]).unwrap());
+    let attempt = async {
+        let ch = tonic::transport::Channel::from_shared(env.grpc.clone())
+            .unwrap()
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        RegistryClient::new(ch)
+            .register(RegisterRequest {
+                worker_id: "anonymous".into(),
+                pool: "cpu".into(),
+                address: "127.0.0.1:1".into(),
+                models: vec![ServedModel {
+                    name: "tiny".into(),
+                    max_context: 100,
+                    modalities: vec![],
+                }],
+                max_concurrency: 1,
+                device: "cpu".into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(attempt.await.is_err(), "registered without a certificate");
+    assert_eq!(env.workers_json().await.unwrap().len(), 1);
+}

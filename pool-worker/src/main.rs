@@ -39,6 +39,14 @@ struct Args {
     /// Registry token (also SWITCHYARD_REGISTRY_TOKEN).
     #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA (PEM) to verify an `https://` router's registry certificate with.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// mTLS: this worker's certificate (PEM), with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Worker id (default: pool-host-port).
     #[arg(long)]
     worker_id: Option<String>,
@@ -125,11 +133,13 @@ async fn main() -> anyhow::Result<()> {
     // Machine-readable line for harnesses and scripts.
     println!("LISTENING http://{addr}");
 
+    let tls = registry_tls(&args)?;
     let registration = args.router.as_ref().map(|router| {
         Registration::new(
             RegistrationConfig {
                 router: router.clone(),
                 token: args.token.clone(),
+                tls: tls.clone(),
                 worker_id: args
                     .worker_id
                     .clone()
@@ -215,4 +225,24 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await.unwrap_or(());
+}
+
+/// TLS to the registry from the command line (files read now: a bad path stops the worker
+/// at start with a clear error).
+fn registry_tls(args: &Args) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    if args.tls_ca.is_none() && args.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = &args.tls_ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    Ok(Some(tls))
 }

@@ -22,6 +22,9 @@ use crate::engine::EngineStats;
 pub struct RegistrationConfig {
     pub router: String,
     pub token: Option<String>,
+    /// TLS to the registry (`https://` routers): the CA to trust, and for mTLS the
+    /// worker's own certificate.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub worker_id: String,
     pub pool: String,
     pub address: String,
@@ -60,9 +63,14 @@ impl Registration {
     }
 
     async fn client(&self) -> Result<RegistryClient<Channel>, String> {
-        let ch = Channel::from_shared(self.cfg.router.clone())
+        let mut ch = Channel::from_shared(self.cfg.router.clone())
             .map_err(|e| format!("bad router URL `{}`: {e}", self.cfg.router))?
             .connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = &self.cfg.tls {
+            ch = ch
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS: {e}"))?;
+        }
         Ok(RegistryClient::new(
             ch.connect().await.map_err(|e| e.to_string())?,
         ))

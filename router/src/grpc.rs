@@ -22,6 +22,9 @@ pub struct RegistryService {
     pub metrics: Arc<Metrics>,
     /// Networks a worker's advertised data-plane address must fall in.
     pub allowed_networks: Vec<ipnet::IpNet>,
+    /// The TLS layer requires client certificates from the configured CA: a caller that
+    /// got this far is authenticated.
+    pub mtls: bool,
 }
 
 /// The networks allowed when the operator names none: loopback, and only when the registry
@@ -38,7 +41,8 @@ pub fn default_networks(registry_listen: SocketAddr) -> Option<Vec<ipnet::IpNet>
 }
 
 impl RegistryService {
-    /// With a token: the caller must present it. Without: only loopback callers.
+    /// With a token: the caller must present it. Without: a caller with a client
+    /// certificate (mTLS), or only loopback callers.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match &self.token {
             Some(token) => {
@@ -54,6 +58,7 @@ impl RegistryService {
                     Err(Status::unauthenticated("bad or missing registry token"))
                 }
             }
+            None if self.mtls => Ok(()),
             None => match req.remote_addr() {
                 Some(a) if a.ip().is_loopback() => Ok(()),
                 other => Err(Status::permission_denied(format!(

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the router.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Start a local demo fleet (router + a worker per pool); `--smoke` checks a mix of requests.
     Demo(demo::DemoArgs),
     /// Work with rules files.
@@ -109,6 +109,16 @@ struct ServeArgs {
     /// Retry-After.
     #[arg(long, default_value_t = 1024 * 1024 * 1024)]
     max_buffered_bytes: usize,
+    /// TLS for the gRPC registry: certificate chain (PEM). With --registry-tls-key.
+    #[arg(long, requires = "registry_tls_key")]
+    registry_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --registry-tls-cert.
+    #[arg(long, requires = "registry_tls_cert")]
+    registry_tls_key: Option<PathBuf>,
+    /// mTLS: workers must present a certificate signed by this CA (PEM); such workers need
+    /// no token and may register from any allowed network.
+    #[arg(long, requires = "registry_tls_cert")]
+    registry_client_ca: Option<PathBuf>,
     /// Networks workers may advertise addresses in (comma-separated CIDRs; also
     /// SWITCHYARD_ALLOW_NETWORKS). Default: loopback, and only when --grpc is on loopback;
     /// required otherwise.
@@ -134,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
             Ok(r) => {
@@ -258,6 +268,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         watch_shared.on_reload(r)
     })?;
 
+    let tls = registry_tls(&args)?;
+    let mtls = args.registry_client_ca.is_some();
+    let grpc_scheme = if tls.is_some() { "https" } else { "http" };
     let cp_shared = Arc::clone(&shared);
     let token = args.registry_token.clone();
     let health_every =
@@ -304,8 +317,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     token,
                     metrics: Arc::clone(&cp_shared.metrics),
                     allowed_networks,
+                    mtls,
                 };
-                let grpc_task = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = tls {
+                    builder = match builder.tls_config(tls) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!("registry TLS: {e}");
+                            std::process::exit(1);
+                        }
+                    };
+                }
+                let grpc_task = builder
                     .add_service(proto::registry_server::RegistryServer::new(svc))
                     .serve_with_incoming(tokio_stream_from(grpc));
                 let admin_task = axum::serve(admin, router::admin::router(Arc::clone(&cp_shared)));
@@ -339,9 +363,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .l4_buffer(pingora::listeners::L4BufferSettings::default().write(16 * 1024)),
     );
     server.add_service(proxy);
-    println!("LISTENING proxy=http://{listen} grpc=http://{grpc_addr} admin=http://{admin_addr}");
+    println!(
+        "LISTENING proxy=http://{listen} grpc={grpc_scheme}://{grpc_addr} admin=http://{admin_addr}"
+    );
     tracing::info!(%listen, %grpc_addr, %admin_addr, rules = %args.rules.display(), "switchyard serving");
     server.run_forever();
+}
+
+/// The registry's TLS settings from the command line (files read now, so a bad path stops
+/// the router at start with a clear error).
+fn registry_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.registry_tls_cert, &args.registry_tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+    );
+    if let Some(ca) = &args.registry_client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// `kill -HUP` re-reads the rules file, as the file watcher and `POST /admin/reload` do.
