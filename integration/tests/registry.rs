@@ -10,6 +10,22 @@ use proto::registry_client::RegistryClient;
 use proto::{RegisterRequest, ServedModel};
 use serde_json::json;
 
+/// A registration of one `tiny`-serving worker, as a probe.
+fn probe(worker_id: &str, pool: &str, address: &str) -> RegisterRequest {
+    RegisterRequest {
+        worker_id: worker_id.into(),
+        pool: pool.into(),
+        address: address.into(),
+        models: vec![ServedModel {
+            name: "tiny".into(),
+            max_context: 100,
+            modalities: vec!["text".into()],
+        }],
+        max_concurrency: 1,
+        device: "cpu".into(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_worker_expires_within_ttl_and_returns_after_thaw() {
     let env = TestEnv::new()
@@ -145,18 +161,7 @@ async fn wrong_token_and_disallowed_address_are_refused() {
 
     let mut client = RegistryClient::connect(env.grpc.clone()).await.unwrap();
     let register = |address: &str, pool: &str, token: Option<&str>| {
-        let mut req = tonic::Request::new(RegisterRequest {
-            worker_id: "probe".into(),
-            pool: pool.into(),
-            address: address.into(),
-            models: vec![ServedModel {
-                name: "tiny".into(),
-                max_context: 100,
-                modalities: vec!["text".into()],
-            }],
-            max_concurrency: 1,
-            device: "cpu".into(),
-        });
+        let mut req = tonic::Request::new(probe("probe", pool, address));
         if let Some(t) = token {
             req.metadata_mut()
                 .insert("authorization", format!("Bearer {t}").parse().unwrap());
@@ -206,18 +211,7 @@ async fn without_a_token_only_loopback_addresses_register() {
     let env = TestEnv::new().rules(FLEET_RULES).start().await.unwrap();
     let mut client = RegistryClient::connect(env.grpc.clone()).await.unwrap();
     let e = client
-        .register(RegisterRequest {
-            worker_id: "remote".into(),
-            pool: "cpu".into(),
-            address: "10.1.2.3:8000".into(),
-            models: vec![ServedModel {
-                name: "tiny".into(),
-                max_context: 100,
-                modalities: vec![],
-            }],
-            max_concurrency: 1,
-            device: "cpu".into(),
-        })
+        .register(probe("remote", "cpu", "10.1.2.3:8000"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
@@ -358,18 +352,7 @@ async fn with_mtls_a_certified_worker_registers_and_others_are_refused() {
             .await
             .map_err(|e| e.to_string())?;
         RegistryClient::new(ch)
-            .register(RegisterRequest {
-                worker_id: "anonymous".into(),
-                pool: "cpu".into(),
-                address: "127.0.0.1:1".into(),
-                models: vec![ServedModel {
-                    name: "tiny".into(),
-                    max_context: 100,
-                    modalities: vec![],
-                }],
-                max_concurrency: 1,
-                device: "cpu".into(),
-            })
+            .register(probe("anonymous", "cpu", "127.0.0.1:1"))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
