@@ -48,6 +48,9 @@ pub struct AppState {
     pub active: AtomicUsize,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Besides loopback callers (a spot-interruption watcher on the host), `POST
+    /// /admin/preempt` is accepted from callers presenting this token (the registry token).
+    pub admin_token: Option<String>,
 }
 
 /// Counts a request in `AppState::active` until dropped.
@@ -161,10 +164,38 @@ async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 
 /// A spot-interruption notice: stop taking work, tell the router, finish in-flight
 /// requests, deregister and exit — within `deadline_s` (default 30).
+/// Whether a preemption notice from `peer` presenting `presented` may drain the worker:
+/// loopback callers always, others only with the configured token (constant-time compare).
+fn preempt_allowed(
+    peer: std::net::SocketAddr,
+    token: Option<&str>,
+    presented: Option<&str>,
+) -> bool {
+    let token_ok = match (token, presented) {
+        (Some(t), Some(p)) => bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), p.as_bytes())),
+        _ => false,
+    };
+    peer.ip().is_loopback() || token_ok
+}
+
 async fn preempt(
     State(s): State<Arc<AppState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Response {
+    // Draining takes a worker out of service: only the host itself (loopback) or a holder
+    // of the registry token may ask for it.
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !preempt_allowed(peer, s.admin_token.as_deref(), presented) {
+        let body = json!({ "error": {
+            "message": format!("preemption notices are accepted from loopback, or with the registry token (caller {peer})"),
+            "type": "permission_error", "code": "forbidden", "param": null } });
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
     let deadline = q
         .as_deref()
         .unwrap_or_default()
@@ -644,4 +675,27 @@ fn stream_response(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn preemption_notices_need_loopback_or_the_token() {
+        let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: std::net::SocketAddr = "10.0.0.5:5000".parse().unwrap();
+        assert!(super::preempt_allowed(local, None, None));
+        assert!(!super::preempt_allowed(remote, None, None));
+        assert!(!super::preempt_allowed(remote, None, Some("x")));
+        assert!(!super::preempt_allowed(
+            remote,
+            Some("s3cret"),
+            Some("wrong")
+        ));
+        assert!(!super::preempt_allowed(remote, Some("s3cret"), None));
+        assert!(super::preempt_allowed(
+            remote,
+            Some("s3cret"),
+            Some("s3cret")
+        ));
+    }
 }

@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_request: Default::default(),
         active: Default::default(),
         max_body_bytes: args.max_body_bytes,
+        admin_token: args.token.clone(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -203,9 +204,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, pool_worker::api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        pool_worker::api::router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     Ok(())
 }
 
