@@ -29,7 +29,15 @@ pub struct Counter {
     /// GPT-2 style pre-tokenizer (built from GGUF metadata): every run of letters and every
     /// digit is at least one token, a much tighter lower bound than the byte length gives.
     splits_words: bool,
+    /// Counts of long texts seen recently, by hash: a conversation resends its history
+    /// (and its system prompt) every turn, so only the new message is counted again.
+    cache: std::sync::Mutex<lru::LruCache<u64, u64>>,
 }
+
+/// Texts shorter than this are counted, not cached.
+const CACHE_MIN_BYTES: usize = 1024;
+/// Cached counts per model.
+const CACHE_ENTRIES: usize = 4096;
 
 impl Counter {
     pub fn load(source: &TokenizerRef) -> Result<Self, String> {
@@ -50,6 +58,9 @@ impl Counter {
             tokenizer,
             max_token_bytes,
             splits_words: matches!(source, TokenizerRef::Gguf(_)),
+            cache: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::MIN.saturating_add(CACHE_ENTRIES - 1),
+            )),
         })
     }
 
@@ -75,12 +86,31 @@ impl Counter {
         deadline: std::time::Instant,
         threads: usize,
     ) -> Option<u64> {
-        let pieces: Vec<&str> = texts.iter().flat_map(|t| word_pieces(t)).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let total = std::sync::atomic::AtomicU64::new(0);
-        let late = std::sync::atomic::AtomicBool::new(false);
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+        let key = |t: &str| {
+            let mut h = DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        };
+        // Long texts counted before come from the cache; the rest is cut into pieces.
+        let mut cached = 0;
+        let mut pieces: Vec<(usize, &str)> = Vec::new();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, t) in texts.iter().enumerate() {
+                match (t.len() >= CACHE_MIN_BYTES)
+                    .then(|| cache.get(&key(t)).copied())
+                    .flatten()
+                {
+                    Some(n) => cached += n,
+                    None => pieces.extend(word_pieces(t).map(|p| (i, p))),
+                }
+            }
+        }
+        let per_text: Vec<AtomicU64> = texts.iter().map(|_| AtomicU64::new(0)).collect();
+        let next = AtomicUsize::new(0);
+        let late = AtomicBool::new(false);
         let work = || {
-            use std::sync::atomic::Ordering::Relaxed;
             loop {
                 let i = next.fetch_add(1, Relaxed);
                 if i >= pieces.len() || late.load(Relaxed) {
@@ -90,7 +120,8 @@ impl Counter {
                     late.store(true, Relaxed);
                     return;
                 }
-                total.fetch_add(self.count_piece(pieces[i]), Relaxed);
+                let (text, piece) = pieces[i];
+                per_text[text].fetch_add(self.count_piece(piece), Relaxed);
             }
         };
         let threads = threads.clamp(1, pieces.len().max(1));
@@ -100,7 +131,18 @@ impl Counter {
             }
             work();
         });
-        (!late.into_inner()).then(|| total.into_inner())
+        if late.into_inner() {
+            return None;
+        }
+        let counted: Vec<u64> = per_text.into_iter().map(AtomicU64::into_inner).collect();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = std::collections::HashSet::new();
+        for &(i, _) in &pieces {
+            if fresh.insert(i) && texts[i].len() >= CACHE_MIN_BYTES {
+                cache.put(key(&texts[i]), counted[i]);
+            }
+        }
+        Some(cached + counted.iter().sum::<u64>())
     }
 }
 
@@ -521,7 +563,8 @@ mod tests {
 
     /// Counting a long prompt in pieces on several threads gives the same count as one
     /// pass over the whole text (SmolLM2's real tokenizer: spaces, punctuation, digits,
-    /// accents, newlines, double spaces), and a count past its deadline gives up.
+    /// accents, newlines, double spaces), a text counted before is not counted again, and
+    /// a count past its deadline gives up.
     #[test]
     fn counting_in_pieces_is_exact_and_stops_at_the_deadline() {
         let real = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -542,7 +585,13 @@ mod tests {
             c.count_within(&texts, far, 3),
             Some(whole + c.count(&["short one".to_string()]))
         );
+        // counted once, a long text comes from the cache: even past the deadline
         let past = std::time::Instant::now();
-        assert_eq!(c.count_within(std::slice::from_ref(&text), past, 2), None);
+        assert_eq!(
+            c.count_within(std::slice::from_ref(&text), past, 2),
+            Some(whole)
+        );
+        let other = format!("{text} and one more sentence.");
+        assert_eq!(c.count_within(std::slice::from_ref(&other), past, 2), None);
     }
 }
