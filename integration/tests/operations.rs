@@ -291,3 +291,47 @@ async fn sigterm_lets_an_in_flight_stream_finish_and_readyz_goes_503() {
         "the router exits once idle: {exited:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_gets_408_and_holds_nothing() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--body-timeout-ms")
+        .router_arg("500")
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    // the first half of a body, then nothing for 3 s
+    let parts: Vec<Result<String, std::io::Error>> = vec![
+        Ok(r#"{"model":"tiny","messages":"#.into()),
+        Ok("[]}".into()),
+    ];
+    let slow = futures::stream::iter(parts)
+        .enumerate()
+        .then(|(i, p)| async move {
+            if i == 1 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            p
+        });
+    let t0 = Instant::now();
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.proxy))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(slow))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 408);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    let m = env.metrics().await.unwrap();
+    assert_eq!(
+        metric(&m, "switchyard_router_buffered_body_bytes "),
+        Some(0.0),
+        "{m}"
+    );
+}

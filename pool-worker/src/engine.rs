@@ -338,14 +338,16 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Queued>, profile: SimProfile, stats: Ar
         "of ",
         "switchyard. ",
     ];
-    while let Ok((job, _)) = rx.recv() {
+    while let Ok((job, queued_at)) = rx.recv() {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.queue_wait.observe(queued_at.elapsed().as_secs_f64());
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&stats);
         let spawned = std::thread::Builder::new()
             .name("sim-stream".into())
             .spawn(move || {
                 std::thread::sleep(profile.ttft);
+                stats.ttft.observe(queued_at.elapsed().as_secs_f64());
                 let per_token =
                     std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
                 let mut n = 0;

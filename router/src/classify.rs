@@ -31,7 +31,9 @@ pub struct Counter {
     splits_words: bool,
     /// Counts of long texts seen recently, by hash: a conversation resends its history
     /// (and its system prompt) every turn, so only the new message is counted again.
-    cache: std::sync::Mutex<lru::LruCache<u64, u64>>,
+    cache: std::sync::Mutex<lru::LruCache<(usize, u64), u64>>,
+    /// Keys the cache with a per-process random seed: texts cannot be crafted to collide.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// Texts shorter than this are counted, not cached.
@@ -61,6 +63,7 @@ impl Counter {
             cache: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::MIN.saturating_add(CACHE_ENTRIES - 1),
             )),
+            hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
@@ -87,11 +90,7 @@ impl Counter {
         threads: usize,
     ) -> Option<u64> {
         use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-        let key = |t: &str| {
-            let mut h = DefaultHasher::new();
-            t.hash(&mut h);
-            h.finish()
-        };
+        let key = |t: &str| (t.len(), std::hash::BuildHasher::hash_one(&self.hasher, t));
         // Long texts counted before come from the cache; the rest is cut into pieces.
         let mut cached = 0;
         let mut pieces: Vec<(usize, &str)> = Vec::new();
@@ -151,7 +150,7 @@ pub const PIECE_BYTES: usize = 32 * 1024;
 
 /// `text` cut into pieces of about [`PIECE_BYTES`], each cut just before a space that
 /// follows a non-space and precedes a non-space (`"word| next"`), so no pre-token spans a
-/// cut. A text without such a place stays whole.
+/// cut; where no such place comes within 2 × [`PIECE_BYTES`], at a character boundary.
 fn word_pieces(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
@@ -167,6 +166,13 @@ fn word_pieces(text: &str) -> impl Iterator<Item = &str> {
                     && !b[i - 1].is_ascii_whitespace()
                     && !b[i + 1].is_ascii_whitespace()
                 {
+                    cut = i;
+                    break;
+                }
+                // No word boundary for a while (CJK prose, base64, minified JSON): cut at
+                // a character boundary, so the deadline is still checked; the count may be
+                // off by a token at such a cut.
+                if i >= 2 * PIECE_BYTES && rest.is_char_boundary(i) {
                     cut = i;
                     break;
                 }
@@ -403,7 +409,7 @@ fn counting_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// Exact token counts allowed to run at once: one per core.
+/// Counting threads allowed at once, over all counts: one per core.
 fn counting_permits() -> Arc<tokio::sync::Semaphore> {
     static PERMITS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
     Arc::clone(PERMITS.get_or_init(|| {
@@ -457,18 +463,26 @@ pub async fn count_tokens(
         return false;
     }
     let texts = std::mem::take(&mut parsed.texts);
-    // At most one count per core runs at once, each on a blocking thread holding its permit
-    // to the end (a count that outlives its budget cannot be cancelled). So a flood of long
-    // prompts costs bounded CPU and threads: without the bound every one started its own
-    // count and thread (each thread with its own malloc arena: hundreds of MB of RSS after
-    // a burst of 400 KB prompts); with it, the ones that find no permit within the budget
-    // take the bound.
+    // At most one counting thread per core runs at once over all counts (a count takes a
+    // permit per thread it uses and holds them to its end). So a flood of long prompts
+    // costs bounded CPU and threads: without the bound every one started its own count and
+    // thread (each thread with its own malloc arena: hundreds of MB of RSS after a burst
+    // of 400 KB prompts); with it, the ones that find no permit within the budget take the
+    // bound, and a count past its deadline stops between pieces.
     let deadline = std::time::Instant::now() + budget;
     let counted = tokio::time::timeout(budget, async move {
-        let permit = counting_permits().acquire_owned().await.ok()?;
+        // one permit to start; a thread more for each further permit free now
+        let permits = counting_permits();
+        let mut held = vec![Arc::clone(&permits).acquire_owned().await.ok()?];
+        while held.len() < counting_threads() {
+            match Arc::clone(&permits).try_acquire_owned() {
+                Ok(p) => held.push(p),
+                Err(_) => break,
+            }
+        }
         tokio::task::spawn_blocking(move || {
-            let n = counter.count_within(&texts, deadline, counting_threads());
-            drop(permit);
+            let n = counter.count_within(&texts, deadline, held.len());
+            drop(held);
             n
         })
         .await

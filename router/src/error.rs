@@ -13,6 +13,8 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the request body did not arrive within {timeout:?}")]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("request headers are larger than the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
     #[error("unknown endpoint {0}")]
@@ -33,6 +35,7 @@ impl ProxyError {
             Self::BadJson(_) | Self::BadRequest(..) => 400,
             Self::UnknownModel(_) | Self::NotFound(_) => 404,
             Self::MethodNotAllowed => 405,
+            Self::BodyTimeout { .. } => 408,
             Self::TooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
             Self::NoCapacity(_) | Self::BodyBudget { .. } => 503,
@@ -45,6 +48,7 @@ impl ProxyError {
             Self::BadRequest(..) => ("invalid_request_error", "invalid_request"),
             Self::UnknownModel(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
             Self::NotFound(_) => ("invalid_request_error", "not_found"),
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),

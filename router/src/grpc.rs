@@ -44,6 +44,9 @@ impl RegistryService {
     /// With a token: the caller must present it. Without: a caller with a client
     /// certificate (mTLS), or only loopback callers.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.mtls {
+            return Ok(()); // the TLS handshake verified the worker's certificate
+        }
         match &self.token {
             Some(token) => {
                 let presented = req
@@ -58,7 +61,6 @@ impl RegistryService {
                     Err(Status::unauthenticated("bad or missing registry token"))
                 }
             }
-            None if self.mtls => Ok(()),
             None => match req.remote_addr() {
                 Some(a) if a.ip().is_loopback() => Ok(()),
                 other => Err(Status::permission_denied(format!(

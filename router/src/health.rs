@@ -15,6 +15,7 @@ use crate::state::Shared;
 pub async fn run(shared: Arc<Shared>, every: Duration, path: String) {
     let timeout = every.min(Duration::from_secs(2));
     let client = match reqwest::Client::builder()
+        .no_proxy()
         .timeout(timeout)
         .connect_timeout(timeout)
         .build()

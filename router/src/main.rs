@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Largest request body accepted (bytes).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Time a client has to send its whole request body; 408 beyond.
+    #[arg(long, default_value_t = 30_000)]
+    body_timeout_ms: u64,
     /// Largest request header block accepted (bytes); 431 beyond.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -232,6 +235,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         total_timeout: Duration::from_millis(args.total_timeout_ms),
         debug_headers: !args.no_debug_headers,
         max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes),
+        body_timeout: Duration::from_millis(args.body_timeout_ms),
     };
     let allowed_networks = if args.allow_networks.is_empty() {
         router::grpc::default_networks(args.addrs.grpc).context(

@@ -249,8 +249,8 @@ impl SwitchyardProxy {
                 .and_then(|v| v.to_str().ok()),
         );
 
-        // `_held` keeps the body's bytes reserved in the global budget until the end.
-        let (body, _held) = match self.read_body(session).await? {
+        // `held` keeps the body's bytes reserved in the global budget until a worker answers.
+        let (body, held) = match self.read_body(session).await? {
             Ok(b) => b,
             Err(e) => return respond_error(session, ctx, &e).await,
         };
@@ -287,8 +287,15 @@ impl SwitchyardProxy {
         let decision = rules.rules.route(&parsed.features);
         ctx.decision = Some(decision.clone());
         drop(rules);
-        self.forward(session, ctx, &decision, &parsed.features, &path, body)
-            .await
+        self.forward(
+            session,
+            ctx,
+            &decision,
+            &parsed.features,
+            &path,
+            (body, held),
+        )
+        .await
     }
 
     fn collect_headers(
@@ -326,13 +333,31 @@ impl SwitchyardProxy {
         if declared.is_some_and(|n| n > limit) {
             return Ok(Err(ProxyError::TooLarge { limit }));
         }
-        let Some(mut held) = budget.reserve(declared.unwrap_or(0)) else {
+        // A declared body that cannot fit now is refused before reading it; otherwise bytes
+        // are reserved as they arrive, so a client that declares much and sends little
+        // holds only what it sent.
+        if declared.is_some_and(|n| budget.in_use().saturating_add(n) > budget.limit()) {
+            return Ok(Err(ProxyError::BodyBudget {
+                limit: budget.limit(),
+            }));
+        }
+        let Some(mut held) = budget.reserve(0) else {
             return Ok(Err(ProxyError::BodyBudget {
                 limit: budget.limit(),
             }));
         };
-        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
-        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(1 << 20));
+        // The whole body must arrive within the body timeout (pingora's own timeout is per
+        // read: a client dripping a byte a minute would hold its reservation forever).
+        let deadline = tokio::time::Instant::now() + self.shared.config.body_timeout;
+        loop {
+            let read = session.as_downstream_mut().read_request_body();
+            let Ok(next) = tokio::time::timeout_at(deadline, read).await else {
+                return Ok(Err(ProxyError::BodyTimeout {
+                    timeout: self.shared.config.body_timeout,
+                }));
+            };
+            let Some(chunk) = next? else { break };
             let len = buf.len() + chunk.len();
             if len > limit {
                 return Ok(Err(ProxyError::TooLarge { limit }));
@@ -372,7 +397,7 @@ impl SwitchyardProxy {
         decision: &RouteDecision,
         features: &routing_rules::RequestFeatures,
         path: &str,
-        body: Bytes,
+        (body, held): (Bytes, Held),
     ) -> Result<()> {
         let shared = &self.shared;
         shared.retry_budget.record_request();
@@ -426,6 +451,9 @@ impl SwitchyardProxy {
                         .observe(t0.elapsed().as_secs_f64());
                     ctx.pool = Some(pool.clone());
                     ctx.status = resp.status.as_u16();
+                    // No failover after this point: the body and its reservation go now,
+                    // not when a long stream ends.
+                    drop((body, held));
                     let relayed = self.relay(session, ctx, decision, &peer, up, resp).await;
                     ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
                     return relayed;
@@ -687,14 +715,20 @@ impl UsageScan {
             if let Some(n) = Self::find(&seam) {
                 self.completion_tokens = Some(n);
             }
+            seam.truncate(seam.len() - chunk.len().min(Self::KEEP));
             self.tail = seam;
-            self.tail.clear();
         }
         if let Some(n) = Self::find(chunk) {
             self.completion_tokens = Some(n);
         }
+        // keep the last KEEP bytes of (tail + chunk): a key may span several small chunks
+        if chunk.len() >= Self::KEEP {
+            self.tail.clear();
+        }
         self.tail
             .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.tail.len().saturating_sub(Self::KEEP);
+        self.tail.drain(..excess);
     }
 
     /// The last complete `"completion_tokens": N` in `buf`.
@@ -727,6 +761,13 @@ mod tests {
             u.feed(&answer[..split]);
             u.feed(&answer[split..]);
             assert_eq!(u.completion_tokens, Some(345), "split at {split}");
+        }
+        for size in 1..12 {
+            let mut u = UsageScan::default();
+            for c in answer.chunks(size) {
+                u.feed(c);
+            }
+            assert_eq!(u.completion_tokens, Some(345), "{size}-byte chunks");
         }
         let mut u = UsageScan::default();
         u.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");

@@ -26,6 +26,8 @@ pub struct Config {
     pub debug_headers: bool,
     /// All request bodies held at once (see [`crate::budget`]).
     pub max_buffered_bytes: usize,
+    /// The whole request body must arrive within this (408 beyond).
+    pub body_timeout: Duration,
 }
 
 /// The outcome of the most recent reload that saw a changed file.
