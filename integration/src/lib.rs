@@ -59,7 +59,12 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` and waits for its `LISTENING ...` line on stdout.
-    fn spawn(mut cmd: Command, log: &Path) -> Result<Self> {
+    fn spawn(cmd: Command, log: &Path) -> Result<Self> {
+        Self::spawn_until(cmd, log, "LISTENING")
+    }
+
+    /// Spawns `cmd` and waits for a line on stdout that starts with `prefix`.
+    fn spawn_until(mut cmd: Command, log: &Path, prefix: &'static str) -> Result<Self> {
         let log_file = std::fs::File::create(log)?;
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -70,7 +75,7 @@ impl Proc {
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(l)) = lines.next() {
-                if l.starts_with("LISTENING") {
+                if l.starts_with(prefix) {
                     let _ = tx.send(l);
                 }
             }
@@ -93,6 +98,20 @@ impl Proc {
         self.line
             .split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {
@@ -280,6 +299,13 @@ impl TestEnv {
 }
 
 fn spawn_router(dir: &Path, rules: &Path, addrs: &[&str; 3], extra: &[String]) -> Result<Proc> {
+    Proc::spawn(
+        router_command(rules, addrs, extra)?,
+        &dir.join("router.log"),
+    )
+}
+
+fn router_command(rules: &Path, addrs: &[&str; 3], extra: &[String]) -> Result<Command> {
     let mut cmd = Command::new(bin("switchyard")?);
     cmd.args(["serve", "--rules"]).arg(rules).args([
         "--listen",
@@ -294,7 +320,7 @@ fn spawn_router(dir: &Path, rules: &Path, addrs: &[&str; 3], extra: &[String]) -
         "1000",
     ]);
     cmd.args(extra);
-    Proc::spawn(cmd, &dir.join("router.log"))
+    Ok(cmd)
 }
 
 fn host_port(url: &str) -> &str {
@@ -325,6 +351,28 @@ impl Running {
             },
         )
         .await
+    }
+
+    /// A zero-downtime upgrade: starts a new router with `--upgrade` on the same addresses
+    /// (log `router-upgraded.log`) and, once it waits for the sockets, sends the running
+    /// one SIGQUIT. Returns the old process, which exits when its requests are done.
+    pub fn upgrade_router(&mut self) -> Result<Proc> {
+        let addrs = [
+            host_port(&self.proxy),
+            host_port(&self.grpc),
+            host_port(&self.admin),
+        ];
+        let mut args = self.router_args.clone();
+        args.push("--upgrade".into());
+        let cmd = router_command(&self.rules_path, &addrs, &args)?;
+        let new = Proc::spawn_until(
+            cmd,
+            &self.dir.path().join("router-upgraded.log"),
+            "UPGRADING",
+        )?;
+        let old = std::mem::replace(&mut self.router, new);
+        old.signal("QUIT");
+        Ok(old)
     }
 
     /// POSTs to a worker's fault-injection endpoint.

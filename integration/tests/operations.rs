@@ -275,17 +275,8 @@ async fn sigterm_lets_an_in_flight_stream_finish_and_readyz_goes_503() {
         .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from));
     assert!(finish.is_some(), "the stream finished normally: {text}");
     // with nothing left in flight the router exits without sleeping out its 5 s grace
-    let t0 = Instant::now();
     let mut env = env;
-    let exited = loop {
-        if let Some(status) = env.router.child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if t0.elapsed() > Duration::from_secs(3) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = env.router.exited_within(Duration::from_secs(3)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "the router exits once idle: {exited:?}"
@@ -333,5 +324,94 @@ async fn a_body_that_does_not_arrive_in_time_gets_408_and_holds_nothing() {
         metric(&m, "switchyard_router_buffered_body_bytes "),
         Some(0.0),
         "{m}"
+    );
+}
+
+/// `serve --upgrade` then SIGQUIT to the running router: the new process takes over the
+/// listening sockets and the workers' leases. A stream in flight on the old process
+/// finishes, requests sent throughout the hand-over all succeed (new connections never
+/// meet a closed port), the worker keeps its lease, and the old process exits once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_hands_over_without_losing_a_request() {
+    // 40 tokens at 75 ms: the stream runs ~3 s, past the hand-over
+    let mut env = faulty_cpu(
+        &["--shutdown-grace-s", "30"],
+        json!({ "token_delay_ms": 75 }),
+    )
+    .await
+    .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 40, true)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+
+    // short requests, each on a new connection, all through the upgrade
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for _ in 0..3 {
+        let (proxy, stop) = (env.proxy.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap();
+            let mut outcomes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .post(format!("{proxy}/v1/chat/completions"))
+                    .json(&chat_body("tiny", 10, 1, false))
+                    .send()
+                    .await;
+                outcomes.push(match r {
+                    Ok(r) => r.status().as_u16().to_string(),
+                    Err(e) => format!("{e:?}"),
+                });
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut old = env.upgrade_router().unwrap();
+
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+    assert!(
+        !text.contains("\"error\""),
+        "the stream on the old process ended normally: {text}"
+    );
+    // the old process lets go after pingora's 5 s hand-over window, once idle
+    let exited = old.exited_within(Duration::from_secs(15)).await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the old router exits once idle: {exited:?}\n{}",
+        env.log("router.log")
+    );
+    // the new process alone now: two heartbeats later the worker is still live
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for s in senders {
+        outcomes.extend(s.await.unwrap());
+    }
+    let failed: Vec<&String> = outcomes.iter().filter(|o| *o != "200").collect();
+    assert!(outcomes.len() > 20, "{} requests", outcomes.len());
+    assert!(failed.is_empty(), "{failed:?} of {}", outcomes.len());
+    assert_eq!(env.live_workers().await.unwrap(), 1);
+    let r = env.chat(&chat_body("tiny", 10, 1, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    let metrics = env.metrics().await.unwrap();
+    assert!(
+        metric(&metrics, "switchyard_router_requests_total{").is_some(),
+        "the new process served requests:\n{metrics}"
+    );
+    assert!(
+        !env.log("worker-0.log").contains("lease lost"),
+        "the worker kept its lease: {}",
+        env.log("worker-0.log")
     );
 }

@@ -1,12 +1,15 @@
 //! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`,
 //! `/admin/workers`, `/admin/pools`, `/admin/rules`, `POST /admin/reload` (also
-//! `/admin/rules/reload`), `POST /admin/explain`.
+//! `/admin/rules/reload`), `POST /admin/explain`, and `/admin/registry/leases` for the
+//! process that replaces this one in an upgrade.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +30,46 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/rules/reload", post(reload))
         .route("/admin/explain", post(explain))
+        .route("/admin/registry/leases", get(leases))
         .with_state(shared)
+}
+
+/// Both ends of an admin connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Peer {
+    /// A caller on this host: loopback, or this host connecting to its own address.
+    pub fn same_host(&self) -> bool {
+        self.remote.ip().is_loopback() || self.remote.ip() == self.local.ip()
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let remote = *s.remote_addr();
+        Self {
+            remote,
+            local: s.io().local_addr().unwrap_or(remote),
+        }
+    }
+}
+
+/// The registered workers' leases, for `switchyard serve --upgrade`: the new process takes
+/// them over so routing has no gap. Only callers on this host (the listening sockets are
+/// handed over on this host anyway).
+async fn leases(State(s): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+    if !peer.same_host() {
+        let body = json!({"error": {
+            "message": "leases are handed only to a process on this host",
+            "type": "invalid_request_error", "code": "forbidden", "param": null,
+        }});
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
+    axum::Json(s.registry.export()).into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -232,5 +274,23 @@ async fn reload(State(s): State<Arc<Shared>>) -> Response {
         Ok(Ok(_)) => axum::Json(json!({ "generation": s.rules.generation() })).into_response(),
         Ok(Err(problems)) => (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({ "error": "rules rejected; the previous rules keep serving", "problems": problems }))).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peer;
+
+    #[test]
+    fn leases_go_only_to_callers_on_this_host() {
+        let peer = |remote: &str, local: &str| Peer {
+            remote: remote.parse().unwrap(),
+            local: local.parse().unwrap(),
+        };
+        assert!(peer("127.0.0.1:5000", "127.0.0.1:9090").same_host());
+        assert!(peer("[::1]:5000", "[::1]:9090").same_host());
+        // this host calling its own network address
+        assert!(peer("10.0.0.5:5000", "10.0.0.5:9090").same_host());
+        assert!(!peer("10.0.0.6:5000", "10.0.0.5:9090").same_host());
     }
 }

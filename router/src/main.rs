@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pingora::prelude::*;
+use pingora::server::ExecutionPhase;
 use pingora::server::configuration::ServerConf;
 use router::metrics::Metrics;
 use router::proxy::SwitchyardProxy;
@@ -137,6 +138,15 @@ struct ServeArgs {
     /// Path the static workers' health check requests (a 2xx answer is healthy).
     #[arg(long, default_value = "/health")]
     health_check_path: String,
+    /// Zero-downtime upgrade: take over the listening sockets and the registered workers'
+    /// leases of the router running on the same addresses, then send that one SIGQUIT
+    /// (within 5 s). It finishes its in-flight requests and exits.
+    #[arg(long)]
+    upgrade: bool,
+    /// Unix socket the listening sockets are handed over on; both processes must agree
+    /// [default: /tmp/switchyard-upgrade-<proxy port>.sock].
+    #[arg(long)]
+    upgrade_sock: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -255,16 +265,77 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no --registry-token: only workers on loopback may register");
     }
 
+    let listen = resolve_port(args.addrs.listen)?;
+    let upgrade_sock = args.upgrade_sock.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("/tmp/switchyard-upgrade-{}.sock", listen.port()))
+    });
+    if args.upgrade {
+        anyhow::ensure!(
+            args.addrs.listen.port() != 0
+                && args.addrs.grpc.port() != 0
+                && args.addrs.admin.port() != 0,
+            "--upgrade takes over a running router: give its --listen, --grpc and --admin addresses"
+        );
+        match fetch_leases(args.addrs.admin) {
+            Ok(leases) => {
+                let n = registry.import(leases);
+                tracing::info!(
+                    workers = n,
+                    "upgrade: took over the registered workers' leases"
+                );
+            }
+            Err(e) => tracing::warn!(
+                "upgrade: no leases from the running router's admin listener ({e:#}); \
+                 workers register again within a heartbeat"
+            ),
+        }
+    }
+    let conf = ServerConf {
+        threads: args.threads.max(1),
+        // SIGTERM: listeners close at once, in-flight requests get the grace period, then
+        // the runtimes one more second to wind down.
+        grace_period_seconds: Some(args.shutdown_grace_s),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade_sock.display().to_string(),
+        ..Default::default()
+    };
+    let opt = Opt {
+        upgrade: args.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let phases = server.watch_execution_phase();
+
     // Control plane on its own runtime: gRPC registry, admin API, lease expiry, rules watcher.
-    let std_grpc = std::net::TcpListener::bind(args.addrs.grpc)
-        .with_context(|| format!("bind gRPC {}", args.addrs.grpc))?;
-    let std_admin = std::net::TcpListener::bind(args.addrs.admin)
-        .with_context(|| format!("bind admin {}", args.addrs.admin))?;
+    // A fresh start binds its listeners first, so a taken port stops it before anything
+    // else. An upgrade first waits for the old process's proxy sockets (it sends them on
+    // SIGQUIT and closes its gRPC and admin listeners), then binds gRPC and admin as the old
+    // process lets go of them.
+    let (std_grpc, std_admin) = if args.upgrade {
+        println!(
+            "UPGRADING waiting for the running router's sockets on {}: send it SIGQUIT",
+            upgrade_sock.display()
+        );
+        server.bootstrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        (
+            bind_when_free(args.addrs.grpc, deadline).context("bind gRPC")?,
+            bind_when_free(args.addrs.admin, deadline).context("bind admin")?,
+        )
+    } else {
+        let listeners = (
+            std::net::TcpListener::bind(args.addrs.grpc)
+                .with_context(|| format!("bind gRPC {}", args.addrs.grpc))?,
+            std::net::TcpListener::bind(args.addrs.admin)
+                .with_context(|| format!("bind admin {}", args.addrs.admin))?,
+        );
+        server.bootstrap();
+        listeners
+    };
     std_grpc.set_nonblocking(true)?;
     std_admin.set_nonblocking(true)?;
     let grpc_addr = std_grpc.local_addr()?;
     let admin_addr = std_admin.local_addr()?;
-    let listen = resolve_port(args.addrs.listen)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let watch_shared = Arc::clone(&shared);
@@ -305,9 +376,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 };
-                tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
+                // imported leases start their TTL now, however long the hand-over took
+                cp_shared.registry.renew_all();
+                let expiry = tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
+                let (stop_cp, cp_stopped) = tokio::sync::watch::channel(false);
+                let lifecycle = tokio::spawn(exit_when_idle(
+                    Arc::clone(&cp_shared),
+                    phases,
+                    stop_cp,
+                    expiry.abort_handle(),
+                ));
                 tokio::spawn(reload_on_sighup(Arc::clone(&cp_shared)));
-                tokio::spawn(not_ready_on_sigterm(Arc::clone(&cp_shared)));
                 if let Some(every) = health_every {
                     tokio::spawn(router::health::run(
                         Arc::clone(&cp_shared),
@@ -333,10 +412,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         }
                     };
                 }
+                let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                };
                 let grpc_task = builder
                     .add_service(proto::registry_server::RegistryServer::new(svc))
-                    .serve_with_incoming(tokio_stream_from(grpc));
-                let admin_task = axum::serve(admin, router::admin::router(Arc::clone(&cp_shared)));
+                    .serve_with_incoming_shutdown(
+                        tokio_stream_from(grpc),
+                        stopped(cp_stopped.clone()),
+                    );
+                let admin_task = axum::serve(
+                    admin,
+                    router::admin::router(Arc::clone(&cp_shared))
+                        .into_make_service_with_connect_info::<router::admin::Peer>(),
+                )
+                .with_graceful_shutdown(stopped(cp_stopped));
                 let (g, a) = tokio::join!(grpc_task, admin_task);
                 if let Err(e) = g {
                     tracing::error!("gRPC server stopped: {e}");
@@ -344,19 +434,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 if let Err(e) = a {
                     tracing::error!("admin server stopped: {e}");
                 }
+                // after an upgrade's hand-over: in-flight requests finish, then exit
+                let _ = lifecycle.await;
             });
         })?;
 
-    let conf = ServerConf {
-        threads: args.threads.max(1),
-        // SIGTERM: listeners close at once, in-flight requests get the grace period, then
-        // the runtimes one more second to wind down.
-        grace_period_seconds: Some(args.shutdown_grace_s),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..Default::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(Option::<Opt>::None, conf);
-    server.bootstrap();
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, SwitchyardProxy::new(shared));
     // A 16 KiB write buffer downstream: a JSON answer's header and body leave in one send
@@ -407,30 +489,100 @@ async fn reload_on_sighup(shared: Arc<router::state::Shared>) {
     }
 }
 
-/// pingora handles SIGTERM (listeners close, then it waits the grace period). This flips
-/// `/readyz` to 503 so load balancers stop sending, and exits as soon as no request is in
-/// flight, instead of sleeping out the rest of the grace period.
-async fn not_ready_on_sigterm(shared: Arc<router::state::Shared>) {
+/// pingora handles SIGTERM and SIGQUIT itself (listeners close, then it waits out the grace
+/// period). This follows its phases:
+/// - SIGTERM: `/readyz` answers 503 so load balancers stop sending;
+/// - SIGQUIT (an upgrade): the gRPC and admin listeners close so workers and scrapers move
+///   to the new process, and leases stop expiring here (heartbeats now go to the new one);
+/// - then, once pingora has closed the proxy listeners, the process exits as soon as no
+///   request is in flight instead of sleeping out the rest of the grace period.
+async fn exit_when_idle(
+    shared: Arc<router::state::Shared>,
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    stop_control_plane: tokio::sync::watch::Sender<bool>,
+    expiry: tokio::task::AbortHandle,
+) {
     use std::sync::atomic::Ordering;
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
-    if term.recv().await.is_none() {
-        return;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut graceful = false;
+    loop {
+        let phase = match phases.recv().await {
+            Ok(p) => p,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        };
+        match phase {
+            ExecutionPhase::GracefulTerminate => {
+                graceful = true;
+                shared.shutting_down.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    in_flight = shared.active_requests.load(Ordering::Relaxed),
+                    "SIGTERM: not ready; exiting when in-flight requests finish (or the grace period ends)"
+                );
+            }
+            ExecutionPhase::GracefulUpgradeTransferringFds => {
+                graceful = true;
+                shared.shutting_down.store(true, Ordering::Relaxed);
+                expiry.abort();
+                let _ = stop_control_plane.send(true);
+                tracing::info!(
+                    in_flight = shared.active_requests.load(Ordering::Relaxed),
+                    "SIGQUIT: handing the listeners to the new process; exiting when in-flight requests finish"
+                );
+            }
+            ExecutionPhase::ShutdownStarted if graceful => break,
+            _ => {}
+        }
     }
-    shared.shutting_down.store(true, Ordering::Relaxed);
-    tracing::info!(
-        in_flight = shared.active_requests.load(Ordering::Relaxed),
-        "SIGTERM: not ready; exiting when in-flight requests finish (or the grace period ends)"
-    );
-    // let pingora close the listeners before counting
+    // let pingora's listeners stop accepting before counting
     tokio::time::sleep(Duration::from_millis(200)).await;
     while shared.active_requests.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::info!("no request in flight: exiting");
     std::process::exit(0);
+}
+
+/// Binds `addr`, retrying while the process being replaced still holds it.
+fn bind_when_free(addr: SocketAddr, deadline: Instant) -> anyhow::Result<std::net::TcpListener> {
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{addr} is still taken"))),
+        }
+    }
+}
+
+/// The registered workers' leases from the running router's admin listener.
+fn fetch_leases(admin: SocketAddr) -> anyhow::Result<Vec<router::registry::ExportedLease>> {
+    let mut target = admin;
+    if target.ip().is_unspecified() {
+        target.set_ip(if admin.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let leases = client
+            .get(format!("http://{target}/admin/registry/leases"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(leases)
+    })
 }
 
 fn tokio_stream_from(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,7 +22,7 @@ pub enum WorkerState {
 }
 
 /// A served model as the worker advertised it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServedModel {
     pub name: String,
     pub max_context: u32,
@@ -242,6 +242,21 @@ struct Lease {
     last_heartbeat: Instant,
 }
 
+/// A registered worker's lease as the router hands it to the process replacing it
+/// (`switchyard serve --upgrade`), so the workers keep their leases across the upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportedLease {
+    pub lease_id: String,
+    pub id: String,
+    pub pool: String,
+    pub address: SocketAddr,
+    pub models: Vec<ServedModel>,
+    pub device: String,
+    pub draining: bool,
+    pub reported_load: u32,
+    pub registered_unix: u64,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     #[error("unknown lease `{0}` (expired, or the router restarted): register again")]
@@ -345,6 +360,82 @@ impl Registry {
         );
         self.publish(&leases);
         lease_id
+    }
+
+    /// Every registered worker's lease (static workers come from the rules file instead).
+    pub fn export(&self) -> Vec<ExportedLease> {
+        let leases = self.leases();
+        let mut list: Vec<ExportedLease> = leases
+            .iter()
+            .map(|(lease_id, l)| {
+                let w = &l.worker;
+                ExportedLease {
+                    lease_id: lease_id.clone(),
+                    id: w.id.clone(),
+                    pool: w.pool.to_string(),
+                    address: w.address,
+                    models: w.models.clone(),
+                    device: w.device.clone(),
+                    draining: w.state == WorkerState::Draining,
+                    reported_load: w.reported_load.load(Ordering::Relaxed),
+                    registered_unix: w.registered_unix,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Takes over leases exported by the process this one replaces: the workers' next
+    /// heartbeats renew them here, with no re-registration and no gap in routing. Each
+    /// lease starts a fresh TTL.
+    pub fn import(&self, exported: Vec<ExportedLease>) -> usize {
+        let mut leases = self.leases();
+        let now = Instant::now();
+        let mut n = 0;
+        for e in exported {
+            if leases.values().any(|l| l.worker.id == e.id) {
+                continue;
+            }
+            let worker = Arc::new(Worker {
+                id: e.id,
+                pool: e.pool.into(),
+                address: e.address,
+                state: if e.draining {
+                    WorkerState::Draining
+                } else {
+                    WorkerState::Live
+                },
+                models: e.models,
+                device: e.device,
+                reported_load: Arc::new(AtomicU32::new(e.reported_load)),
+                router_in_flight: Arc::new(AtomicU32::new(0)),
+                health: Arc::default(),
+                share: Arc::default(),
+                registered_at: now,
+                registered_unix: e.registered_unix,
+                is_static: false,
+            });
+            leases.insert(
+                e.lease_id,
+                Lease {
+                    worker,
+                    last_heartbeat: now,
+                },
+            );
+            n += 1;
+        }
+        self.publish(&leases);
+        n
+    }
+
+    /// Restarts every lease's TTL now (the control plane starting after an upgrade's
+    /// hand-over, which may come seconds after the leases were imported).
+    pub fn renew_all(&self) {
+        let now = Instant::now();
+        for l in self.leases().values_mut() {
+            l.last_heartbeat = now;
+        }
     }
 
     /// Renews a lease and records load. Returns whether the worker should drain.
@@ -514,13 +605,7 @@ mod tests {
     #[test]
     fn ejection_never_empties_a_pool() {
         let r = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
-        let m = || {
-            vec![ServedModel {
-                name: "m".into(),
-                max_context: 10,
-                modalities: vec![],
-            }]
-        };
+        let m = served_m;
         r.register("a".into(), Arc::from("p"), addr(), m(), "cpu".into());
         r.register(
             "b".into(),
@@ -551,8 +636,45 @@ mod tests {
         );
     }
 
+    /// Model `m`, text only.
+    fn served_m() -> Vec<ServedModel> {
+        vec![ServedModel {
+            name: "m".into(),
+            max_context: 10,
+            modalities: vec![],
+        }]
+    }
+
     fn addr() -> SocketAddr {
         "127.0.0.1:9".parse().unwrap()
+    }
+
+    /// What an upgrade hands over: the new process routes to the same workers at once and
+    /// their next heartbeats (with the old lease ids) renew the leases there.
+    #[test]
+    fn exported_leases_are_routable_and_renewable_in_the_next_process() {
+        let old = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
+        let m = served_m;
+        let live = old.register("a".into(), Arc::from("p"), addr(), m(), "cpu".into());
+        let draining = old.register("b".into(), Arc::from("p"), addr(), m(), "cpu".into());
+        old.heartbeat(&live, 7).unwrap();
+        old.drain(&draining).unwrap();
+        let exported = serde_json::to_string(&old.export()).unwrap();
+
+        let new = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
+        let imported: Vec<ExportedLease> = serde_json::from_str(&exported).unwrap();
+        assert_eq!(new.import(imported.clone()), 2);
+        let snap = new.snapshot();
+        let ids: Vec<&str> = snap.routable("p", "m").map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["a"], "the draining worker stays out of routing");
+        assert_eq!(snap.routable("p", "m").next().unwrap().load(), 7);
+        assert_eq!(new.heartbeat(&live, 1), Ok(false));
+        assert_eq!(new.heartbeat(&draining, 1), Ok(true), "still told to drain");
+        // importing twice (a retried upgrade) adds nothing
+        assert_eq!(new.import(imported), 0);
+        assert_eq!(new.export().len(), 2);
+        // unrenewed, the leases expire as any other
+        assert_eq!(new.expire(Instant::now() + Duration::from_secs(1)).len(), 2);
     }
 
     #[test]
