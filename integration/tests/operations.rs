@@ -203,6 +203,24 @@ async fn static_workers_are_health_checked_and_a_failing_one_gets_no_requests() 
         assert_eq!(header(&r, "x-switchyard-pool"), "fixed");
         assert_eq!(header(&r, "x-switchyard-attempts"), "1");
     }
+    // static workers serve the models the file declares: any other name is refused by the
+    // router itself (before, it was forwarded to a static worker)
+    let r = env
+        .chat(&chat_body("no-such-model", 10, 2, false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        header(&r, "x-switchyard-attempts"),
+        "",
+        "nothing was forwarded"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let ws = env.workers_json().await.unwrap();
+    let fixed = ws.iter().find(|w| w["pool"] == "fixed").unwrap();
+    assert_eq!(fixed["models"][0]["name"], "tiny", "{fixed}");
+
     let m = env.metrics().await.unwrap();
     assert!(
         metric(

@@ -191,15 +191,17 @@ impl Worker {
     pub fn load(&self) -> u32 {
         self.reported_load.load(Ordering::Relaxed) + self.router_in_flight.load(Ordering::Relaxed)
     }
+    /// A static worker with no model list (from a rules file that names no models) takes
+    /// any model.
     pub fn serves(&self, model: &str) -> bool {
-        self.is_static || self.models.iter().any(|m| m.name == model)
+        self.models.iter().any(|m| m.name == model) || (self.is_static && self.models.is_empty())
     }
 
     /// Whether the worker takes `model` with these input modalities (a worker that
     /// advertises no modalities is taken at its word for any; static workers take all).
     pub fn accepts(&self, model: &str, modalities: routing_rules::ModalitySet) -> bool {
         if self.is_static {
-            return true;
+            return self.serves(model);
         }
         self.models.iter().any(|m| {
             m.name == model
@@ -495,23 +497,27 @@ impl Registry {
 
     /// Replaces the static workers (pools that list addresses in the rules file). A worker
     /// listed before keeps its state (health, in-flight count) across reloads.
-    pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr)>) {
+    pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr, Vec<ServedModel>)>) {
         let mut statics = self.statics.lock().unwrap_or_else(|p| p.into_inner());
         let list = workers
             .into_iter()
-            .map(|(pool, address)| {
+            .map(|(pool, address, models)| {
                 if let Some(w) = statics
                     .iter()
                     .find(|w| w.pool == pool && w.address == address)
                 {
-                    return Arc::clone(w);
+                    // same counters and health; the model list may have changed
+                    return Arc::new(Worker {
+                        models,
+                        ..clone_worker(w)
+                    });
                 }
                 Arc::new(Worker {
                     id: format!("static-{pool}-{address}"),
                     pool,
                     address,
                     state: WorkerState::Live,
-                    models: Vec::new(),
+                    models,
                     device: "static".into(),
                     reported_load: Arc::default(),
                     router_in_flight: Arc::new(AtomicU32::new(0)),

@@ -95,9 +95,10 @@ impl Shared {
             .pools()
             .iter()
             .flat_map(|p| {
+                let models = static_models(&loaded.rules, p);
                 p.workers
                     .iter()
-                    .filter_map(|w| resolve(w).map(|a| (p.name.clone(), a)))
+                    .filter_map(move |w| resolve(w).map(|a| (p.name.clone(), a, models.clone())))
             })
             .collect();
         self.registry.set_static(statics);
@@ -147,6 +148,27 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// What a pool's static workers serve: the pool's `models`, else every model the file
+/// declares; empty (any model) in a file that declares none.
+fn static_models(
+    rules: &routing_rules::CompiledRules,
+    pool: &routing_rules::Pool,
+) -> Vec<crate::registry::ServedModel> {
+    let names: Vec<&String> = if pool.models.is_empty() {
+        rules.models().keys().collect()
+    } else {
+        pool.models.iter().collect()
+    };
+    names
+        .into_iter()
+        .map(|name| crate::registry::ServedModel {
+            name: name.clone(),
+            max_context: rules.model(name).map_or(0, |m| m.context_window),
+            modalities: Vec::new(),
+        })
+        .collect()
 }
 
 fn resolve(host_port: &str) -> Option<std::net::SocketAddr> {

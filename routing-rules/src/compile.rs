@@ -324,6 +324,19 @@ impl Compiler {
                     );
                 }
             }
+            if !p.models.is_empty() && p.workers.is_empty() {
+                self.problem(
+                    format!("{path}.models"),
+                    loc,
+                    "`models` names what the pool's static `workers` serve, and the pool lists \
+                     none (registered workers advertise their own models)",
+                );
+            }
+            for (i, m) in p.models.iter().enumerate() {
+                if m.trim().is_empty() {
+                    self.problem(format!("{path}.models[{i}]"), loc, "model name is empty");
+                }
+            }
             pools.push(Pool {
                 name: Arc::from(name.as_str()),
                 class: p.class.clone(),
@@ -331,6 +344,7 @@ impl Compiler {
                 cost_per_hour: p.cost_per_hour,
                 labels: p.labels.clone(),
                 workers: p.workers.clone(),
+                models: p.models.clone(),
             });
         }
         pools

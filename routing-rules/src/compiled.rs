@@ -21,6 +21,9 @@ pub struct Pool {
     pub labels: BTreeMap<String, String>,
     /// Static workers (OpenAI-compatible servers that do not register), `host:port`.
     pub workers: Vec<String>,
+    /// The models the static workers serve; empty: every model the file declares (and,
+    /// in a file that declares none, any model).
+    pub models: Vec<String>,
 }
 
 impl Serialize for Capacity {

@@ -59,6 +59,9 @@ pub struct PoolSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub workers: Vec<String>,
+    /// The models the static `workers` serve (default: every model the file declares).
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -141,6 +141,14 @@ fn anchors_and_aliases_are_refused() {
 }
 
 #[test]
+fn models_of_a_pool_without_static_workers_are_refused() {
+    let yaml = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, models: [m] }\n  b: { class: cpu, capacity: spot, cost_per_hour: 1, workers: [\"h:1\"], models: [m] }\nrules: []\ndefault: { route: [a] }\n";
+    let p = problems(yaml);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("pools.a.models"), "{p:?}");
+}
+
+#[test]
 fn fallback_without_on_demand_pool_is_an_error() {
     let yaml = "version: 1\npools:\n  s: { class: l40s, capacity: spot, cost_per_hour: 1 }\nrules:\n  - name: all\n    route: [s]\n    fallback_on_demand: true\n";
     let p = problems(yaml).join("\n");
@@ -194,7 +202,14 @@ fn json_schema_matches_the_language() {
         assert!(when.get(key).is_some(), "schema lacks when.{key}");
     }
     let pool = &props["pools"]["additionalProperties"]["properties"];
-    for key in ["class", "capacity", "cost_per_hour", "labels", "workers"] {
+    for key in [
+        "class",
+        "capacity",
+        "cost_per_hour",
+        "labels",
+        "workers",
+        "models",
+    ] {
         assert!(pool.get(key).is_some(), "schema lacks pools.*.{key}");
     }
     let retry = &schema["$defs"]["retry"]["properties"];
