@@ -6,7 +6,9 @@
 //! - [`ChatTemplate`]: the model's own Jinja chat template, rendered with minijinja.
 //! - [`GgufInfo`]: the few metadata values both sides need (context length, EOS, template).
 //! - [`tiny`]: writes a tiny random-weight llama GGUF for fast tests.
+//! - [`count::ByteLevelCounter`]: exact token counts for GGUF-built tokenizers, fast.
 
+pub mod count;
 mod gguf_tokenizer;
 mod template;
 pub mod tiny;

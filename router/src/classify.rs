@@ -9,6 +9,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use model_meta::count::WordCounts;
 use routing_rules::{
     CompiledRules, Endpoint, Modality, ModalitySet, Model, RequestFeatures, TokenizerRef,
 };
@@ -29,6 +30,8 @@ pub struct Counter {
     /// GPT-2 style pre-tokenizer (built from GGUF metadata): every run of letters and every
     /// digit is at least one token, a much tighter lower bound than the byte length gives.
     splits_words: bool,
+    /// The allocation-free exact count for GGUF-built tokenizers.
+    fast: Option<model_meta::count::ByteLevelCounter>,
     /// Counts of long texts seen recently, by hash: a conversation resends its history
     /// (and its system prompt) every turn, so only the new message is counted again.
     cache: std::sync::Mutex<lru::LruCache<(usize, u64), u64>>,
@@ -56,10 +59,17 @@ impl Counter {
             .max()
             .unwrap_or(64)
             .max(1);
+        let from_gguf = matches!(source, TokenizerRef::Gguf(_));
+        let fast = if from_gguf {
+            Some(model_meta::count::ByteLevelCounter::new(&tokenizer).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
         Ok(Self {
             tokenizer,
             max_token_bytes,
-            splits_words: matches!(source, TokenizerRef::Gguf(_)),
+            splits_words: from_gguf,
+            fast,
             cache: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::MIN.saturating_add(CACHE_ENTRIES - 1),
             )),
@@ -68,10 +78,19 @@ impl Counter {
     }
 
     pub fn count(&self, texts: &[String]) -> u64 {
-        texts.iter().map(|t| self.count_piece(t)).sum()
+        let mut words = WordCounts::default();
+        texts.iter().map(|t| self.count_piece(t, &mut words)).sum()
     }
 
-    fn count_piece(&self, t: &str) -> u64 {
+    /// `words` caches pre-token counts across the pieces one thread counts.
+    fn count_piece<'t>(&self, t: &'t str, words: &mut WordCounts<'t>) -> u64 {
+        if let Some(n) = self
+            .fast
+            .as_ref()
+            .and_then(|f| f.count(&self.tokenizer, t, words))
+        {
+            return n;
+        }
         self.tokenizer
             .encode_fast(t, false)
             .map(|e| e.len() as u64)
@@ -110,6 +129,7 @@ impl Counter {
         let next = AtomicUsize::new(0);
         let late = AtomicBool::new(false);
         let work = || {
+            let mut words = WordCounts::default();
             loop {
                 let i = next.fetch_add(1, Relaxed);
                 if i >= pieces.len() || late.load(Relaxed) {
@@ -120,7 +140,7 @@ impl Counter {
                     return;
                 }
                 let (text, piece) = pieces[i];
-                per_text[text].fetch_add(self.count_piece(piece), Relaxed);
+                per_text[text].fetch_add(self.count_piece(piece, &mut words), Relaxed);
             }
         };
         let threads = threads.clamp(1, pieces.len().max(1));
