@@ -16,9 +16,7 @@ use router::classify::{Counter, count_tokens, parse};
 use routing_rules::{Endpoint, TokenizerRef, compile};
 
 fn model() -> Option<PathBuf> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
+    model_meta::workspace_smollm2()
 }
 
 fn rules(cut: u64) -> routing_rules::CompiledRules {

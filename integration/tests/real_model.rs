@@ -8,13 +8,7 @@ use integration::{TestEnv, WorkerSpec};
 use serde_json::{Value, json};
 
 fn model_path() -> Option<PathBuf> {
-    let p = std::env::var_os("SWITCHYARD_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    p.exists().then_some(p)
+    model_meta::workspace_smollm2()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,9 +234,7 @@ mod tests {
         let tiny = dir.path().join("tiny.gguf");
         crate::tiny::write_tiny_llama(&tiny, 64).unwrap();
         let mut out = vec![crate::load_tokenizer(&crate::TokenizerSource::Gguf(tiny)).unwrap()];
-        let smol = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if smol.exists() {
+        if let Some(smol) = crate::workspace_smollm2() {
             out.push(crate::load_tokenizer(&crate::TokenizerSource::Gguf(smol)).unwrap());
         } else {
             eprintln!("SmolLM2 GGUF absent: checking the tiny tokenizer only");

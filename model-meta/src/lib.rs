@@ -21,6 +21,18 @@ pub use tokenizers::Tokenizer;
 
 use candle_core::quantized::gguf_file;
 
+/// The SmolLM2 GGUF that `scripts/fetch-model.sh` puts in this workspace's `models/`
+/// (`SWITCHYARD_SMOLLM2` names another), if it is there: for the tests and benches that
+/// need a real model and skip without one.
+pub fn workspace_smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("SWITCHYARD_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    p.exists().then_some(p)
+}
+
 /// Errors loading model metadata. All are caused by the model files (operator side).
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {

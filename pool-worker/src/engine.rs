@@ -819,12 +819,10 @@ mod tests {
     /// tokenizer; skipped where the model file is absent).
     #[test]
     fn incremental_text_equals_the_whole_decode() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !path.exists() {
+        let Some(path) = model_meta::workspace_smollm2() else {
             eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
             return;
-        }
+        };
         let content = model_meta::read_gguf(&path).unwrap();
         let tok = model_meta::tokenizer_from_gguf(&content).unwrap();
         let text = "Héllo wörld —  東京は 🚀🦀 done.\n\n  indented  `code` 123,456";

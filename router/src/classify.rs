@@ -109,17 +109,21 @@ impl Counter {
         threads: usize,
     ) -> Option<u64> {
         use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-        let key = |t: &str| (t.len(), std::hash::BuildHasher::hash_one(&self.hasher, t));
+        // each long text hashed once, for the lookup and for storing its count
+        let keys: Vec<Option<(usize, u64)>> = texts
+            .iter()
+            .map(|t| {
+                (t.len() >= CACHE_MIN_BYTES)
+                    .then(|| (t.len(), std::hash::BuildHasher::hash_one(&self.hasher, t)))
+            })
+            .collect();
         // Long texts counted before come from the cache; the rest is cut into pieces.
         let mut cached = 0;
         let mut pieces: Vec<(usize, &str)> = Vec::new();
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for (i, t) in texts.iter().enumerate() {
-                match (t.len() >= CACHE_MIN_BYTES)
-                    .then(|| cache.get(&key(t)).copied())
-                    .flatten()
-                {
+                match keys[i].and_then(|k| cache.get(&k).copied()) {
                     Some(n) => cached += n,
                     None => pieces.extend(word_pieces(t).map(|p| (i, p))),
                 }
@@ -157,8 +161,10 @@ impl Counter {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh = std::collections::HashSet::new();
         for &(i, _) in &pieces {
-            if fresh.insert(i) && texts[i].len() >= CACHE_MIN_BYTES {
-                cache.put(key(&texts[i]), counted[i]);
+            if fresh.insert(i)
+                && let Some(k) = keys[i]
+            {
+                cache.put(k, counted[i]);
             }
         }
         Some(cached + counted.iter().sum::<u64>())
@@ -422,22 +428,20 @@ pub async fn explain(
     })
 }
 
-/// Fills in token counts: a bound from byte length, exact counting only where a rule
-/// threshold falls inside the bound. Returns whether the count is exact.
 /// Threads one long count may use: the cores (a long prompt's count is split over them).
 fn counting_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// Counting threads allowed at once, over all counts: one per core.
 fn counting_permits() -> Arc<tokio::sync::Semaphore> {
     static PERMITS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
-    Arc::clone(PERMITS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Arc::new(tokio::sync::Semaphore::new(cores))
-    }))
+    Arc::clone(PERMITS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(counting_threads()))))
 }
 
+/// Fills in token counts: a bound from byte length, exact counting only where a rule
+/// threshold falls inside the bound. Returns whether the count is exact.
 pub async fn count_tokens(
     parsed: &mut Parsed,
     model: Option<&Model>,
@@ -579,9 +583,7 @@ mod tests {
         }
         assert_eq!(min_pretokens(b"The fox, 42 times"), 3 + 2);
         // and with a real merge table, when SmolLM2 is present
-        let real = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if real.exists() {
+        if let Some(real) = model_meta::workspace_smollm2() {
             let c = Counter::load(&TokenizerRef::Gguf(real)).unwrap();
             let text = "Hello, world! The capital of France is Paris; it's 2026. naïve café — déjà vu, x1y2 ".repeat(50);
             let exact = c.count(std::slice::from_ref(&text));
@@ -601,12 +603,10 @@ mod tests {
     /// a count past its deadline gives up.
     #[test]
     fn counting_in_pieces_is_exact_and_stops_at_the_deadline() {
-        let real = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !real.exists() {
+        let Some(real) = model_meta::workspace_smollm2() else {
             eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
             return;
-        }
+        };
         let c = Counter::load(&TokenizerRef::Gguf(real)).unwrap();
         let text = "Hello,  world!\nThe capital of France is Paris; it's 2026. naïve café — déjà vu, x1y2 \t end. "
             .repeat(2000);
