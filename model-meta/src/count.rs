@@ -38,9 +38,21 @@ pub struct ByteLevelCounter {
 }
 
 impl ByteLevelCounter {
-    /// For a tokenizer made by [`crate::tokenizer_from_gguf`] only: the pipeline is not
-    /// checked here.
-    pub fn new(tokenizer: &Tokenizer) -> Result<Self, Box<meta::BuildError>> {
+    /// For tokenizers whose pipeline is the one counted here: no normalizer, the `smollm`
+    /// pre-tokenizer ([`crate::smollm_pre_tokenizer`]), a BPE model. `None` for any other
+    /// (the caller counts with `encode`).
+    pub fn new(tokenizer: &Tokenizer) -> Option<Self> {
+        let same_pre = match (
+            tokenizer.get_pre_tokenizer(),
+            serde_json::to_value(crate::smollm_pre_tokenizer()),
+        ) {
+            (Some(pre), Ok(want)) => serde_json::to_value(pre).is_ok_and(|v| v == want),
+            _ => false,
+        };
+        let bpe = matches!(tokenizer.get_model(), tokenizers::ModelWrapper::BPE(_));
+        if !same_pre || !bpe || tokenizer.get_normalizer().is_some() {
+            return None;
+        }
         let mut added: Vec<String> = tokenizer
             .get_added_tokens_decoder()
             .values()
@@ -52,8 +64,8 @@ impl ByteLevelCounter {
         let mut first_bytes: Vec<u8> = added.iter().filter_map(|t| t.bytes().next()).collect();
         first_bytes.sort_unstable();
         first_bytes.dedup();
-        Ok(Self {
-            split: meta::Regex::new(SPLIT).map_err(Box::new)?,
+        Some(Self {
+            split: meta::Regex::new(SPLIT).ok()?,
             byte_char: gpt2_byte_chars(),
             added,
             first_bytes,

@@ -1,10 +1,13 @@
 //! Builds a `tokenizers` BPE tokenizer from GGUF metadata (`tokenizer.ggml.*`).
 //!
-//! GPT-2 style byte-level BPE (the `gpt2` tokenizer model, used by SmolLM2, Qwen2, Llama 3):
-//! vocabulary from `tokenizer.ggml.tokens`, merges from `tokenizer.ggml.merges`, control and
-//! user-defined token types (3 and 4) become special added tokens. The pre-tokenizer splits
-//! digits individually and then applies the byte-level split, as llama.cpp's `smollm` /
-//! `gpt2` pre-tokenizers do.
+//! GPT-2 style byte-level BPE (the `gpt2` tokenizer model): vocabulary from
+//! `tokenizer.ggml.tokens`, merges from `tokenizer.ggml.merges`, control and user-defined
+//! token types (3 and 4) become special added tokens. The pre-tokenizer follows
+//! `tokenizer.ggml.pre` as llama.cpp does: `smollm` splits digits individually and then
+//! applies GPT-2's byte-level split; `gpt-2` / `default` (or no key) apply the byte-level
+//! split alone. Other pre-tokenizers (`llama-bpe`, `qwen2`, ...) split text differently and
+//! are refused, so a model is never served with the wrong tokens: give those models their
+//! `tokenizer.json`.
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -51,6 +54,15 @@ fn token_types(content: &Content) -> Vec<i32> {
         .collect()
 }
 
+/// llama.cpp's `smollm` pre-tokenizer: every digit on its own, then GPT-2's byte-level split.
+pub fn smollm_pre_tokenizer() -> PreTokenizerWrapper {
+    let steps: Vec<PreTokenizerWrapper> = vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ];
+    Sequence::new(steps).into()
+}
+
 /// Builds the tokenizer stored in a GGUF file's metadata.
 pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
     let model = content
@@ -79,12 +91,27 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    let pre_tokenizer = match pre.as_deref() {
+        Some("smollm") => smollm_pre_tokenizer(),
+        None | Some("default" | "gpt-2" | "gpt2") => {
+            PreTokenizerWrapper::from(ByteLevel::new(false, true, true))
+        }
+        Some(other) => {
+            return Err(MetaError::UnsupportedTokenizer {
+                model: format!(
+                    "gpt2 with the `{other}` pre-tokenizer (supported from GGUF: smollm, gpt-2; \
+                     give this model its tokenizer.json)"
+                ),
+            });
+        }
+    };
     let mut tokenizer = Tokenizer::new(bpe);
-    let pre: Vec<PreTokenizerWrapper> = vec![
-        Digits::new(true).into(),
-        ByteLevel::new(false, true, true).into(),
-    ];
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(pre)));
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = token_types(content)
         .iter()
@@ -97,4 +124,60 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
         .add_special_tokens(special)
         .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::count::{ByteLevelCounter, WordCounts};
+
+    fn tiny_with_pre(pre: Option<&str>) -> Result<Tokenizer, MetaError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_llama(&path, 64).unwrap();
+        let mut content = crate::read_gguf(&path).unwrap();
+        match pre {
+            Some(p) => content
+                .metadata
+                .insert("tokenizer.ggml.pre".into(), Value::String(p.into())),
+            None => content.metadata.remove("tokenizer.ggml.pre"),
+        };
+        tokenizer_from_gguf(&content)
+    }
+
+    /// The pre-tokenizer follows `tokenizer.ggml.pre`: digits one by one for `smollm`, in
+    /// runs for `gpt-2` (and no key), and pre-tokenizers this builder does not know are
+    /// refused rather than guessed.
+    #[test]
+    fn the_pre_tokenizer_follows_the_gguf_metadata() {
+        let pieces = |t: &Tokenizer| {
+            let pre = t.get_pre_tokenizer().unwrap();
+            let mut s = tokenizers::PreTokenizedString::from("year 2026");
+            tokenizers::PreTokenizer::pre_tokenize(pre, &mut s).unwrap();
+            s.get_splits(
+                tokenizers::OffsetReferential::Original,
+                tokenizers::OffsetType::Byte,
+            )
+            .len()
+        };
+        let smollm = tiny_with_pre(Some("smollm")).unwrap();
+        assert_eq!(pieces(&smollm), 6, "year, the space, then 2 0 2 6");
+        for pre in [None, Some("gpt-2"), Some("default")] {
+            let gpt2 = tiny_with_pre(pre).unwrap();
+            assert_eq!(pieces(&gpt2), 2, "{pre:?}: year, then \" 2026\"");
+            // the fast count emulates smollm only, so it stands aside here
+            assert!(ByteLevelCounter::new(&gpt2).is_none());
+        }
+        let counter = ByteLevelCounter::new(&smollm).unwrap();
+        let mut words = WordCounts::default();
+        assert_eq!(
+            counter.count(&smollm, "year 2026", &mut words),
+            Some(smollm.encode_fast("year 2026", false).unwrap().len() as u64)
+        );
+        for pre in ["qwen2", "llama-bpe"] {
+            let err = tiny_with_pre(Some(pre)).unwrap_err().to_string();
+            assert!(err.contains(pre) && err.contains("tokenizer.json"), "{err}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ pub mod tiny;
 
 use std::path::{Path, PathBuf};
 
-pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use gguf_tokenizer::{smollm_pre_tokenizer, tokenizer_from_gguf};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizers::Tokenizer;
 

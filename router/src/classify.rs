@@ -27,8 +27,9 @@ pub struct Counter {
     tokenizer: model_meta::Tokenizer,
     /// Longest token, in bytes: `ceil(bytes / this)` is a lower bound on the count.
     max_token_bytes: u64,
-    /// GPT-2 style pre-tokenizer (built from GGUF metadata): every run of letters and every
-    /// digit is at least one token, a much tighter lower bound than the byte length gives.
+    /// The `smollm` pre-tokenizer (digits one by one, then GPT-2's split): every run of
+    /// letters and every digit is at least one token, a much tighter lower bound than the
+    /// byte length gives.
     splits_words: bool,
     /// The allocation-free exact count for GGUF-built tokenizers.
     fast: Option<model_meta::count::ByteLevelCounter>,
@@ -59,16 +60,12 @@ impl Counter {
             .max()
             .unwrap_or(64)
             .max(1);
-        let from_gguf = matches!(source, TokenizerRef::Gguf(_));
-        let fast = if from_gguf {
-            Some(model_meta::count::ByteLevelCounter::new(&tokenizer).map_err(|e| e.to_string())?)
-        } else {
-            None
-        };
+        // the smollm pipeline (from GGUF, or a tokenizer.json that says the same)
+        let fast = model_meta::count::ByteLevelCounter::new(&tokenizer);
         Ok(Self {
             tokenizer,
             max_token_bytes,
-            splits_words: from_gguf,
+            splits_words: fast.is_some(),
             fast,
             cache: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::MIN.saturating_add(CACHE_ENTRIES - 1),
