@@ -385,12 +385,16 @@ async fn overload_answers_503_with_retry_after_and_loses_no_accepted_request() {
         .await
         .unwrap();
     let worker_metrics = format!("{}/metrics", env.workers[0].url);
-    let gauge = |name: &'static str| {
+    let metrics_text = || {
         let http = env.http.clone();
         let url = worker_metrics.clone();
+        async move { http.get(&url).send().await.ok()?.text().await.ok() }
+    };
+    let gauge = |name: &'static str| {
+        let text = metrics_text();
         async move {
-            let text = http.get(&url).send().await.ok()?.text().await.ok()?;
-            text.lines()
+            text.await?
+                .lines()
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         }
@@ -455,15 +459,7 @@ async fn overload_answers_503_with_retry_after_and_loses_no_accepted_request() {
         gauge("switchyard_worker_queue_wait_seconds_count ").await,
         Some(base + 2)
     );
-    let text = env
-        .http
-        .get(&worker_metrics)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text().await.unwrap();
     let within_1s = format!(
         "switchyard_worker_queue_wait_seconds_bucket{{le=\"1\"}} {}",
         base + 1

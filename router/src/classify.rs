@@ -27,11 +27,10 @@ pub struct Counter {
     tokenizer: model_meta::Tokenizer,
     /// Longest token, in bytes: `ceil(bytes / this)` is a lower bound on the count.
     max_token_bytes: u64,
-    /// The `smollm` pre-tokenizer (digits one by one, then GPT-2's split): every run of
-    /// letters and every digit is at least one token, a much tighter lower bound than the
-    /// byte length gives.
-    splits_words: bool,
-    /// The allocation-free exact count for GGUF-built tokenizers.
+    /// The allocation-free exact count, for tokenizers with the `smollm` pre-tokenizer
+    /// (digits one by one, then GPT-2's split). With that pre-tokenizer every run of
+    /// letters and every digit is also at least one token: a much tighter lower bound than
+    /// the byte length gives.
     fast: Option<model_meta::count::ByteLevelCounter>,
     /// Counts of long texts seen recently, by hash: a conversation resends its history
     /// (and its system prompt) every turn, so only the new message is counted again.
@@ -65,7 +64,6 @@ impl Counter {
         Ok(Self {
             tokenizer,
             max_token_bytes,
-            splits_words: fast.is_some(),
             fast,
             cache: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::MIN.saturating_add(CACHE_ENTRIES - 1),
@@ -468,7 +466,7 @@ pub async fn count_tokens(
     // Byte-level BPE: at most one token per byte; at least one per longest-token bytes.
     let hi = fixed + bytes + parsed.texts.len() as u64;
     let lo = fixed
-        + if counter.splits_words {
+        + if counter.fast.is_some() {
             parsed
                 .texts
                 .iter()

@@ -191,6 +191,33 @@ impl Worker {
     pub fn load(&self) -> u32 {
         self.reported_load.load(Ordering::Relaxed) + self.router_in_flight.load(Ordering::Relaxed)
     }
+
+    /// A live worker that registered now (its counters and health fresh).
+    fn registered(
+        id: String,
+        pool: Arc<str>,
+        address: SocketAddr,
+        models: Vec<ServedModel>,
+        device: String,
+        registered_unix: u64,
+    ) -> Self {
+        Self {
+            id,
+            pool,
+            address,
+            state: WorkerState::Live,
+            models,
+            device,
+            reported_load: Arc::default(),
+            router_in_flight: Arc::new(AtomicU32::new(0)),
+            health: Arc::default(),
+            share: Arc::default(),
+            registered_at: Instant::now(),
+            registered_unix,
+            is_static: false,
+        }
+    }
+
     /// A static worker with no model list (from a rules file that names no models) takes
     /// any model.
     pub fn serves(&self, model: &str) -> bool {
@@ -335,24 +362,18 @@ impl Registry {
         let lease_id = uuid::Uuid::new_v4().simple().to_string();
         let mut leases = self.leases();
         leases.retain(|_, l| l.worker.id != id);
-        let worker = Arc::new(Worker {
+        let registered_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let worker = Arc::new(Worker::registered(
             id,
             pool,
             address,
-            state: WorkerState::Live,
             models,
             device,
-            reported_load: Arc::default(),
-            router_in_flight: Arc::new(AtomicU32::new(0)),
-            health: Arc::default(),
-            share: Arc::default(),
-            registered_at: Instant::now(),
-            registered_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            is_static: false,
-        });
+            registered_unix,
+        ));
         leases.insert(
             lease_id.clone(),
             Lease {
@@ -393,31 +414,29 @@ impl Registry {
     /// lease starts a fresh TTL.
     pub fn import(&self, exported: Vec<ExportedLease>) -> usize {
         let mut leases = self.leases();
+        let mut known: std::collections::HashSet<String> =
+            leases.values().map(|l| l.worker.id.clone()).collect();
         let now = Instant::now();
         let mut n = 0;
         for e in exported {
-            if leases.values().any(|l| l.worker.id == e.id) {
+            if !known.insert(e.id.clone()) {
                 continue;
             }
-            let worker = Arc::new(Worker {
-                id: e.id,
-                pool: e.pool.into(),
-                address: e.address,
-                state: if e.draining {
-                    WorkerState::Draining
-                } else {
-                    WorkerState::Live
-                },
-                models: e.models,
-                device: e.device,
-                reported_load: Arc::new(AtomicU32::new(e.reported_load)),
-                router_in_flight: Arc::new(AtomicU32::new(0)),
-                health: Arc::default(),
-                share: Arc::default(),
-                registered_at: now,
-                registered_unix: e.registered_unix,
-                is_static: false,
-            });
+            let mut worker = Worker::registered(
+                e.id,
+                e.pool.into(),
+                e.address,
+                e.models,
+                e.device,
+                e.registered_unix,
+            );
+            if e.draining {
+                worker.state = WorkerState::Draining;
+            }
+            worker
+                .reported_load
+                .store(e.reported_load, Ordering::Relaxed);
+            let worker = Arc::new(worker);
             leases.insert(
                 e.lease_id,
                 Lease {
@@ -611,13 +630,12 @@ mod tests {
     #[test]
     fn ejection_never_empties_a_pool() {
         let r = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
-        let m = served_m;
-        r.register("a".into(), Arc::from("p"), addr(), m(), "cpu".into());
+        r.register("a".into(), Arc::from("p"), addr(), served_m(), "cpu".into());
         r.register(
             "b".into(),
             Arc::from("p"),
             "127.0.0.1:10".parse().unwrap(),
-            m(),
+            served_m(),
             "cpu".into(),
         );
         let snap = r.snapshot();
@@ -660,9 +678,8 @@ mod tests {
     #[test]
     fn exported_leases_are_routable_and_renewable_in_the_next_process() {
         let old = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
-        let m = served_m;
-        let live = old.register("a".into(), Arc::from("p"), addr(), m(), "cpu".into());
-        let draining = old.register("b".into(), Arc::from("p"), addr(), m(), "cpu".into());
+        let live = old.register("a".into(), Arc::from("p"), addr(), served_m(), "cpu".into());
+        let draining = old.register("b".into(), Arc::from("p"), addr(), served_m(), "cpu".into());
         old.heartbeat(&live, 7).unwrap();
         old.drain(&draining).unwrap();
         let exported = serde_json::to_string(&old.export()).unwrap();
