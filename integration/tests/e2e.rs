@@ -650,3 +650,71 @@ async fn readyz_is_503_until_a_pool_has_a_worker() {
     assert_eq!(v["ready"], false);
     assert_eq!(v["pools_with_capacity"], json!([]));
 }
+
+/// Workers load Hugging Face directories (config.json, bf16 safetensors, tokenizer.json,
+/// tokenizer_config.json) as well as GGUF: a Qwen2 and a Llama 3 model, each with its own
+/// tokenizer, ChatML template and context window, answer through the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safetensors_models_answer_through_the_router() {
+    use model_meta::tiny::{HfArch, HfOptions, LlamaShape, write_random_hf};
+    let models = tempfile::tempdir().unwrap();
+    let mut rules = String::from("version: 1\nmodels:\n");
+    let mut env = TestEnv::new();
+    for (name, arch) in [("qwen", HfArch::Qwen2), ("llama3", HfArch::Llama)] {
+        let dir = models.path().join(name);
+        let opts = HfOptions {
+            arch,
+            tie_embeddings: arch == HfArch::Qwen2,
+            llama3_rope: arch == HfArch::Llama,
+            context_length: 512,
+            rope_theta: 500_000.0,
+        };
+        write_random_hf(&dir, &LlamaShape::TINY, &opts).unwrap();
+        rules.push_str(&format!(
+            "  {name}: {{ tokenizer: {{ json: \"{}\" }}, context_window: 512 }}\n",
+            dir.join("tokenizer.json").display()
+        ));
+        env = env.worker(WorkerSpec::new("cpu").model(dir, name));
+    }
+    rules.push_str(
+        "pools:\n  cpu: { class: cpu, capacity: on_demand, cost_per_hour: 0.2 }\n\
+         rules:\n  - name: all\n    route: [cpu]\n",
+    );
+    let env = env.rules(&rules).start().await.unwrap();
+    for name in ["qwen", "llama3"] {
+        let body = json!({
+            "model": name,
+            "messages": [{ "role": "user", "content": "Hi" }],
+            "max_tokens": 6,
+        });
+        let r = env.chat(&body).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: {}", env.log("router.log"));
+        assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["model"], name);
+        // ChatML from tokenizer_config.json, its markers single special tokens of
+        // tokenizer.json: <|im_start|> "user\nHi" <|im_end|> "\n" <|im_start|> "assistant\n"
+        assert_eq!(v["usage"]["prompt_tokens"], 1 + 7 + 1 + 1 + 1 + 10, "{v}");
+        let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!((1..=6).contains(&completion), "{v}");
+    }
+    // the worker's context window is config.json's max_position_embeddings (512)
+    let long = json!({
+        "model": "qwen",
+        "messages": [{ "role": "user", "content": "x".repeat(600) }],
+        "max_tokens": 4,
+    });
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.workers[0].url))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("512"),
+        "{v}"
+    );
+}

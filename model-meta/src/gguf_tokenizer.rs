@@ -5,17 +5,20 @@
 //! token types (3 and 4) become special added tokens. The pre-tokenizer follows
 //! `tokenizer.ggml.pre` as llama.cpp does: `smollm` splits digits individually and then
 //! applies GPT-2's byte-level split; `gpt-2` / `default` (or no key) apply the byte-level
-//! split alone. Other pre-tokenizers (`llama-bpe`, `qwen2`, ...) split text differently and
-//! are refused, so a model is never served with the wrong tokens: give those models their
-//! `tokenizer.json`.
+//! split alone; `llama-bpe` (Llama 3) and `qwen2` split with their own patterns (the ones
+//! their `tokenizer.json` files carry; Qwen2's also NFC-normalises). Other pre-tokenizers
+//! split text differently and are refused, so a model is never served with the wrong
+//! tokens: give those models their `tokenizer.json`.
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::MetaError;
 
@@ -63,6 +66,25 @@ pub fn smollm_pre_tokenizer() -> PreTokenizerWrapper {
     Sequence::new(steps).into()
 }
 
+/// Llama 3's split (`llama-bpe`): letters with one leading non-letter, numbers in runs of
+/// up to three digits, punctuation runs, newlines, whitespace.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: Llama 3's with every digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A regex split (pieces kept), then the byte-level mapping without GPT-2's own split.
+fn split_then_bytes(pattern: &str) -> Result<PreTokenizerWrapper, MetaError> {
+    let split = Split::new(
+        SplitPattern::Regex(pattern.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
+    let steps: Vec<PreTokenizerWrapper> =
+        vec![split.into(), ByteLevel::new(false, true, false).into()];
+    Ok(Sequence::new(steps).into())
+}
+
 /// Builds the tokenizer stored in a GGUF file's metadata.
 pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
     let model = content
@@ -75,8 +97,25 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
         return Err(MetaError::UnsupportedTokenizer { model });
     }
     let tokens = strings(content, "tokenizer.ggml.tokens")?;
-    let merges = strings(content, "tokenizer.ggml.merges")?
-        .into_iter()
+    let merges = strings(content, "tokenizer.ggml.merges")?;
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    bpe_tokenizer(&tokens, &merges, &token_types(content), pre.as_deref())
+}
+
+/// A byte-level BPE tokenizer from GGUF's parts: tokens by id, merges as "a b", token types
+/// (control and user-defined become special tokens) and the `tokenizer.ggml.pre` name.
+pub(crate) fn bpe_tokenizer(
+    tokens: &[String],
+    merges: &[String],
+    types: &[i32],
+    pre: Option<&str>,
+) -> Result<Tokenizer, MetaError> {
+    let merges = merges
+        .iter()
         .filter_map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -91,29 +130,31 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, MetaError> {
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
-    let pre = content
-        .metadata
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .cloned();
-    let pre_tokenizer = match pre.as_deref() {
+    let pre_tokenizer = match pre {
         Some("smollm") => smollm_pre_tokenizer(),
         None | Some("default" | "gpt-2" | "gpt2") => {
             PreTokenizerWrapper::from(ByteLevel::new(false, true, true))
         }
+        Some("llama-bpe" | "llama3") => split_then_bytes(LLAMA3_SPLIT)?,
+        Some("qwen2") => split_then_bytes(QWEN2_SPLIT)?,
         Some(other) => {
             return Err(MetaError::UnsupportedTokenizer {
                 model: format!(
-                    "gpt2 with the `{other}` pre-tokenizer (supported from GGUF: smollm, gpt-2; \
-                     give this model its tokenizer.json)"
+                    "gpt2 with the `{other}` pre-tokenizer (supported from GGUF: smollm, gpt-2, \
+                     llama-bpe, qwen2; give this model its tokenizer.json)"
                 ),
             });
         }
     };
     let mut tokenizer = Tokenizer::new(bpe);
+    if pre == Some("qwen2") {
+        tokenizer
+            .with_normalizer(Some(NFC))
+            .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
+    }
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    let special: Vec<AddedToken> = token_types(content)
+    let special: Vec<AddedToken> = types
         .iter()
         .enumerate()
         .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
@@ -175,9 +216,49 @@ mod tests {
             counter.count(&smollm, "year 2026", &mut words),
             Some(smollm.encode_fast("year 2026", false).unwrap().len() as u64)
         );
-        for pre in ["qwen2", "llama-bpe"] {
+        for pre in ["tekken", "deepseek-llm"] {
             let err = tiny_with_pre(Some(pre)).unwrap_err().to_string();
             assert!(err.contains(pre) && err.contains("tokenizer.json"), "{err}");
         }
+    }
+
+    fn split(t: &Tokenizer, text: &str) -> Vec<String> {
+        let pre = t.get_pre_tokenizer().unwrap();
+        let mut s = tokenizers::PreTokenizedString::from(text);
+        tokenizers::PreTokenizer::pre_tokenize(pre, &mut s).unwrap();
+        s.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(piece, _, _)| piece.to_string())
+        .collect()
+    }
+
+    /// Llama 3 and Qwen2 split as their published patterns do: numbers in threes or one
+    /// digit at a time, punctuation keeps one leading space, contractions of any case
+    /// split off, newlines go apart from the spaces that follow them. Pieces are shown in
+    /// byte-level symbols (Ġ is a space, Ċ a newline).
+    #[test]
+    fn llama3_and_qwen2_split_as_their_patterns() {
+        let text = "I'M 12345 $x\n\n  ok";
+        let llama3 = tiny_with_pre(Some("llama-bpe")).unwrap();
+        assert_eq!(
+            split(&llama3, text),
+            ["I", "'M", "Ġ", "123", "45", "Ġ$", "x", "ĊĊ", "Ġ", "Ġok"]
+        );
+        let qwen2 = tiny_with_pre(Some("qwen2")).unwrap();
+        assert_eq!(
+            split(&qwen2, text),
+            [
+                "I", "'M", "Ġ", "1", "2", "3", "4", "5", "Ġ$", "x", "ĊĊ", "Ġ", "Ġok"
+            ]
+        );
+        // Qwen2 normalises to NFC first: e + combining acute is one letter é
+        let enc = qwen2.encode("e\u{301}", false).unwrap();
+        assert_eq!(qwen2.decode(enc.get_ids(), false).unwrap(), "\u{e9}");
+        // neither is the smollm pipeline the fast counter emulates
+        assert!(ByteLevelCounter::new(&llama3).is_none());
+        assert!(ByteLevelCounter::new(&qwen2).is_none());
     }
 }

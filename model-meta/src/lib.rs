@@ -5,17 +5,20 @@
 //!   SmolLM2's ship no tokenizer.json).
 //! - [`ChatTemplate`]: the model's own Jinja chat template, rendered with minijinja.
 //! - [`GgufInfo`]: the few metadata values both sides need (context length, EOS, template).
+//! - [`HfModel`]: the same for a Hugging Face model directory (config.json, safetensors).
 //! - [`tiny`]: writes a tiny random-weight llama GGUF for fast tests.
 //! - [`count::ByteLevelCounter`]: exact token counts for GGUF-built tokenizers, fast.
 
 pub mod count;
 mod gguf_tokenizer;
+mod hf;
 mod template;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
 
 pub use gguf_tokenizer::{smollm_pre_tokenizer, tokenizer_from_gguf};
+pub use hf::{HF_ARCHITECTURES, HfConfig, HfModel, RopeScaling, TokenIds, is_hf_model};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizers::Tokenizer;
 
@@ -51,6 +54,8 @@ pub enum MetaError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("model config: {0}")]
+    Config(String),
 }
 
 /// Where a model's tokenizer comes from.

@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use candle_transformers::generation::LogitsProcessor;
-use model_meta::{ChatTemplate, GgufInfo, Tokenizer};
+use model_meta::{ChatTemplate, GgufInfo, HfModel, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::error::WorkerError;
@@ -162,6 +162,76 @@ pub fn parse_device(spec: &str) -> Result<Device, WorkerError> {
     }
 }
 
+/// What a model's files give the engine, whichever format they are in.
+struct ModelParts {
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+    /// Token ids that end generation, from the model's metadata.
+    eos: Vec<u32>,
+    context_length: usize,
+    /// `None` when no weights were asked for (the simulated backend).
+    weights: Option<Llama>,
+}
+
+/// Reads a GGUF file or a Hugging Face model directory (`config.json` + safetensors; a
+/// `.safetensors` path names its directory). `tokenizer_json` overrides the model's own
+/// tokenizer. Weights are loaded onto `device` when one is given.
+fn read_model(
+    path: &Path,
+    tokenizer_json: Option<&Path>,
+    device: Option<&Device>,
+) -> Result<ModelParts, WorkerError> {
+    let load_err = |e: candle_core::Error| WorkerError::Model(format!("{}: {e}", path.display()));
+    let meta_err = |e: model_meta::MetaError| WorkerError::Model(e.to_string());
+    let json = |p: &Path| {
+        model_meta::load_tokenizer(&model_meta::TokenizerSource::Json(p.to_path_buf()))
+            .map_err(meta_err)
+    };
+    if model_meta::is_hf_model(path) {
+        let hf = HfModel::open(path).map_err(meta_err)?;
+        let tokenizer = json(tokenizer_json.unwrap_or(&hf.tokenizer_path()))?;
+        let weights = device
+            .map(|d| Llama::from_safetensors(&hf, d).map_err(load_err))
+            .transpose()?;
+        return Ok(ModelParts {
+            tokenizer,
+            bos_token: hf.bos_token.clone().unwrap_or_default(),
+            eos_token: hf.eos_token.clone().unwrap_or_default(),
+            eos: hf.eos_token_ids.clone(),
+            context_length: hf.config.max_position_embeddings,
+            chat_template: hf.chat_template,
+            weights,
+        });
+    }
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| WorkerError::Model(format!("{}: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut file).map_err(load_err)?;
+    let info = GgufInfo::from_content(&content).map_err(meta_err)?;
+    let tokenizer = match tokenizer_json {
+        Some(p) => json(p)?,
+        None => model_meta::tokenizer_from_gguf(&content).map_err(meta_err)?,
+    };
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let (bos_token, eos_token) = (token_text(info.bos_token_id), token_text(info.eos_token_id));
+    let weights = device
+        .map(|d| Llama::from_gguf(&content, &mut file, d).map_err(load_err))
+        .transpose()?;
+    Ok(ModelParts {
+        tokenizer,
+        chat_template: info.chat_template,
+        bos_token,
+        eos_token,
+        eos: info.eos_token_id.into_iter().collect(),
+        context_length: info.context_length,
+        weights,
+    })
+}
+
 /// Which backend produces tokens.
 pub enum Backend {
     /// candle on a device.
@@ -180,7 +250,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a GGUF model and starts the actor thread. `queue_capacity` bounds waiting jobs.
+    /// Loads a model (a GGUF file, or a Hugging Face directory of safetensors) and starts
+    /// the actor thread. `queue_capacity` bounds waiting jobs.
     pub fn load(
         path: &Path,
         tokenizer_json: Option<&Path>,
@@ -189,46 +260,34 @@ impl Engine {
         queue_capacity: usize,
         max_batch: usize,
     ) -> Result<Self, WorkerError> {
-        let load_err =
-            |e: candle_core::Error| WorkerError::Model(format!("{}: {e}", path.display()));
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| WorkerError::Model(format!("{}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut file).map_err(load_err)?;
-        let info =
-            GgufInfo::from_content(&content).map_err(|e| WorkerError::Model(e.to_string()))?;
-        let tokenizer = match tokenizer_json {
-            Some(p) => {
-                model_meta::load_tokenizer(&model_meta::TokenizerSource::Json(p.to_path_buf()))
-            }
-            None => model_meta::tokenizer_from_gguf(&content),
-        }
-        .map_err(|e| WorkerError::Model(e.to_string()))?;
-        let token_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.id_to_token(i))
-                .unwrap_or_default()
+        let (device, sim) = match backend {
+            Backend::Real(d) => (d, None),
+            Backend::Sim(p) => (Device::Cpu, Some(p)),
         };
+        let parts = read_model(path, tokenizer_json, sim.is_none().then_some(&device))?;
+        let tokenizer = parts.tokenizer;
         let template = ChatTemplate::new(
-            info.chat_template.as_deref(),
-            token_text(info.bos_token_id),
-            token_text(info.eos_token_id),
+            parts.chat_template.as_deref(),
+            parts.bos_token,
+            parts.eos_token.clone(),
         )
         .map_err(|e| WorkerError::Model(e.to_string()))?;
-        let mut eos: Vec<u32> = info.eos_token_id.into_iter().collect();
-        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+        let mut eos = parts.eos;
+        for t in [
+            parts.eos_token.as_str(),
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "</s>",
+        ] {
             if let Some(id) = tokenizer.token_to_id(t)
                 && !eos.contains(&id)
             {
                 eos.push(id);
             }
         }
-        let (device, sim) = match backend {
-            Backend::Real(d) => (d, None),
-            Backend::Sim(p) => (Device::Cpu, Some(p)),
-        };
-        let weights = match sim {
-            None => Some(Llama::from_gguf(&content, &mut file, &device).map_err(load_err)?),
-            Some(_) => None,
-        };
+        let weights = parts.weights;
+        let info_context = parts.context_length;
         let model = Arc::new(LoadedModel {
             name,
             tokenizer,
@@ -236,7 +295,7 @@ impl Engine {
             eos,
             max_context: weights
                 .as_ref()
-                .map_or(info.context_length, |w| w.cfg.context_length),
+                .map_or(info_context, |w| w.cfg.context_length),
             modalities: if sim.is_some() {
                 vec!["text".into(), "image".into(), "audio".into()]
             } else {

@@ -11,14 +11,21 @@
 //! use those dot products on the quantized weights. Memory stays at the quantized size plus
 //! one matrix in f32 at a time. On CUDA candle's kernels multiply the weights as stored.
 //!
-//! Tensor names and metadata keys are GGUF's llama conventions (`blk.N.attn_q.weight`,
-//! `llama.attention.head_count`, ...); rotary embeddings are the interleaved form GGUF
-//! llama weights are stored for.
+//! Two architectures share this forward: llama (SmolLM2, Llama, TinyLlama) and qwen2 (the
+//! same blocks with biases on the query, key and value projections). Weights come from GGUF
+//! ([`Llama::from_gguf`]: `blk.N.attn_q.weight`, `llama.attention.head_count`, ...) or from a
+//! Hugging Face directory of safetensors ([`Llama::from_safetensors`]:
+//! `model.layers.N.self_attn.q_proj.weight`, config.json). Rotary embeddings take the form
+//! the weights were stored for: interleaved pairs for GGUF llama (llama.cpp's converter
+//! reorders the query and key rows), halves for qwen2 and for every safetensors checkpoint.
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
+use model_meta::HfModel;
 
 /// Query rows of one sequence whose attention is computed together.
 const QUERY_BLOCK: usize = 128;
@@ -26,7 +33,10 @@ const QUERY_BLOCK: usize = 128;
 /// Products over at least this many rows dequantize the weights and use f32 GEMM.
 const DEQUANTIZE_ROWS: usize = 16;
 
-/// Model dimensions read from GGUF metadata.
+/// The architectures this forward runs.
+pub const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+/// Model dimensions, from GGUF metadata or config.json.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub hidden: usize,
@@ -35,8 +45,27 @@ pub struct Config {
     pub head_dim: usize,
     pub layers: usize,
     pub eps: f64,
-    pub rope_base: f32,
+    /// Rotary inverse frequencies, one per pair of a head's dimensions (rope scaling
+    /// already applied).
+    pub inv_freq: Vec<f32>,
+    /// Rotary pairs are adjacent dimensions (GGUF llama) rather than the two halves.
+    pub rope_interleaved: bool,
     pub context_length: usize,
+}
+
+fn rope_inv_freq(base: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| base.powf(-((2 * i) as f32) / head_dim as f32))
+        .collect()
+}
+
+fn check_shape(heads: usize, kv_heads: usize, head_dim: usize, hidden: usize) -> Result<()> {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim * heads != hidden {
+        candle_core::bail!(
+            "unsupported attention shape: {heads} heads, {kv_heads} kv heads, head size {head_dim}, hidden {hidden}"
+        );
+    }
+    Ok(())
 }
 
 impl Config {
@@ -47,6 +76,12 @@ impl Config {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "llama".into());
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            candle_core::bail!(
+                "GGUF architecture `{arch}` is not supported (supported: {})",
+                ARCHITECTURES.join(", ")
+            );
+        }
         let get = |key: &str| {
             content
                 .metadata
@@ -60,11 +95,10 @@ impl Config {
         let heads = u("attention.head_count")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = u("rope.dimension_count").unwrap_or(hidden / heads.max(1));
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim * heads != hidden {
-            candle_core::bail!(
-                "unsupported attention shape: {heads} heads, {kv_heads} kv heads, head size {head_dim}, hidden {hidden}"
-            );
-        }
+        check_shape(heads, kv_heads, head_dim, hidden)?;
+        let base = get("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
         Ok(Self {
             hidden,
             heads,
@@ -72,10 +106,34 @@ impl Config {
             head_dim,
             layers: u("block_count")?,
             eps: f64::from(get("attention.layer_norm_rms_epsilon")?.to_f32()?),
-            rope_base: get("rope.freq_base")
-                .and_then(|v| v.to_f32())
-                .unwrap_or(10_000.0),
+            inv_freq: rope_inv_freq(base, head_dim),
+            // llama.cpp runs qwen2 with the halves ("neox") form, llama interleaved
+            rope_interleaved: arch == "llama",
             context_length: u("context_length")?,
+        })
+    }
+
+    /// From a Hugging Face model's config.json (checked by [`HfModel::open`]).
+    pub fn from_hf(model: &HfModel) -> Result<Self> {
+        let c = &model.config;
+        let heads = c.num_attention_heads;
+        let kv_heads = c.num_key_value_heads.unwrap_or(heads);
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / heads.max(1));
+        check_shape(heads, kv_heads, head_dim, c.hidden_size)?;
+        let mut inv_freq = rope_inv_freq(c.rope_theta as f32, head_dim);
+        if let Some(scaling) = &c.rope_scaling {
+            scaling.apply(&mut inv_freq);
+        }
+        Ok(Self {
+            hidden: c.hidden_size,
+            heads,
+            kv_heads,
+            head_dim,
+            layers: c.num_hidden_layers,
+            eps: c.rms_norm_eps,
+            inv_freq,
+            rope_interleaved: false,
+            context_length: c.max_position_embeddings,
         })
     }
 }
@@ -84,11 +142,12 @@ impl Config {
 /// Q8_0 and the k-quants). SmolLM2's GGUF is Q4_1.
 const CPU_SLOW_TYPES: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
-/// A weight matrix, kept quantized.
+/// A weight matrix, kept quantized (GGUF) or dense (safetensors), with an optional bias.
 struct Linear {
-    weight: Arc<QTensor>,
+    /// The quantized weights, for dequantizing before many-row products on CPU.
+    quantized: Option<Arc<QTensor>>,
     direct: QMatMul,
-    quantized: bool,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -109,26 +168,44 @@ impl Linear {
         } else {
             weight
         };
-        let quantized = !matches!(
+        let dense = matches!(
             weight.dtype(),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
         );
         let weight = Arc::new(weight);
         Ok(Self {
             direct: QMatMul::from_arc(Arc::clone(&weight))?,
-            weight,
-            quantized,
+            quantized: (!dense).then_some(weight),
+            bias: None,
         })
     }
 
-    /// `x`: (rows, in) → (rows, out). Many rows (prefill) on CPU: the weights are
+    /// A dense f32 matrix (out, in).
+    fn dense(weight: Tensor) -> Self {
+        Self {
+            direct: QMatMul::Tensor(weight),
+            quantized: None,
+            bias: None,
+        }
+    }
+
+    fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// `x`: (rows, in) → (rows, out). Many rows (prefill) on CPU: quantized weights are
     /// dequantized for this product and the blocked f32 GEMM does it.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.quantized && x.device().is_cpu() && x.dim(0)? >= DEQUANTIZE_ROWS {
-            let w = self.weight.dequantize(x.device())?;
-            x.matmul(&w.t()?)
-        } else {
-            self.direct.forward(x)
+        let y = match &self.quantized {
+            Some(w) if x.device().is_cpu() && x.dim(0)? >= DEQUANTIZE_ROWS => {
+                x.matmul(&w.dequantize(x.device())?.t()?)?
+            }
+            _ => self.direct.forward(x)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -218,36 +295,138 @@ impl Llama {
         reader: &mut R,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = Config::from_gguf(content)?;
+        let mut cfg = Config::from_gguf(content)?;
         let mut q = |name: &str| content.tensor(reader, name, device);
+        let has = |name: &str| content.tensor_infos.contains_key(name);
         let token_embd = q("token_embd.weight")?;
         let embeddings = token_embd.dequantize(device)?;
-        let output = if content.tensor_infos.contains_key("output.weight") {
+        let output = if has("output.weight") {
             q("output.weight")?
         } else {
             token_embd // tied embeddings
         };
         let norm = q("output_norm.weight")?.dequantize(device)?;
+        // Llama 3's rope scaling, stored by llama.cpp's converter as per-pair divisors
+        if has("rope_freqs.weight") {
+            let factors = q("rope_freqs.weight")?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if factors.len() != cfg.inv_freq.len() {
+                candle_core::bail!(
+                    "rope_freqs.weight has {} values for {} rotary pairs",
+                    factors.len(),
+                    cfg.inv_freq.len()
+                );
+            }
+            for (f, d) in cfg.inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let mut w = |n: &str| q(&format!("blk.{i}.{n}.weight"));
+            let attn_norm = w("attn_norm")?.dequantize(device)?;
+            let ffn_norm = w("ffn_norm")?.dequantize(device)?;
+            let mut linear = |n: &str| Linear::new(w(n)?, device);
+            let mut layer = Layer {
+                attn_norm,
+                wq: linear("attn_q")?,
+                wk: linear("attn_k")?,
+                wv: linear("attn_v")?,
+                wo: linear("attn_output")?,
+                ffn_norm,
+                gate: linear("ffn_gate")?,
+                up: linear("ffn_up")?,
+                down: linear("ffn_down")?,
+            };
+            // qwen2's biases on the query, key and value projections
+            let mut bias = |n: &str| -> Result<Option<Tensor>> {
+                let name = format!("blk.{i}.{n}.bias");
+                match has(&name) {
+                    true => Ok(Some(q(&name)?.dequantize(device)?)),
+                    false => Ok(None),
+                }
+            };
+            layer.wq = layer.wq.with_bias(bias("attn_q")?);
+            layer.wk = layer.wk.with_bias(bias("attn_k")?);
+            layer.wv = layer.wv.with_bias(bias("attn_v")?);
+            layers.push(layer);
+        }
+        Self::assemble(
+            cfg,
+            embeddings,
+            layers,
+            norm,
+            Linear::new(output, device)?,
+            device,
+        )
+    }
+
+    /// Loads a Hugging Face model directory's safetensors (llama or qwen2). Weights are held
+    /// as dense f32 whatever their stored type (bf16, f16, f32).
+    pub fn from_safetensors(model: &HfModel, device: &Device) -> Result<Self> {
+        let cfg = Config::from_hf(model)?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for file in &model.weights {
+            tensors.extend(candle_core::safetensors::load(file, &Device::Cpu)?);
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            tensors
+                .remove(name)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: tensor `{name}` missing",
+                        model.dir.display()
+                    ))
+                })?
+                .to_dtype(DType::F32)?
+                .to_device(device)
+        };
+        let embeddings = take("model.embed_tokens.weight")?;
+        let norm = take("model.norm.weight")?;
+        let output = if model.config.tie_word_embeddings {
+            embeddings.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let qwen2 = model.architecture == "qwen2";
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("model.layers.{i}");
+            let mut w = |n: &str| take(&format!("{p}.{n}"));
+            let mut proj = |n: &str, bias: bool| -> Result<Linear> {
+                let linear = Linear::dense(w(&format!("{n}.weight"))?);
+                Ok(match bias {
+                    true => linear.with_bias(Some(w(&format!("{n}.bias"))?)),
+                    false => linear,
+                })
+            };
             layers.push(Layer {
-                attn_norm: w("attn_norm")?.dequantize(device)?,
-                wq: Linear::new(w("attn_q")?, device)?,
-                wk: Linear::new(w("attn_k")?, device)?,
-                wv: Linear::new(w("attn_v")?, device)?,
-                wo: Linear::new(w("attn_output")?, device)?,
-                ffn_norm: w("ffn_norm")?.dequantize(device)?,
-                gate: Linear::new(w("ffn_gate")?, device)?,
-                up: Linear::new(w("ffn_up")?, device)?,
-                down: Linear::new(w("ffn_down")?, device)?,
+                wq: proj("self_attn.q_proj", qwen2)?,
+                wk: proj("self_attn.k_proj", qwen2)?,
+                wv: proj("self_attn.v_proj", qwen2)?,
+                wo: proj("self_attn.o_proj", false)?,
+                gate: proj("mlp.gate_proj", false)?,
+                up: proj("mlp.up_proj", false)?,
+                down: proj("mlp.down_proj", false)?,
+                attn_norm: w("input_layernorm.weight")?,
+                ffn_norm: w("post_attention_layernorm.weight")?,
             });
         }
-        let half = cfg.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| cfg.rope_base.powf(-((2 * i) as f32) / cfg.head_dim as f32))
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        Self::assemble(cfg, embeddings, layers, norm, Linear::dense(output), device)
+    }
+
+    fn assemble(
+        cfg: Config,
+        embeddings: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        output: Linear,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = cfg.inv_freq.len();
+        let inv_freq = Tensor::from_vec(cfg.inv_freq.clone(), (1, half), device)?;
         let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
             .to_dtype(DType::F32)?
             .reshape((cfg.context_length, 1))?;
@@ -258,7 +437,7 @@ impl Llama {
             embeddings,
             layers,
             norm,
-            output: Linear::new(output, device)?,
+            output,
             device: device.clone(),
             // SWITCHYARD_BATCHED_DECODE=0|1 overrides the default (for side-by-side timing).
             batched_decode: match std::env::var("SWITCHYARD_BATCHED_DECODE").as_deref() {
@@ -347,7 +526,11 @@ impl Llama {
                     .transpose(0, 1)?
                     .unsqueeze(0)?
                     .contiguous()?;
-                candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?.squeeze(0)
+                if cfg.rope_interleaved {
+                    candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?.squeeze(0)
+                } else {
+                    candle_nn::rotary_emb::rope(&t, &cos, &sin)?.squeeze(0)
+                }
             };
             let q = rope(layer.wq.forward(&h)?, cfg.heads)?; // (heads, rows, d)
             let k = rope(layer.wk.forward(&h)?, cfg.kv_heads)?; // (kv, rows, d)
@@ -510,7 +693,9 @@ impl Llama {
 mod tests {
     use super::*;
     use candle_transformers::models::quantized_llama::ModelWeights;
-    use model_meta::tiny::{LlamaShape, write_random_llama};
+    use model_meta::tiny::{
+        HfArch, HfOptions, LlamaShape, hf_to_gguf, write_random_hf, write_random_llama,
+    };
 
     fn model_file(name: &str, shape: &LlamaShape) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("llama-{}-{name}", std::process::id()));
@@ -693,6 +878,141 @@ mod tests {
             }])
             .unwrap();
         assert!(gap(&a9.squeeze(0).unwrap(), &both.get(1).unwrap()) < 1e-4);
+    }
+
+    fn hf_dir(name: &str, opts: &HfOptions) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hf-{}-{name}", std::process::id()));
+        write_random_hf(&dir, &LlamaShape::small(GgmlDType::F32), opts).unwrap();
+        dir
+    }
+
+    fn from_hf(dir: &std::path::Path) -> Llama {
+        Llama::from_safetensors(&HfModel::open(dir).unwrap(), &Device::Cpu).unwrap()
+    }
+
+    const LLAMA3: HfOptions = HfOptions {
+        arch: HfArch::Llama,
+        tie_embeddings: false,
+        llama3_rope: true,
+        context_length: 512,
+        rope_theta: 500_000.0,
+    };
+    const QWEN2: HfOptions = HfOptions {
+        arch: HfArch::Qwen2,
+        tie_embeddings: true,
+        llama3_rope: false,
+        context_length: 512,
+        rope_theta: 1_000_000.0,
+    };
+
+    /// Our prefill (in two chunks) and three decode steps; `reference` gives the logits of
+    /// the same tokens at a position. Asserts every step's logits agree within `tol`.
+    fn agrees_with(
+        model: &Llama,
+        mut reference: impl FnMut(&[u32], usize) -> Tensor,
+        tol: f32,
+        what: &str,
+    ) {
+        let prompt: Vec<u32> = (0..90).map(|i| (i * 7 + 3) % 250).collect();
+        let mut cache = model.new_cache();
+        let step = |tokens: &[u32], cache: &mut KvCache| {
+            model.forward(&mut [Item { tokens, cache }]).unwrap()
+        };
+        step(&prompt[..50], &mut cache);
+        let got = step(&prompt[50..], &mut cache);
+        let g = gap(&reference(&prompt, 0).flatten_all().unwrap(), &got);
+        assert!(g < tol, "{what}: prefill logits differ by {g}");
+        for (i, token) in [5u32, 77, 200].into_iter().enumerate() {
+            let got = step(&[token], &mut cache);
+            let expected = reference(&[token], prompt.len() + i);
+            let g = gap(&expected.flatten_all().unwrap(), &got);
+            assert!(g < tol, "{what}: decode step {i} logits differ by {g}");
+        }
+    }
+
+    /// Safetensors llama (Llama 3 rope scaling, separate output matrix) against candle's
+    /// reference llama, and qwen2 (biases, tied embeddings) against candle's qwen2, on the
+    /// same random bf16 checkpoint: prefill at positions past the scaling's original
+    /// context and decode give the same logits.
+    #[test]
+    fn safetensors_models_match_candle_reference_implementations() {
+        use candle_transformers::models::{llama, qwen2};
+        let tensors = |dir: &std::path::Path| {
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+        };
+        let config =
+            |dir: &std::path::Path| std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let ids = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+
+        let dir = hf_dir("llama3", &LLAMA3);
+        let cfg: llama::LlamaConfig = serde_json::from_str(&config(&dir)).unwrap();
+        let cfg = cfg.into_config(false);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors(&dir), DType::F32, &Device::Cpu);
+        let reference = llama::Llama::load(vb, &cfg).unwrap();
+        let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+        agrees_with(
+            &from_hf(&dir),
+            |t, pos| reference.forward(&ids(t), pos, &mut cache).unwrap(),
+            1e-4,
+            "llama",
+        );
+
+        let dir = hf_dir("qwen2", &QWEN2);
+        let cfg: qwen2::Config = serde_json::from_str(&config(&dir)).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors(&dir), DType::F32, &Device::Cpu);
+        let mut reference = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+        agrees_with(
+            &from_hf(&dir),
+            |t, pos| reference.forward(&ids(t), pos).unwrap(),
+            1e-4,
+            "qwen2",
+        );
+    }
+
+    /// The same checkpoint converted to GGUF as llama.cpp converts it (query and key rows
+    /// reordered for interleaved rope, Llama 3 scaling as rope_freqs, qwen2 biases) runs
+    /// to the same logits: F32 exactly, Q8_0 within quantization error.
+    #[test]
+    fn gguf_conversions_match_their_safetensors() {
+        for (name, opts) in [("llama3", LLAMA3), ("qwen2", QWEN2)] {
+            let dir = hf_dir(&format!("{name}-conv"), &opts);
+            let hf = from_hf(&dir);
+            for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q8_0, 2e-2)] {
+                let gguf = dir.join(format!("m-{dtype:?}.gguf"));
+                hf_to_gguf(&dir, &gguf, dtype).unwrap();
+                let converted = ours(&gguf);
+                assert_eq!(converted.cfg.rope_interleaved, name == "llama3");
+                let mut cache = hf.new_cache();
+                agrees_with(
+                    &converted,
+                    |t, _| {
+                        hf.forward(&mut [Item {
+                            tokens: t,
+                            cache: &mut cache,
+                        }])
+                        .unwrap()
+                    },
+                    tol,
+                    &format!("{name} {dtype:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_gguf_architectures_are_refused_by_name() {
+        let path = model_file("arch", &LlamaShape::TINY);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut c = gguf_file::Content::read(&mut f).unwrap();
+        c.metadata.insert(
+            "general.architecture".into(),
+            gguf_file::Value::String("phi3".into()),
+        );
+        let err = Llama::from_gguf(&c, &mut f, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("`phi3` is not supported"), "{err}");
     }
 
     #[test]

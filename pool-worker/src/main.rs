@@ -18,13 +18,15 @@ use pool_worker::registration::{Registration, RegistrationConfig};
     about = "Candle inference server for a Switchyard pool"
 )]
 struct Args {
-    /// GGUF model file (llama architecture).
+    /// The model: a GGUF file, or a Hugging Face directory (config.json, *.safetensors,
+    /// tokenizer.json, tokenizer_config.json). Architectures: llama, qwen2.
     #[arg(long)]
     model: PathBuf,
-    /// tokenizer.json; by default the tokenizer is built from the GGUF metadata.
+    /// tokenizer.json; by default the model's own (GGUF metadata, or the directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Name clients use in `model` (default: the file name up to the first '-' or '.', lower-case).
+    /// Name clients use in `model` (default: the file or directory name up to the first '-'
+    /// or '.', lower-case).
     #[arg(long)]
     model_name: Option<String>,
     /// Address to serve the OpenAI API on (port 0 = any free port).
@@ -89,8 +91,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let name = args.model_name.clone().unwrap_or_else(|| {
-        let stem = args
-            .model
+        // a .safetensors file stands for its directory
+        let path = match args.model.extension() {
+            Some(e) if e == "safetensors" => args.model.parent().unwrap_or(&args.model),
+            _ => &args.model,
+        };
+        let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().to_lowercase())
             .unwrap_or_default();
