@@ -1,6 +1,7 @@
-//! Decode-shaped matrix products on CPU (one SmolLM2-135M FFN matrix, 1536 × 576) with
-//! candle's quantized product: Q4_1 (SmolLM2's GGUF type, no SIMD kernel) against Q8_0 (what
-//! the worker re-encodes it to on CPU), at 1, 4 and 8 rows (the rows of a continuous batch).
+//! Decode-shaped matrix products on CPU (one SmolLM2-135M FFN matrix, 1536 × 576) at 1, 4
+//! and 8 rows (the rows of a continuous batch): candle's quantized product as Q4_1
+//! (SmolLM2's GGUF type, no SIMD kernel) and as Q8_0, against the worker's batched 8-bit
+//! product (`pool_worker::q8::Q8Matrix`, what the worker multiplies decode rows with on CPU).
 #![allow(clippy::unwrap_used)]
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -23,6 +24,7 @@ fn bench(c: &mut Criterion) {
     let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
     let q41 = QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()).unwrap();
     let q80 = QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()).unwrap();
+    let ours = pool_worker::q8::Q8Matrix::from_tensor(&t).unwrap();
     let mut g = c.benchmark_group("decode_matmul_1536x576");
     for rows in [1usize, 4, 8] {
         let x: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.01).collect();
@@ -32,6 +34,9 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(format!("candle_q8_0/{rows}"), |b| {
             b.iter(|| q80.forward(&xt).unwrap())
+        });
+        g.bench_function(format!("worker_q8/{rows}"), |b| {
+            b.iter(|| ours.matmul(&xt).unwrap())
         });
     }
     g.finish();

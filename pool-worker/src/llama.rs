@@ -8,8 +8,9 @@
 //! Weights stay quantized. On CPU, products over many rows (prefill) dequantize the matrix
 //! for the duration of the product and use the blocked f32 GEMM, an order of magnitude
 //! faster per row than candle's quantized dot products; products over few rows (decode)
-//! use those dot products on the quantized weights. Memory stays at the quantized size plus
-//! one matrix in f32 at a time. On CUDA candle's kernels multiply the weights as stored.
+//! multiply 8-bit blocks by every row in one pass ([`Q8Matrix`]). Memory stays at the
+//! quantized size plus one matrix in f32 at a time. On CUDA candle's kernels multiply the
+//! weights as stored; safetensors weights are dense f32.
 //!
 //! Two architectures share this forward: llama (SmolLM2, Llama, TinyLlama) and qwen2 (the
 //! same blocks with biases on the query, key and value projections). Weights come from GGUF
@@ -26,6 +27,8 @@ use std::collections::HashMap;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use model_meta::HfModel;
+
+use crate::q8::{self, Q8Matrix};
 
 /// Query rows of one sequence whose attention is computed together.
 const QUERY_BLOCK: usize = 128;
@@ -60,7 +63,8 @@ fn rope_inv_freq(base: f32, head_dim: usize) -> Vec<f32> {
 }
 
 fn check_shape(heads: usize, kv_heads: usize, head_dim: usize, hidden: usize) -> Result<()> {
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim * heads != hidden {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim * heads != hidden
+    {
         candle_core::bail!(
             "unsupported attention shape: {heads} heads, {kv_heads} kv heads, head size {head_dim}, hidden {hidden}"
         );
@@ -138,53 +142,109 @@ impl Config {
     }
 }
 
-/// Weight types without a vectorised CPU dot product in candle (its x86 kernels cover Q4_0,
-/// Q8_0 and the k-quants). SmolLM2's GGUF is Q4_1.
-const CPU_SLOW_TYPES: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+/// Weight types multiplied as [`Q8Matrix`] blocks on CPU: Q8_0 itself, and the types
+/// without a vectorised CPU dot product in candle (SmolLM2's GGUF is Q4_1). The k-quants
+/// keep candle's kernels and their smaller size.
+const CPU_Q8_TYPES: [GgmlDType; 5] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+];
+
+/// How a weight matrix is multiplied.
+enum Weights {
+    /// candle's product: dense matrices, every matrix on GPUs, and the quantized types
+    /// candle multiplies well on CPU (the k-quants). `quantized` keeps quantized weights
+    /// for dequantizing before many-row products on CPU.
+    Candle {
+        direct: QMatMul,
+        quantized: Option<Arc<QTensor>>,
+    },
+    /// CPU 8-bit blocks, every decode row in one pass ([`Q8Matrix`]).
+    Q8(Q8Matrix),
+}
 
 /// A weight matrix, kept quantized (GGUF) or dense (safetensors), with an optional bias.
 struct Linear {
-    /// The quantized weights, for dequantizing before many-row products on CPU.
-    quantized: Option<Arc<QTensor>>,
-    direct: QMatMul,
+    weights: Weights,
     bias: Option<Tensor>,
 }
 
+/// Whether CPU decode products use [`Q8Matrix`]; `SWITCHYARD_Q8=0` keeps candle's
+/// product instead (for side-by-side timing).
+fn q8_enabled() -> bool {
+    std::env::var("SWITCHYARD_Q8").map_or(true, |v| v != "0")
+}
+
+/// candle's product over `weight` as stored.
+fn candle_weights(weight: QTensor) -> Result<Weights> {
+    let dense = matches!(
+        weight.dtype(),
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+    );
+    let weight = Arc::new(weight);
+    Ok(Weights::Candle {
+        direct: QMatMul::from_arc(Arc::clone(&weight))?,
+        quantized: (!dense).then_some(weight),
+    })
+}
+
 impl Linear {
-    /// On CPU, weights of the [`CPU_SLOW_TYPES`] are re-encoded as Q8_0 (blocks of 32
-    /// 8-bit values with one scale: every 4- and 5-bit level is kept to within half an
-    /// 8-bit step). `cargo bench -p benches --bench decode`: a 1536×576 decode product
-    /// takes 105 µs as Q4_1 and 61 µs as Q8_0 here, for 1.7× the memory of Q4_1.
+    /// On CPU, weights of the [`CPU_Q8_TYPES`] become [`Q8Matrix`] blocks (every 4- and
+    /// 5-bit level is kept to within half an 8-bit step). `cargo bench -p benches --bench
+    /// decode` compares the products.
     fn new(weight: QTensor, device: &Device) -> Result<Self> {
-        let weight = if device.is_cpu()
-            && CPU_SLOW_TYPES.contains(&weight.dtype())
-            && weight
-                .shape()
-                .dims()
-                .last()
-                .is_some_and(|k| k % GgmlDType::Q8_0.block_size() == 0)
+        let cols = weight.shape().dims().last().copied().unwrap_or(0);
+        let weights = if q8_enabled()
+            && device.is_cpu()
+            && CPU_Q8_TYPES.contains(&weight.dtype())
+            && cols.is_multiple_of(q8::BLOCK)
         {
-            QTensor::quantize(&weight.dequantize(device)?, GgmlDType::Q8_0)?
+            Weights::Q8(Q8Matrix::from_tensor(&weight.dequantize(device)?)?)
+        } else if device.is_cpu()
+            && [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1].contains(&weight.dtype())
+            && cols.is_multiple_of(q8::BLOCK)
+        {
+            // candle has no SIMD dot product for these; its Q8_0 product is faster
+            candle_weights(QTensor::quantize(
+                &weight.dequantize(device)?,
+                GgmlDType::Q8_0,
+            )?)?
         } else {
-            weight
+            candle_weights(weight)?
         };
-        let dense = matches!(
-            weight.dtype(),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        );
-        let weight = Arc::new(weight);
         Ok(Self {
-            direct: QMatMul::from_arc(Arc::clone(&weight))?,
-            quantized: (!dense).then_some(weight),
+            weights,
             bias: None,
         })
+    }
+
+    /// The output matrix when it is the embedding matrix: `weight` as stored, and
+    /// `dequantized`, the f32 copy the embedding lookup keeps.
+    fn tied(weight: QTensor, dequantized: &Tensor, device: &Device) -> Result<Self> {
+        let cols = weight.shape().dims().last().copied().unwrap_or(0);
+        if q8_enabled()
+            && device.is_cpu()
+            && CPU_Q8_TYPES.contains(&weight.dtype())
+            && cols.is_multiple_of(q8::BLOCK)
+        {
+            return Ok(Self {
+                weights: Weights::Q8(Q8Matrix::from_tensor(dequantized)?),
+                bias: None,
+            });
+        }
+        Self::new(weight, device)
     }
 
     /// A dense f32 matrix (out, in).
     fn dense(weight: Tensor) -> Self {
         Self {
-            direct: QMatMul::Tensor(weight),
-            quantized: None,
+            weights: Weights::Candle {
+                direct: QMatMul::Tensor(weight),
+                quantized: None,
+            },
             bias: None,
         }
     }
@@ -197,11 +257,14 @@ impl Linear {
     /// `x`: (rows, in) → (rows, out). Many rows (prefill) on CPU: quantized weights are
     /// dequantized for this product and the blocked f32 GEMM does it.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.quantized {
-            Some(w) if x.device().is_cpu() && x.dim(0)? >= DEQUANTIZE_ROWS => {
-                x.matmul(&w.dequantize(x.device())?.t()?)?
-            }
-            _ => self.direct.forward(x)?,
+        let many = x.dim(0)? >= DEQUANTIZE_ROWS;
+        let y = match &self.weights {
+            Weights::Q8(w) if many => x.matmul(&w.dequantize(x.device())?.t()?)?,
+            Weights::Q8(w) => w.matmul(&x.contiguous()?)?,
+            Weights::Candle {
+                quantized: Some(w), ..
+            } if many && x.device().is_cpu() => x.matmul(&w.dequantize(x.device())?.t()?)?,
+            Weights::Candle { direct, .. } => direct.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -301,9 +364,10 @@ impl Llama {
         let token_embd = q("token_embd.weight")?;
         let embeddings = token_embd.dequantize(device)?;
         let output = if has("output.weight") {
-            q("output.weight")?
+            Linear::new(q("output.weight")?, device)?
         } else {
-            token_embd // tied embeddings
+            // tied embeddings: 8-bit blocks come from the f32 copy already made
+            Linear::tied(token_embd, &embeddings, device)?
         };
         let norm = q("output_norm.weight")?.dequantize(device)?;
         // Llama 3's rope scaling, stored by llama.cpp's converter as per-pair divisors
@@ -353,14 +417,7 @@ impl Llama {
             layer.wv = layer.wv.with_bias(bias("attn_v")?);
             layers.push(layer);
         }
-        Self::assemble(
-            cfg,
-            embeddings,
-            layers,
-            norm,
-            Linear::new(output, device)?,
-            device,
-        )
+        Self::assemble(cfg, embeddings, layers, norm, output, device)
     }
 
     /// Loads a Hugging Face model directory's safetensors (llama or qwen2). Weights are held

@@ -137,6 +137,7 @@ fn peak_rss_kib() -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    pool_worker::pin_cpu_thread_count();
     let args = Args::parse();
     let scratch = std::env::temp_dir().join(format!("worker-bench-{}", std::process::id()));
     let (path, label) = match (&args.model, args.synthetic.as_deref()) {
