@@ -28,6 +28,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use model_meta::HfModel;
 
+use rayon::prelude::*;
+
 use crate::q8::{self, Q8Matrix};
 
 /// Query rows of one sequence whose attention is computed together.
@@ -347,8 +349,8 @@ pub struct Llama {
     device: Device,
     /// Decode steps of several sequences attend in one padded batch (a handful of kernel
     /// launches instead of a dozen per sequence). On by default on GPUs, where launches
-    /// dominate small decode steps; off on CPU, where the per-sequence form avoids the
-    /// padding copies.
+    /// dominate small decode steps; off on CPU, where decode rows attend straight from
+    /// their caches' memory instead ([`Llama::attend_decode_rows_cpu`], no padding).
     batched_decode: bool,
 }
 
@@ -599,21 +601,40 @@ impl Llama {
             let attn = if all_decode {
                 self.attend_decode_batch(&q, &k, &v, items, l)?
             } else {
-                let mut outs = Vec::with_capacity(items.len());
-                let mut row = 0;
-                for (item, mask) in items.iter_mut().zip(&masks) {
-                    let n = item.tokens.len();
-                    outs.push(self.attend(
-                        &q.narrow(1, row, n)?,
-                        &k.narrow(1, row, n)?.contiguous()?,
-                        &v.narrow(1, row, n)?.contiguous()?,
-                        mask.as_ref(),
-                        item.cache,
-                        l,
-                    )?);
-                    row += n;
+                // On CPU the decode rows attend together, reading their caches in place.
+                let decoded = match self.device.is_cpu() {
+                    true => self.attend_decode_rows_cpu(&q, &k, &v, items, l)?,
+                    false => Vec::new(),
+                };
+                if decoded.len() == rows * cfg.hidden {
+                    Tensor::from_vec(decoded, (rows, cfg.hidden), &self.device)?
+                } else {
+                    let mut outs = Vec::with_capacity(items.len());
+                    let (mut row, mut decode_row) = (0, 0);
+                    for (item, mask) in items.iter_mut().zip(&masks) {
+                        let n = item.tokens.len();
+                        if n == 1 && !decoded.is_empty() {
+                            let at = decode_row * cfg.hidden;
+                            outs.push(Tensor::from_slice(
+                                &decoded[at..at + cfg.hidden],
+                                (1, cfg.hidden),
+                                &self.device,
+                            )?);
+                            decode_row += 1;
+                        } else {
+                            outs.push(self.attend(
+                                &q.narrow(1, row, n)?,
+                                &k.narrow(1, row, n)?.contiguous()?,
+                                &v.narrow(1, row, n)?.contiguous()?,
+                                mask.as_ref(),
+                                item.cache,
+                                l,
+                            )?);
+                        }
+                        row += n;
+                    }
+                    Tensor::cat(&outs, 0)? // (rows, hidden)
                 }
-                Tensor::cat(&outs, 0)? // (rows, hidden)
             };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
@@ -679,6 +700,114 @@ impl Llama {
         let mask = Tensor::from_vec(mask, (b, 1, 1, longest), &self.device)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         probs.matmul(&values)?.reshape((b, cfg.hidden)) // (B, kv, group, d) → (B, hidden)
+    }
+
+    /// CPU attention for the batch's decode items (one new row each): appends their keys
+    /// and values to layer `l` of their caches, then computes every (sequence, head) pair
+    /// in parallel straight from the caches' memory. A handful of tensor operations per
+    /// layer instead of a dozen per sequence, which dominated small decode steps. Returns
+    /// (decode items, hidden) row-major, in batch order; empty when there are none.
+    fn attend_decode_rows_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        items: &mut [Item<'_>],
+        l: usize,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let d = cfg.head_dim;
+        let rows = q.dim(1)?;
+        let mut decode = Vec::new(); // (batch row, cache length after this token)
+        let mut row = 0;
+        for item in items.iter() {
+            if item.tokens.len() == 1 {
+                decode.push((row, item.cache.len + 1));
+            }
+            row += item.tokens.len();
+        }
+        if decode.is_empty() {
+            return Ok(Vec::new());
+        }
+        // (heads, rows, d) and (kv, rows, d), flattened
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        let gather = |all: &[f32], r: usize| -> Vec<f32> {
+            (0..cfg.kv_heads)
+                .flat_map(|h| {
+                    all[(h * rows + r) * d..(h * rows + r + 1) * d]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let decoding = items.iter().filter(|i| i.tokens.len() == 1);
+        for (item, &(r, total)) in decoding.zip(&decode) {
+            let (kc, vc) = &item.cache.layers[l];
+            let shape = (cfg.kv_heads, 1, d);
+            kc.slice_set(
+                &Tensor::from_vec(gather(&k, r), shape, &self.device)?,
+                1,
+                total - 1,
+            )?;
+            vc.slice_set(
+                &Tensor::from_vec(gather(&v, r), shape, &self.device)?,
+                1,
+                total - 1,
+            )?;
+        }
+        // every decode item's cache, read in place: (kv, capacity, d) keys and values
+        let mut guards = Vec::with_capacity(decode.len());
+        for item in items.iter().filter(|i| i.tokens.len() == 1) {
+            let (kc, vc) = &item.cache.layers[l];
+            guards.push((
+                kc.storage_and_layout(),
+                vc.storage_and_layout(),
+                item.cache.capacity,
+            ));
+        }
+        let mut caches = Vec::with_capacity(guards.len());
+        for ((ks, kl), (vs, vl), capacity) in &guards {
+            let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&**ks, &**vs)
+            else {
+                candle_core::bail!("CPU attention over a cache on another device");
+            };
+            let keys = &kc.as_slice::<f32>()?[kl.start_offset()..];
+            let values = &vc.as_slice::<f32>()?[vl.start_offset()..];
+            caches.push((keys, values, *capacity));
+        }
+        let group = cfg.heads / cfg.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; decode.len() * cfg.heads * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(task, out)| {
+            let (i, h) = (task / cfg.heads, task % cfg.heads);
+            let ((r, total), (keys, values, capacity)) = (decode[i], caches[i]);
+            let base = (h / group) * capacity * d;
+            let query = &q[(h * rows + r) * d..(h * rows + r + 1) * d];
+            let mut scores: Vec<f32> = (0..total)
+                .map(|t| {
+                    let key = &keys[base + t * d..base + (t + 1) * d];
+                    query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (t, p) in scores.iter().enumerate() {
+                let value = &values[base + t * d..base + (t + 1) * d];
+                for (o, x) in out.iter_mut().zip(value) {
+                    *o += p * x;
+                }
+            }
+            for o in out.iter_mut() {
+                *o /= sum;
+            }
+        });
+        Ok(out)
     }
 
     /// Attention for one sequence: `q` (heads, n, d) for its new rows, `k`/`v` (kv, n, d)

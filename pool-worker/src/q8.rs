@@ -181,8 +181,18 @@ impl Q8Matrix {
                     }
                 }
             });
-        let out = Tensor::from_vec(out_t, (self.rows, m), &Device::Cpu)?;
-        out.t()?.contiguous()
+        let out = if m == 1 {
+            out_t
+        } else {
+            let mut out = vec![0f32; m * self.rows];
+            for (j, row) in out_t.chunks_exact(m).enumerate() {
+                for (r, v) in row.iter().enumerate() {
+                    out[r * self.rows + j] = *v;
+                }
+            }
+            out
+        };
+        Tensor::from_vec(out, (m, self.rows), &Device::Cpu)
     }
 }
 

@@ -7,7 +7,9 @@
 //!   tokens per second (best of `--rounds`, after one warm-up job);
 //! - decode: N concurrent streams of `--decode-tokens` tokens each (end-of-sequence
 //!   ignored, so every stream generates exactly that many): aggregate tokens per second and
-//!   each stream's mean time per token after its first;
+//!   each stream's mean time per token after its first (both include the other streams'
+//!   prefills), and the steady state: tokens per second and per-stream time per token
+//!   while every stream is decoding (from the last first token to the first stream's end);
 //! - load time and peak resident memory (VmHWM).
 //!
 //! `--synthetic smollm2-135m` writes a random-weight model with SmolLM2-135M's exact shapes
@@ -61,22 +63,25 @@ struct Args {
     rounds: usize,
 }
 
-/// What one job reported, with timestamps relative to its submission.
+/// What one job reported, with timestamps relative to `start` (its submission, or the
+/// start of a group of concurrent jobs).
 struct JobTiming {
     first: Option<Duration>,
     done: Duration,
     completion_tokens: usize,
     /// Text pieces streamed (one per token, but for partial UTF-8 held back).
     pieces: usize,
+    /// When each piece arrived.
+    stamps: Vec<Duration>,
 }
 
 async fn run_job(
     engine: &Engine,
     prompt: Vec<u32>,
     max_tokens: usize,
+    start: Instant,
 ) -> anyhow::Result<JobTiming> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let start = Instant::now();
     engine.submit(Job {
         prompt,
         params: GenParams {
@@ -91,10 +96,12 @@ async fn run_job(
     })?;
     let mut first = None;
     let mut pieces = 0;
+    let mut stamps = Vec::with_capacity(max_tokens);
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(_) => {
                 pieces += 1;
+                stamps.push(start.elapsed());
                 first.get_or_insert_with(|| start.elapsed());
             }
             Event::Done(usage) => {
@@ -104,6 +111,7 @@ async fn run_job(
                     done,
                     completion_tokens: usage.completion_tokens,
                     pieces,
+                    stamps,
                 });
             }
             Event::Failed(e) => bail!("engine failed: {e}"),
@@ -189,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut best: Option<Duration> = None;
         for _ in 0..args.rounds.max(1) {
-            let timing = run_job(&engine, prompt_of(&engine, n)?, 1).await?;
+            let timing = run_job(&engine, prompt_of(&engine, n)?, 1, Instant::now()).await?;
             let ttft = timing.first.unwrap_or(timing.done);
             best = Some(best.map_or(ttft, |b| b.min(ttft)));
         }
@@ -210,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         let jobs = (0..streams)
             .map(|_| {
                 let prompt = prompt_of(&engine, 32)?;
-                Ok(run_job(&engine, prompt, args.decode_tokens))
+                Ok(run_job(&engine, prompt, args.decode_tokens, start))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let timings = futures::future::try_join_all(jobs).await?;
@@ -231,11 +239,33 @@ async fn main() -> anyhow::Result<()> {
             .max()
             .unwrap_or_default()
             .as_secs_f64();
+        // Steady state: from the last stream's first token to the first stream's end,
+        // when every stream is decoding and no prompt is being prefilled.
+        let window_start = timings.iter().filter_map(|t| t.first).max();
+        let window_end = timings
+            .iter()
+            .filter_map(|t| t.stamps.last().copied())
+            .min();
+        let (steady_tok_s, steady_ms) = match (window_start, window_end) {
+            (Some(a), Some(b)) if b > a => {
+                let pieces = timings
+                    .iter()
+                    .flat_map(|t| &t.stamps)
+                    .filter(|s| **s > a && **s <= b)
+                    .count();
+                let secs = (b - a).as_secs_f64();
+                let per_stream = pieces as f64 / streams as f64;
+                (pieces as f64 / secs, secs * 1e3 / per_stream.max(1.0))
+            }
+            _ => (f64::NAN, f64::NAN),
+        };
         eprintln!(
-            "decode {streams} stream(s): {:7.1} tok/s aggregate, {:6.1} ms/token per stream, worst TTFT {:7.1} ms",
+            "decode {streams} stream(s): {:7.1} tok/s aggregate, {:6.1} ms/token per stream, worst TTFT {:7.1} ms; steady (all decoding): {:7.1} tok/s, {:6.1} ms/token per stream",
             total as f64 / wall,
             mean_tpot,
-            worst_ttft * 1e3
+            worst_ttft * 1e3,
+            steady_tok_s,
+            steady_ms
         );
         decode.push(json!({
             "streams": streams,
@@ -244,6 +274,8 @@ async fn main() -> anyhow::Result<()> {
             "aggregate_tok_per_s": total as f64 / wall,
             "per_stream_ms_per_token": mean_tpot,
             "worst_ttft_ms": worst_ttft * 1e3,
+            "steady_tok_per_s": steady_tok_s,
+            "steady_ms_per_token_per_stream": steady_ms,
         }));
     }
     let rss = peak_rss_kib();
