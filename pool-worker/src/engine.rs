@@ -313,9 +313,16 @@ impl Engine {
                     stats: Arc::clone(&stats),
                     max_batch: max_batch.max(1),
                 };
+                // The engine loop runs on a worker of the thread pool its products use, so
+                // each parallel product starts on this thread at once instead of waking
+                // the pool and sleeping until it finishes.
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .thread_name(|i| format!("engine-{i}"))
+                    .build()
+                    .map_err(|e| WorkerError::Model(format!("cannot start engine threads: {e}")))?;
                 std::thread::Builder::new()
                     .name("engine".into())
-                    .spawn(move || actor.run(rx))
+                    .spawn(move || pool.install(move || actor.run(rx)))
             }
             (None, profile) => {
                 let profile = profile.unwrap_or(SimProfile {
