@@ -126,8 +126,11 @@ pub(crate) fn bpe_tokenizer(
         .enumerate()
         .map(|(id, t)| (t.clone(), id as u32))
         .collect();
+    // Llama 3 looks a whole pre-token up in the vocabulary before merging (as its
+    // tokenizer.json's `ignore_merges` and llama.cpp do)
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(matches!(pre, Some("llama-bpe" | "llama3")))
         .build()
         .map_err(|e| MetaError::Tokenizer(e.to_string()))?;
     let pre_tokenizer = match pre {
@@ -220,6 +223,35 @@ mod tests {
             let err = tiny_with_pre(Some(pre)).unwrap_err().to_string();
             assert!(err.contains(pre) && err.contains("tokenizer.json"), "{err}");
         }
+    }
+
+    /// Llama 3 takes a pre-token that is in the vocabulary whole, before any merge; the
+    /// others merge. Vocabulary: bytes, "ab", "abc"; the only merge is "a b".
+    #[test]
+    fn llama3_looks_words_up_before_merging() {
+        let build = |pre: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            crate::tiny::write_tiny_llama(&path, 64).unwrap();
+            let mut content = crate::read_gguf(&path).unwrap();
+            let md = &mut content.metadata;
+            let mut tokens = md["tokenizer.ggml.tokens"].to_vec().unwrap().clone();
+            tokens.extend([Value::String("ab".into()), Value::String("abc".into())]);
+            let mut types = md["tokenizer.ggml.token_type"].to_vec().unwrap().clone();
+            types.extend([Value::I32(1), Value::I32(1)]);
+            md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens));
+            md.insert("tokenizer.ggml.token_type".into(), Value::Array(types));
+            md.insert(
+                "tokenizer.ggml.merges".into(),
+                Value::Array(vec![Value::String("a b".into())]),
+            );
+            md.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
+            tokenizer_from_gguf(&content).unwrap()
+        };
+        let ids = |t: &Tokenizer| t.encode("abc", false).unwrap().get_ids().len();
+        assert_eq!(ids(&build("llama-bpe")), 1, "abc is one vocabulary entry");
+        assert_eq!(ids(&build("qwen2")), 2, "merged: ab, c");
+        assert_eq!(ids(&build("smollm")), 2, "merged: ab, c");
     }
 
     fn split(t: &Tokenizer, text: &str) -> Vec<String> {

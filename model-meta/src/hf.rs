@@ -31,8 +31,10 @@ impl TokenIds {
 /// kind is refused at load rather than run with the wrong positions.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScaling {
-    #[serde(alias = "type")]
     pub rope_type: Option<String>,
+    /// The older spelling of `rope_type`; configs re-saved by transformers carry both.
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
     pub factor: Option<f32>,
     pub low_freq_factor: Option<f32>,
     pub high_freq_factor: Option<f32>,
@@ -40,12 +42,17 @@ pub struct RopeScaling {
 }
 
 impl RopeScaling {
+    /// `rope_type`, or the older `type`.
+    pub fn kind(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.legacy_type.as_deref())
+    }
+
     /// Applies Llama 3's frequency scaling to rotary inverse frequencies: long wavelengths
     /// are divided by `factor`, short ones kept, the band between blended. A no-op for
     /// `default` (and for incomplete settings, which [`HfModel::open`] refuses).
     pub fn apply(&self, inv_freq: &mut [f32]) {
         let (Some("llama3"), Some(factor), Some(low), Some(high), Some(original)) = (
-            self.rope_type.as_deref(),
+            self.kind(),
             self.factor,
             self.low_freq_factor,
             self.high_freq_factor,
@@ -91,6 +98,8 @@ pub struct HfConfig {
     #[serde(default)]
     pub use_sliding_window: bool,
     pub eos_token_id: Option<TokenIds>,
+    /// GPTQ, AWQ, bitsandbytes...: packed weights this loader cannot read.
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -187,7 +196,11 @@ pub fn is_hf_model(path: &Path) -> bool {
 
 fn hf_dir(path: &Path) -> &Path {
     if path.extension().is_some_and(|e| e == "safetensors") {
-        path.parent().unwrap_or(Path::new("."))
+        // a bare file name's parent is ""
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
     } else {
         path
     }
@@ -225,11 +238,20 @@ impl HfModel {
         {
             problems.push(format!("hidden_act `{act}` is not supported (silu)"));
         }
+        if let Some(q) = &config.quantization_config {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            problems.push(format!(
+                "quantized checkpoint (`{method}`) is not supported: use its GGUF or the unquantized weights"
+            ));
+        }
         if config.use_sliding_window {
             problems.push("use_sliding_window: sliding-window attention is not supported".into());
         }
         if let Some(s) = &config.rope_scaling {
-            match s.rope_type.as_deref() {
+            match s.kind() {
                 None | Some("default") => {}
                 Some("llama3") => {
                     if s.factor.is_none()
@@ -394,11 +416,29 @@ mod tests {
         assert_eq!(m.chat_template.as_deref(), Some("new"));
     }
 
+    /// Configs re-saved by transformers carry the scaling kind under both keys.
+    #[test]
+    fn rope_scaling_may_name_its_kind_twice() {
+        let config = LLAMA.replace(
+            r#""hidden_act":"silu""#,
+            r#""hidden_act":"silu","rope_scaling":{"type":"llama3","rope_type":"llama3","factor":8.0,
+                "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}"#,
+        );
+        let dir = dir_with(&[("config.json", &config), ("model.safetensors", "")]);
+        let m = HfModel::open(dir.path()).unwrap();
+        let scaling = m.config.rope_scaling.unwrap();
+        assert_eq!(scaling.kind(), Some("llama3"));
+        // the longest wavelengths are divided by the factor, the shortest kept
+        let mut freqs = [1.0, 1e-4];
+        scaling.apply(&mut freqs);
+        assert_eq!(freqs, [1.0, 1e-4 / 8.0]);
+    }
+
     #[test]
     fn unsupported_configs_list_every_problem() {
         let config = LLAMA
             .replace(r#""model_type":"llama""#, r#""model_type":"gemma""#)
-            .replace(r#""hidden_act":"silu""#, r#""hidden_act":"gelu","use_sliding_window":true,"rope_scaling":{"type":"yarn","factor":4.0}"#);
+            .replace(r#""hidden_act":"silu""#, r#""hidden_act":"gelu","use_sliding_window":true,"rope_scaling":{"type":"yarn","factor":4.0},"quantization_config":{"quant_method":"awq"}"#);
         let dir = dir_with(&[("config.json", &config)]);
         let err = HfModel::open(dir.path()).unwrap_err().to_string();
         for part in [
@@ -406,6 +446,7 @@ mod tests {
             "hidden_act `gelu`",
             "sliding-window",
             "rope_scaling `yarn`",
+            "(`awq`) is not supported",
             "no .safetensors weights",
         ] {
             assert!(err.contains(part), "{part} missing from: {err}");

@@ -296,6 +296,7 @@ fn json_err(e: impl std::fmt::Display) -> candle_core::Error {
 fn test_rope_scaling() -> crate::RopeScaling {
     crate::RopeScaling {
         rope_type: Some("llama3".into()),
+        legacy_type: None,
         factor: Some(8.0),
         low_freq_factor: Some(1.0),
         high_freq_factor: Some(4.0),

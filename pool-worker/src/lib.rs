@@ -22,6 +22,7 @@ pub mod registration;
 /// 4 streams went from 47–65 to 36 ms per token with the variable set. Setting it in this
 /// process would need unsafe code (`std::env::set_var`), so the process replaces itself
 /// (same pid, arguments and descriptors). If that fails the worker goes on as it is.
+#[cfg(unix)]
 pub fn pin_cpu_thread_count() {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
@@ -37,3 +38,7 @@ pub fn pin_cpu_thread_count() {
         .exec();
     eprintln!("warning: could not re-execute with RAYON_NUM_THREADS={threads}: {err}");
 }
+
+/// Elsewhere the worker runs with candle's own thread count lookup.
+#[cfg(not(unix))]
+pub fn pin_cpu_thread_count() {}

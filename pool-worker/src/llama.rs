@@ -5,12 +5,13 @@
 //! applied to all their rows in one matrix product, while attention runs per sequence
 //! against that sequence's own [`KvCache`]. The logits of each sequence's last row come back.
 //!
-//! Weights stay quantized. On CPU, products over many rows (prefill) dequantize the matrix
-//! for the duration of the product and use the blocked f32 GEMM, an order of magnitude
-//! faster per row than candle's quantized dot products; products over few rows (decode)
-//! multiply 8-bit blocks by every row in one pass ([`Q8Matrix`]). Memory stays at the
-//! quantized size plus one matrix in f32 at a time. On CUDA candle's kernels multiply the
-//! weights as stored; safetensors weights are dense f32.
+//! GGUF weights stay quantized. On CPU, Q8_0, Q4_x and Q5_x matrices are held as 8-bit
+//! blocks ([`Q8Matrix`]; 4- and 5-bit types take about twice their file size): products over
+//! few rows (decode) multiply every row in one pass over the blocks, and products over many
+//! rows (prefill) dequantize the matrix for the duration of the product and use the blocked
+//! f32 GEMM, an order of magnitude faster per row. k-quant matrices keep candle's quantized
+//! kernels. On CUDA candle's kernels multiply the weights as stored. Safetensors weights are
+//! held as dense f32.
 //!
 //! Two architectures share this forward: llama (SmolLM2, Llama, TinyLlama) and qwen2 (the
 //! same blocks with biases on the query, key and value projections). Weights come from GGUF
@@ -105,6 +106,24 @@ impl Config {
         let base = get("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
+        let mut inv_freq = rope_inv_freq(base, head_dim);
+        // Linear position scaling divides every frequency; other kinds (yarn, ...) change
+        // attention in ways this forward does not, so they are refused. Llama 3's scaling
+        // comes as the rope_freqs tensor (see `Llama::from_gguf`).
+        match get("rope.scaling.type").and_then(|v| v.to_string().cloned()) {
+            Err(_) => {}
+            Ok(kind) if kind == "none" => {}
+            Ok(kind) if kind == "linear" => {
+                let factor = get("rope.scaling.factor")?.to_f32()?;
+                if factor.is_nan() || factor <= 0.0 {
+                    candle_core::bail!("GGUF rope scaling factor {factor} is not positive");
+                }
+                inv_freq.iter_mut().for_each(|f| *f /= factor);
+            }
+            Ok(kind) => candle_core::bail!(
+                "GGUF rope scaling `{kind}` is not supported (none, linear, Llama 3's rope_freqs)"
+            ),
+        }
         Ok(Self {
             hidden,
             heads,
@@ -112,7 +131,7 @@ impl Config {
             head_dim,
             layers: u("block_count")?,
             eps: f64::from(get("attention.layer_norm_rms_epsilon")?.to_f32()?),
-            inv_freq: rope_inv_freq(base, head_dim),
+            inv_freq,
             // llama.cpp runs qwen2 with the halves ("neox") form, llama interleaved
             rope_interleaved: arch == "llama",
             context_length: u("context_length")?,
@@ -338,6 +357,28 @@ pub struct Item<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// A safetensors checkpoint's tensors, taken out one by one as f32 on the model's device.
+struct SafetensorsStore<'a> {
+    tensors: HashMap<String, Tensor>,
+    dir: &'a std::path::Path,
+    device: &'a Device,
+}
+
+impl SafetensorsStore<'_> {
+    fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.take_if_present(name)?.ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: tensor `{name}` missing", self.dir.display()))
+        })
+    }
+
+    fn take_if_present(&mut self, name: &str) -> Result<Option<Tensor>> {
+        self.tensors
+            .remove(name)
+            .map(|t| t.to_dtype(DType::F32)?.to_device(self.device))
+            .transpose()
+    }
+}
+
 pub struct Llama {
     pub cfg: Config,
     embeddings: Tensor,
@@ -426,40 +467,36 @@ impl Llama {
     /// as dense f32 whatever their stored type (bf16, f16, f32).
     pub fn from_safetensors(model: &HfModel, device: &Device) -> Result<Self> {
         let cfg = Config::from_hf(model)?;
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for file in &model.weights {
-            tensors.extend(candle_core::safetensors::load(file, &Device::Cpu)?);
-        }
-        let mut take = |name: &str| -> Result<Tensor> {
-            tensors
-                .remove(name)
-                .ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "{}: tensor `{name}` missing",
-                        model.dir.display()
-                    ))
-                })?
-                .to_dtype(DType::F32)?
-                .to_device(device)
+        let mut store = SafetensorsStore {
+            tensors: HashMap::new(),
+            dir: &model.dir,
+            device,
         };
-        let embeddings = take("model.embed_tokens.weight")?;
-        let norm = take("model.norm.weight")?;
+        for file in &model.weights {
+            store
+                .tensors
+                .extend(candle_core::safetensors::load(file, &Device::Cpu)?);
+        }
+        let embeddings = store.take("model.embed_tokens.weight")?;
+        let norm = store.take("model.norm.weight")?;
         let output = if model.config.tie_word_embeddings {
             embeddings.clone()
         } else {
-            take("lm_head.weight")?
+            store.take("lm_head.weight")?
         };
+        // qwen2 always has query, key and value biases; any other bias is used where the
+        // checkpoint has one (llama's attention_bias / mlp_bias)
         let qwen2 = model.architecture == "qwen2";
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
-            let mut w = |n: &str| take(&format!("{p}.{n}"));
-            let mut proj = |n: &str, bias: bool| -> Result<Linear> {
-                let linear = Linear::dense(w(&format!("{n}.weight"))?);
-                Ok(match bias {
-                    true => linear.with_bias(Some(w(&format!("{n}.bias"))?)),
-                    false => linear,
-                })
+            let mut proj = |n: &str, bias_required: bool| -> Result<Linear> {
+                let weight = store.take(&format!("{p}.{n}.weight"))?;
+                let bias = match bias_required {
+                    true => Some(store.take(&format!("{p}.{n}.bias"))?),
+                    false => store.take_if_present(&format!("{p}.{n}.bias"))?,
+                };
+                Ok(Linear::dense(weight).with_bias(bias))
             };
             layers.push(Layer {
                 wq: proj("self_attn.q_proj", qwen2)?,
@@ -469,9 +506,31 @@ impl Llama {
                 gate: proj("mlp.gate_proj", false)?,
                 up: proj("mlp.up_proj", false)?,
                 down: proj("mlp.down_proj", false)?,
-                attn_norm: w("input_layernorm.weight")?,
-                ffn_norm: w("post_attention_layernorm.weight")?,
+                attn_norm: store.take(&format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: store.take(&format!("{p}.post_attention_layernorm.weight"))?,
             });
+        }
+        // A tensor left over is a part of the model this forward would ignore: refuse
+        // rather than serve wrong logits (old checkpoints' rotary caches excepted).
+        let mut unused: Vec<&String> = store
+            .tensors
+            .keys()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !unused.is_empty() {
+            unused.sort();
+            candle_core::bail!(
+                "{}: {} tensors this {} forward does not use, e.g. {}",
+                model.dir.display(),
+                unused.len(),
+                model.architecture,
+                unused
+                    .iter()
+                    .take(4)
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         Self::assemble(cfg, embeddings, layers, norm, Linear::dense(output), device)
     }
@@ -1185,6 +1244,40 @@ mod tests {
         }
     }
 
+    /// A llama checkpoint with an attention bias (`attention_bias: true`) is run with it,
+    /// and a tensor the forward has no place for is refused by name instead of ignored.
+    #[test]
+    fn safetensors_biases_are_used_and_unknown_tensors_refused() {
+        let dir = hf_dir("extra", &LLAMA3);
+        let file = dir.join("model.safetensors");
+        let original = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let with = |extra: &str, len: usize| {
+            let mut t = original.clone();
+            let bias = Tensor::full(0.5f32, len, &Device::Cpu).unwrap();
+            t.insert(extra.to_string(), bias);
+            candle_core::safetensors::save(&t, &file).unwrap();
+        };
+        let prompt: Vec<u32> = (1..20).collect();
+        let logits = |m: &Llama| {
+            let mut cache = m.new_cache();
+            m.forward(&mut [Item {
+                tokens: &prompt,
+                cache: &mut cache,
+            }])
+            .unwrap()
+        };
+        let plain = logits(&from_hf(&dir));
+        with("model.layers.1.self_attn.q_proj.bias", 64);
+        let biased = logits(&from_hf(&dir));
+        assert!(gap(&plain, &biased) > 1e-3, "the bias changed nothing");
+        with("model.layers.0.mlp.experts.weight", 8);
+        let err = Llama::from_safetensors(&HfModel::open(&dir).unwrap(), &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("`model.layers.0.mlp.experts.weight`"), "{err}");
+    }
+
     #[test]
     fn unsupported_gguf_architectures_are_refused_by_name() {
         let path = model_file("arch", &LlamaShape::TINY);
@@ -1199,6 +1292,30 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("`phi3` is not supported"), "{err}");
+    }
+
+    /// GGUF linear rope scaling divides every frequency; yarn is refused by name.
+    #[test]
+    fn gguf_rope_scaling_is_applied_or_refused() {
+        let path = model_file("scaling", &LlamaShape::TINY);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut c = gguf_file::Content::read(&mut f).unwrap();
+        let plain = Config::from_gguf(&c).unwrap().inv_freq;
+        let s = |v: &str| gguf_file::Value::String(v.into());
+        c.metadata
+            .insert("llama.rope.scaling.type".into(), s("linear"));
+        c.metadata.insert(
+            "llama.rope.scaling.factor".into(),
+            gguf_file::Value::F32(4.0),
+        );
+        let linear = Config::from_gguf(&c).unwrap().inv_freq;
+        for (p, l) in plain.iter().zip(&linear) {
+            assert!((p / 4.0 - l).abs() < 1e-9, "{p} / 4 vs {l}");
+        }
+        c.metadata
+            .insert("llama.rope.scaling.type".into(), s("yarn"));
+        let err = Config::from_gguf(&c).unwrap_err().to_string();
+        assert!(err.contains("`yarn` is not supported"), "{err}");
     }
 
     #[test]
@@ -1218,8 +1335,8 @@ mod tests {
         assert!(err.contains("context window of 1024"), "{err}");
     }
 
-    /// The padded batch form of decode attention (the GPU default) gives the per-sequence
-    /// form's logits, for sequences of different lengths.
+    /// The padded batch form of decode attention (the GPU default) gives the CPU form's
+    /// logits (decode rows read from their caches), for sequences of different lengths.
     #[test]
     fn batched_decode_attention_matches_per_sequence_attention() {
         let path = model_file("padded", &LlamaShape::TINY);

@@ -94,7 +94,11 @@ async fn main() -> anyhow::Result<()> {
     let name = args.model_name.clone().unwrap_or_else(|| {
         // a .safetensors file stands for its directory
         let path = match args.model.extension() {
-            Some(e) if e == "safetensors" => args.model.parent().unwrap_or(&args.model),
+            Some(e) if e == "safetensors" => args
+                .model
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
             _ => &args.model,
         };
         let stem = path

@@ -117,6 +117,9 @@ impl Q8Matrix {
                 self.cols
             );
         }
+        if m == 0 {
+            return Tensor::zeros((0, self.rows), candle_core::DType::F32, &Device::Cpu);
+        }
         let x = x.flatten_all()?.to_vec1::<f32>()?;
         let per_row = cols / BLOCK;
         // activations in the weights' block format, widened to 16 bits
