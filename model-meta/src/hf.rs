@@ -41,6 +41,13 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<usize>,
 }
 
+/// Rotary inverse frequencies, one per pair of a head's `head_dim` dimensions.
+pub fn rope_inv_freq(base: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| base.powf(-((2 * i) as f32) / head_dim as f32))
+        .collect()
+}
+
 impl RopeScaling {
     /// `rope_type`, or the older `type`.
     pub fn kind(&self) -> Option<&str> {

@@ -18,7 +18,9 @@ pub mod tiny;
 use std::path::{Path, PathBuf};
 
 pub use gguf_tokenizer::{smollm_pre_tokenizer, tokenizer_from_gguf};
-pub use hf::{HF_ARCHITECTURES, HfConfig, HfModel, RopeScaling, TokenIds, is_hf_model};
+pub use hf::{
+    HF_ARCHITECTURES, HfConfig, HfModel, RopeScaling, TokenIds, is_hf_model, rope_inv_freq,
+};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizers::Tokenizer;
 

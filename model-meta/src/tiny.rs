@@ -478,9 +478,7 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, dtype: GgmlDType) -> candle_core::Resu
         named.push((gguf, QTensor::quantize(&t, ty)?));
     }
     if let Some(scaling) = &cfg.rope_scaling {
-        let base: Vec<f32> = (0..head_dim / 2)
-            .map(|i| (cfg.rope_theta as f32).powf(-((2 * i) as f32) / head_dim as f32))
-            .collect();
+        let base = crate::rope_inv_freq(cfg.rope_theta as f32, head_dim);
         let mut scaled = base.clone();
         scaling.apply(&mut scaled);
         let factors: Vec<f32> = base.iter().zip(&scaled).map(|(b, s)| b / s).collect();

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use model_meta::HfModel;
+use model_meta::{HfModel, rope_inv_freq};
 
 use rayon::prelude::*;
 
@@ -57,12 +57,6 @@ pub struct Config {
     /// Rotary pairs are adjacent dimensions (GGUF llama) rather than the two halves.
     pub rope_interleaved: bool,
     pub context_length: usize,
-}
-
-fn rope_inv_freq(base: f32, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| base.powf(-((2 * i) as f32) / head_dim as f32))
-        .collect()
 }
 
 fn check_shape(heads: usize, kv_heads: usize, head_dim: usize, hidden: usize) -> Result<()> {
@@ -217,22 +211,31 @@ impl Linear {
     /// 5-bit level is kept to within half an 8-bit step). `cargo bench -p benches --bench
     /// decode` compares the products.
     fn new(weight: QTensor, device: &Device) -> Result<Self> {
+        Self::quantized(weight, None, device)
+    }
+
+    /// The output matrix when it is the embedding matrix: `weight` as stored, and
+    /// `dequantized`, the f32 copy the embedding lookup keeps.
+    fn tied(weight: QTensor, dequantized: &Tensor, device: &Device) -> Result<Self> {
+        Self::quantized(weight, Some(dequantized), device)
+    }
+
+    /// `weight` as stored; `f32_copy`, when the caller already has one, saves dequantizing
+    /// it again.
+    fn quantized(weight: QTensor, f32_copy: Option<&Tensor>, device: &Device) -> Result<Self> {
         let cols = weight.shape().dims().last().copied().unwrap_or(0);
-        let weights = if q8_enabled()
-            && device.is_cpu()
-            && CPU_Q8_TYPES.contains(&weight.dtype())
-            && cols.is_multiple_of(q8::BLOCK)
-        {
-            Weights::Q8(Q8Matrix::from_tensor(&weight.dequantize(device)?)?)
-        } else if device.is_cpu()
+        let blocks = device.is_cpu() && cols.is_multiple_of(q8::BLOCK);
+        let as_f32 = || match f32_copy {
+            Some(t) => Ok(t.clone()),
+            None => weight.dequantize(device),
+        };
+        let weights = if blocks && q8_enabled() && CPU_Q8_TYPES.contains(&weight.dtype()) {
+            Weights::Q8(Q8Matrix::from_tensor(&as_f32()?)?)
+        } else if blocks
             && [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1].contains(&weight.dtype())
-            && cols.is_multiple_of(q8::BLOCK)
         {
             // candle has no SIMD dot product for these; its Q8_0 product is faster
-            candle_weights(QTensor::quantize(
-                &weight.dequantize(device)?,
-                GgmlDType::Q8_0,
-            )?)?
+            candle_weights(QTensor::quantize(&as_f32()?, GgmlDType::Q8_0)?)?
         } else {
             candle_weights(weight)?
         };
@@ -240,23 +243,6 @@ impl Linear {
             weights,
             bias: None,
         })
-    }
-
-    /// The output matrix when it is the embedding matrix: `weight` as stored, and
-    /// `dequantized`, the f32 copy the embedding lookup keeps.
-    fn tied(weight: QTensor, dequantized: &Tensor, device: &Device) -> Result<Self> {
-        let cols = weight.shape().dims().last().copied().unwrap_or(0);
-        if q8_enabled()
-            && device.is_cpu()
-            && CPU_Q8_TYPES.contains(&weight.dtype())
-            && cols.is_multiple_of(q8::BLOCK)
-        {
-            return Ok(Self {
-                weights: Weights::Q8(Q8Matrix::from_tensor(dequantized)?),
-                bias: None,
-            });
-        }
-        Self::new(weight, device)
     }
 
     /// A dense f32 matrix (out, in).

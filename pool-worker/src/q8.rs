@@ -145,42 +145,13 @@ impl Q8Matrix {
                     let ws = &self.scales[j * per_row..(j + 1) * per_row];
                     let mut r = 0;
                     while r < m {
-                        match m - r {
-                            1 => {
-                                out[r] = dot::<1>(wq, ws, [row_q(r)], [row_s(r)])[0];
-                                r += 1;
-                            }
-                            2 => {
-                                let o = dot::<2>(
-                                    wq,
-                                    ws,
-                                    [row_q(r), row_q(r + 1)],
-                                    [row_s(r), row_s(r + 1)],
-                                );
-                                out[r..r + 2].copy_from_slice(&o);
-                                r += 2;
-                            }
-                            3 => {
-                                let o = dot::<3>(
-                                    wq,
-                                    ws,
-                                    [row_q(r), row_q(r + 1), row_q(r + 2)],
-                                    [row_s(r), row_s(r + 1), row_s(r + 2)],
-                                );
-                                out[r..r + 3].copy_from_slice(&o);
-                                r += 3;
-                            }
-                            _ => {
-                                let o = dot::<4>(
-                                    wq,
-                                    ws,
-                                    [row_q(r), row_q(r + 1), row_q(r + 2), row_q(r + 3)],
-                                    [row_s(r), row_s(r + 1), row_s(r + 2), row_s(r + 3)],
-                                );
-                                out[r..r + 4].copy_from_slice(&o);
-                                r += 4;
-                            }
-                        }
+                        // up to four rows per pass over the weight row
+                        r += match m - r {
+                            1 => dot_into::<1>(wq, ws, &row_q, &row_s, r, out),
+                            2 => dot_into::<2>(wq, ws, &row_q, &row_s, r, out),
+                            3 => dot_into::<3>(wq, ws, &row_q, &row_s, r, out),
+                            _ => dot_into::<4>(wq, ws, &row_q, &row_s, r, out),
+                        };
                     }
                 }
             });
@@ -197,6 +168,27 @@ impl Q8Matrix {
         };
         Tensor::from_vec(out, (m, self.rows), &Device::Cpu)
     }
+}
+
+/// [`dot`] of one weight row with activation rows `r..r + R`, into `out[r..r + R]`.
+/// Returns `R`.
+#[inline(always)]
+fn dot_into<'a, const R: usize>(
+    wq: &[i8x16],
+    ws: &[f32],
+    row_q: &impl Fn(usize) -> &'a [i16x16],
+    row_s: &impl Fn(usize) -> &'a [f32],
+    r: usize,
+    out: &mut [f32],
+) -> usize {
+    let o = dot::<R>(
+        wq,
+        ws,
+        std::array::from_fn(|i| row_q(r + i)),
+        std::array::from_fn(|i| row_s(r + i)),
+    );
+    out[r..r + R].copy_from_slice(&o);
+    R
 }
 
 /// One weight row against `R` activation rows: each weight block is widened once and used

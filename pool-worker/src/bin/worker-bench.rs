@@ -94,7 +94,6 @@ async fn run_job(
         },
         events: tx,
     })?;
-    let mut first = None;
     let mut pieces = 0;
     let mut stamps = Vec::with_capacity(max_tokens);
     while let Some(ev) = rx.recv().await {
@@ -102,12 +101,11 @@ async fn run_job(
             Event::Text(_) => {
                 pieces += 1;
                 stamps.push(start.elapsed());
-                first.get_or_insert_with(|| start.elapsed());
             }
             Event::Done(usage) => {
                 let done = start.elapsed();
                 return Ok(JobTiming {
-                    first: first.or(Some(done)),
+                    first: stamps.first().copied().or(Some(done)),
                     done,
                     completion_tokens: usage.completion_tokens,
                     pieces,
