@@ -3,10 +3,12 @@
 //! - [`engine`]: the model actor (continuous batching over [`llama`]'s forward; GGUF or
 //!   safetensors, llama or qwen2).
 //! - [`q8`]: batched 8-bit products for decode on CPU.
+//! - [`cpu_ops`]: fused element-wise CPU kernels for the prefill (causal softmax, SiLU gate).
 //! - [`api`]: the OpenAI-compatible HTTP API, with the commit point.
 //! - [`registration`]: gRPC registration and heartbeats with the router.
 
 pub mod api;
+pub mod cpu_ops;
 pub mod engine;
 pub mod error;
 pub mod llama;

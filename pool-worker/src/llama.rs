@@ -31,6 +31,7 @@ use model_meta::{HfModel, rope_inv_freq};
 
 use rayon::prelude::*;
 
+use crate::cpu_ops::{self, CausalSoftmax};
 use crate::q8::{self, Q8Matrix};
 
 /// Query rows of one sequence whose attention is computed together.
@@ -596,11 +597,12 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         // Causal masks, once per prompt chunk: row i (position start+i) sees keys ..=start+i.
+        // On CPU the softmax applies causality itself (`CausalSoftmax`).
         let masks = items
             .iter()
             .map(|item| {
                 let (start, n) = (item.cache.len, item.tokens.len());
-                if n == 1 {
+                if n == 1 || self.device.is_cpu() {
                     return Ok(None);
                 }
                 let total = start + n;
@@ -683,8 +685,7 @@ impl Llama {
             };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let gated = cpu_ops::silu_mul(layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         let mut last = Vec::with_capacity(items.len());
@@ -893,15 +894,27 @@ impl Llama {
                 group * len,
                 cfg.head_dim,
             ))?;
-            let scores = (q_block.matmul(&k_all.narrow(1, 0, keys)?.t()?)? * scale)?;
-            let scores = match mask {
-                Some(mask) => scores
-                    .reshape((cfg.kv_heads, group, len, keys))?
-                    .broadcast_add(&mask.narrow(0, first, len)?.narrow(1, 0, keys)?)?
-                    .reshape((cfg.kv_heads, group * len, keys))?,
-                None => scores,
+            let scores = q_block.matmul(&k_all.narrow(1, 0, keys)?.t()?)?;
+            let probs = if self.device.is_cpu() {
+                // scale, causal mask and softmax in one pass: row i of the block sees
+                // keys ..=start+first+i
+                CausalSoftmax {
+                    scale: scale as f32,
+                    queries: len,
+                    first_visible: start + first + 1,
+                }
+                .apply(scores)?
+            } else {
+                let scores = (scores * scale)?;
+                let scores = match mask {
+                    Some(mask) => scores
+                        .reshape((cfg.kv_heads, group, len, keys))?
+                        .broadcast_add(&mask.narrow(0, first, len)?.narrow(1, 0, keys)?)?
+                        .reshape((cfg.kv_heads, group * len, keys))?,
+                    None => scores,
+                };
+                candle_nn::ops::softmax_last_dim(&scores)?
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs.matmul(&v_all.narrow(1, 0, keys)?)?; // (kv, group·len, d)
             outs.push(
                 out.reshape((cfg.heads, len, cfg.head_dim))?
@@ -974,7 +987,8 @@ mod tests {
             let path = model_file(name, &shape);
             let model = ours(&path);
             let mut reference = reference(&path);
-            let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 250).collect();
+            // longer than two query blocks, so blocks start mid-chunk and mid-prompt
+            let prompt: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % 250).collect();
             let expected = reference
                 .forward(
                     &Tensor::new(prompt.as_slice(), &Device::Cpu)
@@ -984,17 +998,17 @@ mod tests {
                     0,
                 )
                 .unwrap();
-            // our prefill in two chunks (25 + 15 tokens): the cache carries the first
+            // our prefill in two chunks (170 + 130 tokens): the cache carries the first
             let mut cache = model.new_cache();
             model
                 .forward(&mut [Item {
-                    tokens: &prompt[..25],
+                    tokens: &prompt[..170],
                     cache: &mut cache,
                 }])
                 .unwrap();
             let got = model
                 .forward(&mut [Item {
-                    tokens: &prompt[25..],
+                    tokens: &prompt[170..],
                     cache: &mut cache,
                 }])
                 .unwrap();

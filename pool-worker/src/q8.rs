@@ -90,21 +90,22 @@ impl Q8Matrix {
 
     /// The weights as an f32 tensor (rows, cols), for products over many rows (prefill).
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let per_row = self.cols / BLOCK;
-                for (b, block) in dst.chunks_exact_mut(BLOCK).enumerate() {
-                    let i = row * per_row + b;
-                    let d = self.scales[i];
-                    let (lo, hi) = (self.qs[2 * i].to_array(), self.qs[2 * i + 1].to_array());
-                    for (o, q) in block.iter_mut().zip(lo.iter().chain(&hi)) {
-                        *o = d * f32::from(*q);
-                    }
+        // block by block into fresh memory (no zero-filled buffer to overwrite)
+        let mut blocks: Vec<[f32; BLOCK]> = Vec::new();
+        self.qs
+            .par_chunks_exact(2)
+            .zip(self.scales.par_iter())
+            .with_min_len(64)
+            .map(|(q, d)| {
+                let (lo, hi) = (q[0].to_array(), q[1].to_array());
+                let mut out = [0f32; BLOCK];
+                for (o, q) in out.iter_mut().zip(lo.iter().chain(&hi)) {
+                    *o = d * f32::from(*q);
                 }
-            });
-        Tensor::from_vec(out, (self.rows, self.cols), device)
+                out
+            })
+            .collect_into_vec(&mut blocks);
+        Tensor::from_vec(blocks.into_flattened(), (self.rows, self.cols), device)
     }
 
     /// `x` (m, cols) → (m, rows), every row of `x` in one pass over the weights.
