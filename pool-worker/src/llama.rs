@@ -257,6 +257,40 @@ impl Linear {
         }
     }
 
+    /// Output width.
+    fn rows(&self) -> usize {
+        match &self.weights {
+            Weights::Q8(m) => m.rows(),
+            Weights::Candle { direct, .. } => match direct {
+                QMatMul::QTensor(t) => t.shape().dims().first().copied().unwrap_or(0),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.dims().first().copied().unwrap_or(0)
+                }
+            },
+        }
+    }
+
+    /// The matrix, when it is held dense.
+    fn dense_matrix(&self) -> Option<&Tensor> {
+        match &self.weights {
+            Weights::Candle {
+                direct: QMatMul::Tensor(t),
+                quantized: None,
+            } => Some(t),
+            _ => None,
+        }
+    }
+
+    fn device(&self) -> Device {
+        match &self.weights {
+            Weights::Q8(_) => Device::Cpu,
+            Weights::Candle { direct, .. } => match direct {
+                QMatMul::QTensor(t) => t.device(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+            },
+        }
+    }
+
     fn with_bias(mut self, bias: Option<Tensor>) -> Self {
         self.bias = bias;
         self
@@ -281,6 +315,7 @@ impl Linear {
     }
 }
 
+/// One transformer layer's weights as loaded.
 struct Layer {
     attn_norm: Tensor,
     wq: Linear,
@@ -291,6 +326,101 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+/// Projections of one input (query/key/value; gate/up), stacked into one matrix when their
+/// weights allow it (8-bit blocks, or dense): one product instead of three or two — one
+/// parallel region per decode step instead of several, and the prefill's activations
+/// packed once for the GEMM.
+enum Stacked {
+    /// One matrix; the output's columns split into the parts' widths.
+    One { w: Linear, widths: Vec<usize> },
+    /// Weights that do not stack (candle's quantized types): one product each.
+    Each(Vec<Linear>),
+}
+
+impl Stacked {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let widths: Vec<usize> = parts.iter().map(Linear::rows).collect();
+        let bias = match parts.iter().any(|p| p.bias.is_some()) {
+            false => None,
+            true => {
+                let biases = parts
+                    .iter()
+                    .zip(&widths)
+                    .map(|(p, &n)| match &p.bias {
+                        Some(b) => Ok(b.clone()),
+                        None => Tensor::zeros(n, DType::F32, &p.device()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&biases, 0)?)
+            }
+        };
+        let q8 = parts.iter().all(|p| matches!(p.weights, Weights::Q8(_)));
+        let dense = parts.iter().all(|p| p.dense_matrix().is_some());
+        let weights = if q8 {
+            let blocks = parts
+                .into_iter()
+                .filter_map(|p| match p.weights {
+                    Weights::Q8(m) => Some(m),
+                    Weights::Candle { .. } => None,
+                })
+                .collect();
+            Weights::Q8(Q8Matrix::stack(blocks)?)
+        } else if dense {
+            let ws: Vec<&Tensor> = parts.iter().filter_map(Linear::dense_matrix).collect();
+            Linear::dense(Tensor::cat(&ws, 0)?).weights
+        } else {
+            return Ok(Self::Each(parts));
+        };
+        Ok(Self::One {
+            w: Linear { weights, bias },
+            widths,
+        })
+    }
+
+    /// `x` (rows, in) → one (rows, width) output per part.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::One { w, widths } => {
+                let y = w.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&n| {
+                        at += n;
+                        y.narrow(1, at - n, n)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// One transformer layer as the forward runs it.
+struct Block {
+    attn_norm: Tensor,
+    /// Query, key and value.
+    qkv: Stacked,
+    wo: Linear,
+    ffn_norm: Tensor,
+    /// The feed-forward gate and up projections.
+    gate_up: Stacked,
+    down: Linear,
+}
+
+impl Block {
+    fn new(l: Layer) -> Result<Self> {
+        Ok(Self {
+            attn_norm: l.attn_norm,
+            qkv: Stacked::new(vec![l.wq, l.wk, l.wv])?,
+            wo: l.wo,
+            ffn_norm: l.ffn_norm,
+            gate_up: Stacked::new(vec![l.gate, l.up])?,
+            down: l.down,
+        })
+    }
 }
 
 /// One sequence's keys and values for every layer, grown by doubling.
@@ -369,7 +499,7 @@ impl SafetensorsStore<'_> {
 pub struct Llama {
     pub cfg: Config,
     embeddings: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     norm: Tensor,
     output: Linear,
     cos: Tensor,
@@ -540,7 +670,7 @@ impl Llama {
             cos: angles.cos()?,
             sin: angles.sin()?,
             embeddings,
-            layers,
+            layers: layers.into_iter().map(Block::new).collect::<Result<_>>()?,
             norm,
             output,
             device: device.clone(),
@@ -638,11 +768,13 @@ impl Llama {
                     candle_nn::rotary_emb::rope(&t, &cos, &sin)?.squeeze(0)
                 }
             };
-            let q = rope(layer.wq.forward(&h)?, cfg.heads)?; // (heads, rows, d)
-            let k = rope(layer.wk.forward(&h)?, cfg.kv_heads)?; // (kv, rows, d)
-            let v = layer
-                .wv
-                .forward(&h)?
+            let [q, k, v] = match <[Tensor; 3]>::try_from(layer.qkv.forward(&h)?) {
+                Ok(qkv) => qkv,
+                Err(_) => candle_core::bail!("expected q, k and v"),
+            };
+            let q = rope(q, cfg.heads)?; // (heads, rows, d)
+            let k = rope(k, cfg.kv_heads)?; // (kv, rows, d)
+            let v = v
                 .reshape((rows, cfg.kv_heads, cfg.head_dim))?
                 .transpose(0, 1)?; // (kv, rows, d)
             let attn = if all_decode {
@@ -685,7 +817,14 @@ impl Llama {
             };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
-            let gated = cpu_ops::silu_mul(layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            let gated = match &layer.gate_up {
+                // gate and up side by side in one product's rows
+                Stacked::One { w, .. } => cpu_ops::silu_mul_halves(&w.forward(&h)?)?,
+                each => match each.forward(&h)?.as_slice() {
+                    [gate, up] => cpu_ops::silu_mul(gate, up)?,
+                    _ => candle_core::bail!("expected gate and up"),
+                },
+            };
             x = (x + layer.down.forward(&gated)?)?;
         }
         let mut last = Vec::with_capacity(items.len());
@@ -1276,6 +1415,55 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("`model.layers.0.mlp.experts.weight`"), "{err}");
+    }
+
+    /// Stacked projections (8-bit blocks, and dense with a bias on one part only) give each
+    /// part's own product, for decode-sized and prefill-sized inputs.
+    #[test]
+    fn stacked_products_equal_separate_ones() {
+        let dev = Device::Cpu;
+        let matrix = |rows: usize, seed: f64| {
+            Tensor::arange(0f32, (rows * 64) as f32, &dev)
+                .unwrap()
+                .affine(0.37, seed)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .reshape((rows, 64))
+                .unwrap()
+        };
+        let shapes = [(96usize, 0.1), (32, 0.2), (64, 0.3)];
+        let parts = |q8: bool| -> Vec<Linear> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(rows, seed))| {
+                    let w = matrix(rows, seed);
+                    let l = match q8 {
+                        true => Linear {
+                            weights: Weights::Q8(Q8Matrix::from_tensor(&w).unwrap()),
+                            bias: None,
+                        },
+                        false => Linear::dense(w),
+                    };
+                    // a bias on the middle part only
+                    l.with_bias((i == 1).then(|| Tensor::full(0.25f32, rows, &dev).unwrap()))
+                })
+                .collect()
+        };
+        for q8 in [true, false] {
+            let stacked = Stacked::new(parts(q8)).unwrap();
+            assert!(matches!(stacked, Stacked::One { .. }));
+            for rows in [1, 3, DEQUANTIZE_ROWS + 5] {
+                let x = matrix(rows, 0.9);
+                let got = stacked.forward(&x).unwrap();
+                for (part, got) in parts(q8).iter().zip(&got) {
+                    let expected = part.forward(&x).unwrap();
+                    let g = gap(&expected, &got.contiguous().unwrap());
+                    assert!(g < 1e-5, "q8 {q8}, {rows} rows: {g}");
+                }
+            }
+        }
     }
 
     #[test]

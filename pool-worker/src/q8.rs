@@ -88,6 +88,31 @@ impl Q8Matrix {
         self.cols
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The matrices' rows one after another (one product for several projections of the
+    /// same input).
+    pub fn stack(parts: Vec<Q8Matrix>) -> Result<Self> {
+        let cols = parts.first().map_or(0, |m| m.cols);
+        if let Some(m) = parts.iter().find(|m| m.cols != cols) {
+            candle_core::bail!("cannot stack a {}-column matrix on {cols} columns", m.cols);
+        }
+        let mut out = Self {
+            rows: 0,
+            cols,
+            qs: Vec::with_capacity(parts.iter().map(|m| m.qs.len()).sum()),
+            scales: Vec::with_capacity(parts.iter().map(|m| m.scales.len()).sum()),
+        };
+        for m in parts {
+            out.rows += m.rows;
+            out.qs.extend(m.qs);
+            out.scales.extend(m.scales);
+        }
+        Ok(out)
+    }
+
     /// The weights as an f32 tensor (rows, cols), for products over many rows (prefill).
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         // block by block into fresh memory (no zero-filled buffer to overwrite)
