@@ -581,9 +581,24 @@ impl Llama {
     }
 
     /// Loads a Hugging Face model directory's safetensors (llama or qwen2). Weights are held
-    /// as dense f32 whatever their stored type (bf16, f16, f32).
-    pub fn from_safetensors(model: &HfModel, device: &Device) -> Result<Self> {
+    /// as dense f32 whatever their stored type (bf16, f16, f32), or with `q8` (CPU only) the
+    /// projection and output matrices as 8-bit blocks ([`Q8Matrix`], a quarter of the
+    /// memory); embeddings and norms stay f32.
+    pub fn from_safetensors(model: &HfModel, device: &Device, q8: bool) -> Result<Self> {
+        if q8 && !device.is_cpu() {
+            candle_core::bail!("8-bit blocks (q8_0) are for CPU; on a GPU weights stay dense");
+        }
         let cfg = Config::from_hf(model)?;
+        // a matrix whose rows are not whole blocks stays dense
+        let linear = |w: Tensor| -> Result<Linear> {
+            match q8 && w.dim(1)?.is_multiple_of(q8::BLOCK) {
+                true => Ok(Linear {
+                    weights: Weights::Q8(Q8Matrix::from_tensor(&w)?),
+                    bias: None,
+                }),
+                false => Ok(Linear::dense(w)),
+            }
+        };
         let mut store = SafetensorsStore {
             tensors: HashMap::new(),
             dir: &model.dir,
@@ -613,7 +628,7 @@ impl Llama {
                     true => Some(store.take(&format!("{p}.{n}.bias"))?),
                     false => store.take_if_present(&format!("{p}.{n}.bias"))?,
                 };
-                Ok(Linear::dense(weight).with_bias(bias))
+                Ok(linear(weight)?.with_bias(bias))
             };
             layers.push(Layer {
                 wq: proj("self_attn.q_proj", qwen2)?,
@@ -649,7 +664,7 @@ impl Llama {
                     .join(", ")
             );
         }
-        Self::assemble(cfg, embeddings, layers, norm, Linear::dense(output), device)
+        Self::assemble(cfg, embeddings, layers, norm, linear(output)?, device)
     }
 
     fn assemble(
@@ -1271,7 +1286,7 @@ mod tests {
     }
 
     fn from_hf(dir: &std::path::Path) -> Llama {
-        Llama::from_safetensors(&HfModel::open(dir).unwrap(), &Device::Cpu).unwrap()
+        Llama::from_safetensors(&HfModel::open(dir).unwrap(), &Device::Cpu, false).unwrap()
     }
 
     const LLAMA3: HfOptions = HfOptions {
@@ -1353,6 +1368,40 @@ mod tests {
         );
     }
 
+    /// `--quantize q8_0`: every projection and the output matrix (tied or not) become 8-bit
+    /// blocks, and the model gives the f32 model's logits within quantization error.
+    #[test]
+    fn safetensors_weights_quantize_to_8_bit_blocks() {
+        for (name, opts) in [("llama3-q8", LLAMA3), ("qwen2-q8", QWEN2)] {
+            let dir = hf_dir(name, &opts);
+            let dense = from_hf(&dir);
+            let q8 =
+                Llama::from_safetensors(&HfModel::open(&dir).unwrap(), &Device::Cpu, true).unwrap();
+            let blocks = |l: &Linear| matches!(l.weights, Weights::Q8(_));
+            let stacked = |s: &Stacked| matches!(s, Stacked::One { w, .. } if blocks(w));
+            assert!(blocks(&q8.output), "{name}: output");
+            for b in &q8.layers {
+                assert!(stacked(&b.qkv) && stacked(&b.gate_up), "{name}");
+                assert!(blocks(&b.wo) && blocks(&b.down), "{name}");
+            }
+            assert!(!blocks(&dense.output));
+            let mut cache = dense.new_cache();
+            agrees_with(
+                &q8,
+                |tokens, _| {
+                    dense
+                        .forward(&mut [Item {
+                            tokens,
+                            cache: &mut cache,
+                        }])
+                        .unwrap()
+                },
+                2e-2,
+                name,
+            );
+        }
+    }
+
     /// The same checkpoint converted to GGUF as llama.cpp converts it (query and key rows
     /// reordered for interleaved rope, Llama 3 scaling as rope_freqs, qwen2 biases) runs
     /// to the same logits: F32 exactly, Q8_0 within quantization error.
@@ -1410,7 +1459,7 @@ mod tests {
         let biased = logits(&from_hf(&dir));
         assert!(gap(&plain, &biased) > 1e-3, "the bias changed nothing");
         with("model.layers.0.mlp.experts.weight", 8);
-        let err = Llama::from_safetensors(&HfModel::open(&dir).unwrap(), &Device::Cpu)
+        let err = Llama::from_safetensors(&HfModel::open(&dir).unwrap(), &Device::Cpu, false)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, gguf_file};
 use model_meta::tiny::{LlamaShape, write_random_llama};
-use pool_worker::engine::{Backend, Engine, Event, GenParams, Job, parse_device};
+use pool_worker::engine::{Backend, Engine, Event, GenParams, Job, Quantize, parse_device};
 use pool_worker::llama::{Item, Llama};
 
 fn scratch(name: &str) -> PathBuf {
@@ -155,7 +155,15 @@ async fn engine_on_cuda_streams_every_requested_token() {
     let path = scratch("engine");
     write_random_llama(&path, &LlamaShape::TINY, 2048).unwrap();
     let device = parse_device("cuda:0").unwrap();
-    let engine = Engine::load(&path, None, "tiny".into(), Backend::Real(device), 4, 4).unwrap();
+    let engine = Engine::load(
+        &path,
+        None,
+        "tiny".into(),
+        Backend::Real(device, Quantize::None),
+        4,
+        4,
+    )
+    .unwrap();
     engine.warm_up().await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     engine

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use pool_worker::engine::{Backend, Engine, Event, GenParams, Job, parse_device};
+use pool_worker::engine::{Backend, Engine, Event, GenParams, Job, Quantize, parse_device};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
     about = "Measure the worker engine's prefill and decode throughput"
 )]
 struct Args {
-    /// GGUF model file.
+    /// GGUF model file, or a Hugging Face model directory.
     #[arg(
         long,
         conflicts_with = "synthetic",
@@ -49,6 +49,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// A Hugging Face checkpoint's weights: `none` (f32) or `q8_0` (8-bit blocks, CPU).
+    #[arg(long, default_value = "none")]
+    quantize: Quantize,
     /// Prompt lengths, in tokens, for the prefill measurement.
     #[arg(long, value_delimiter = ',', default_value = "512,2048")]
     prompts: Vec<usize>,
@@ -173,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
         &path,
         None,
         "bench".into(),
-        Backend::Real(device),
+        Backend::Real(device, args.quantize),
         max_streams + 4,
         max_streams,
     )?;
