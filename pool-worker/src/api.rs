@@ -635,11 +635,15 @@ fn stream_response(
             match e {
                 Event::Text(t) => {
                     if drop_after > 0 && content_chunks == drop_after {
-                        // Fault injection: break the connection mid-stream.
+                        // Fault injection: break the connection mid-stream, after exactly
+                        // `drop_after` content chunks. The error aborts the connection at
+                        // once, dropping whatever the transport has not written yet, so the
+                        // chunks already sent get time to go out first.
                         let err = std::io::Error::other("fault injection: connection dropped");
                         for f in frames.drain(..) {
                             let _ = tx.send(Ok(f)).await;
                         }
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                         let _ = tx.send(Err(err)).await;
                         return;
                     }

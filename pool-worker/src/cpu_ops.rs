@@ -8,14 +8,15 @@
 //! `exp`. [`SiluMul`] does the same for the feed-forward gate, `silu(gate) · up`, and
 //! [`SiluMulHalves`] for a gate and up projection computed as one stacked product.
 //!
-//! Both are candle custom ops, so they take and return ordinary tensors; they are CPU-only
-//! (the CUDA path keeps candle's kernels).
+//! All three are candle custom ops, so they take and return ordinary tensors. They have CPU
+//! kernels only: `silu_mul*` fall back to candle's ops on other devices, and the forward
+//! uses `CausalSoftmax` on CPU only (the CUDA path keeps candle's kernels).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use wide::f32x8;
 
-/// Rows at least this long are split over the thread pool, several per task.
+/// The fewest score rows one parallel task of [`CausalSoftmax`] takes.
 const ROWS_PER_TASK_MIN: usize = 4;
 
 fn offsets(layout: &Layout) -> Result<(usize, usize)> {

@@ -11,7 +11,9 @@
 //! rows (prefill) dequantize the matrix for the duration of the product and use the blocked
 //! f32 GEMM, an order of magnitude faster per row. k-quant matrices keep candle's quantized
 //! kernels. On CUDA candle's kernels multiply the weights as stored. Safetensors weights are
-//! held as dense f32.
+//! held as dense f32, or on CPU as 8-bit blocks when asked (`--quantize q8_0`). The query,
+//! key and value projections, and the gate and up projections, are stacked into one matrix
+//! each where their weights allow ([`Stacked`]).
 //!
 //! Two architectures share this forward: llama (SmolLM2, Llama, TinyLlama) and qwen2 (the
 //! same blocks with biases on the query, key and value projections). Weights come from GGUF
@@ -182,7 +184,8 @@ enum Weights {
     Q8(Q8Matrix),
 }
 
-/// A weight matrix, kept quantized (GGUF) or dense (safetensors), with an optional bias.
+/// A weight matrix, kept quantized (GGUF, or safetensors asked to be) or dense, with an
+/// optional bias.
 struct Linear {
     weights: Weights,
     bias: Option<Tensor>,
@@ -341,6 +344,11 @@ enum Stacked {
 
 impl Stacked {
     fn new(parts: Vec<Linear>) -> Result<Self> {
+        let q8 = parts.iter().all(|p| matches!(p.weights, Weights::Q8(_)));
+        let dense = parts.iter().all(|p| p.dense_matrix().is_some());
+        if !q8 && !dense {
+            return Ok(Self::Each(parts));
+        }
         let widths: Vec<usize> = parts.iter().map(Linear::rows).collect();
         let bias = match parts.iter().any(|p| p.bias.is_some()) {
             false => None,
@@ -356,8 +364,6 @@ impl Stacked {
                 Some(Tensor::cat(&biases, 0)?)
             }
         };
-        let q8 = parts.iter().all(|p| matches!(p.weights, Weights::Q8(_)));
-        let dense = parts.iter().all(|p| p.dense_matrix().is_some());
         let weights = if q8 {
             let blocks = parts
                 .into_iter()
@@ -367,11 +373,9 @@ impl Stacked {
                 })
                 .collect();
             Weights::Q8(Q8Matrix::stack(blocks)?)
-        } else if dense {
+        } else {
             let ws: Vec<&Tensor> = parts.iter().filter_map(Linear::dense_matrix).collect();
             Linear::dense(Tensor::cat(&ws, 0)?).weights
-        } else {
-            return Ok(Self::Each(parts));
         };
         Ok(Self::One {
             w: Linear { weights, bias },
@@ -412,6 +416,14 @@ struct Block {
 
 impl Block {
     fn new(l: Layer) -> Result<Self> {
+        // the fused SiLU gate reads gate and up as the two halves of one product
+        if l.gate.rows() != l.up.rows() {
+            candle_core::bail!(
+                "gate ({}) and up ({}) projections differ in width",
+                l.gate.rows(),
+                l.up.rows()
+            );
+        }
         Ok(Self {
             attn_norm: l.attn_norm,
             qkv: Stacked::new(vec![l.wq, l.wk, l.wv])?,
@@ -582,8 +594,9 @@ impl Llama {
 
     /// Loads a Hugging Face model directory's safetensors (llama or qwen2). Weights are held
     /// as dense f32 whatever their stored type (bf16, f16, f32), or with `q8` (CPU only) the
-    /// projection and output matrices as 8-bit blocks ([`Q8Matrix`], a quarter of the
-    /// memory); embeddings and norms stay f32.
+    /// projection and output matrices as 8-bit blocks ([`Q8Matrix`], a quarter of their f32
+    /// memory); embeddings and norms stay f32, so a tied output matrix becomes an 8-bit
+    /// copy next to them (as for GGUF).
     pub fn from_safetensors(model: &HfModel, device: &Device, q8: bool) -> Result<Self> {
         if q8 && !device.is_cpu() {
             candle_core::bail!("8-bit blocks (q8_0) are for CPU; on a GPU weights stay dense");
@@ -697,6 +710,10 @@ impl Llama {
             },
             cfg,
         })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Chooses the decode attention form (see the field); for tests and benchmarks.

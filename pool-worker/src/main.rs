@@ -111,6 +111,9 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         stem.split(['-', '.']).next().unwrap_or("model").to_string()
     });
+    if args.backend == "sim" && args.quantize != pool_worker::engine::Quantize::None {
+        anyhow::bail!("--quantize applies to model weights; the sim backend loads none");
+    }
     let backend = if args.backend == "sim" {
         tracing::warn!("simulated backend: tokens are filler, not model output");
         pool_worker::engine::Backend::Sim(pool_worker::engine::SimProfile {

@@ -286,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
         json!({
             "model": label,
             "device": args.device,
+            "quantize": format!("{:?}", args.quantize),
             "load_s": load_s,
             "prefill": prefill,
             "decode": decode,
