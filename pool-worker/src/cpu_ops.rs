@@ -66,13 +66,12 @@ pub struct CausalSoftmax {
 }
 
 impl CausalSoftmax {
-    /// Every row sees every key.
-    pub fn full(scale: f32) -> Self {
-        Self {
-            scale,
-            queries: 1,
-            first_visible: usize::MAX,
-        }
+    /// The softmax of `scores` (CPU, f32), written over their values (pass a tensor nothing
+    /// else shares, such as a product just computed).
+    pub fn apply(&self, scores: Tensor) -> Result<Tensor> {
+        let scores = scores.contiguous()?;
+        scores.inplace_op1(self)?;
+        Ok(scores)
     }
 
     fn visible(&self, row: usize, keys: usize) -> usize {
@@ -241,16 +240,6 @@ pub fn silu_mul_halves(gate_up: &Tensor) -> Result<Tensor> {
     }
 }
 
-impl CausalSoftmax {
-    /// The softmax of `scores` (CPU, f32), written over their values (pass a tensor nothing
-    /// else shares, such as a product just computed).
-    pub fn apply(&self, scores: Tensor) -> Result<Tensor> {
-        let scores = scores.contiguous()?;
-        scores.inplace_op1(self)?;
-        Ok(scores)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,9 +317,14 @@ mod tests {
         for s in sums.to_vec1::<f32>().unwrap() {
             assert!((s - 1.0).abs() < 1e-5, "{s}");
         }
-        let full = CausalSoftmax::full(scale)
-            .apply(scores.copy().unwrap())
-            .unwrap();
+        // every row seeing every key: the plain softmax
+        let full = CausalSoftmax {
+            scale,
+            queries: 1,
+            first_visible: keys,
+        }
+        .apply(scores.copy().unwrap())
+        .unwrap();
         let plain = candle_nn::ops::softmax_last_dim(&(scores * scale as f64).unwrap()).unwrap();
         let gap = max_gap(&full, &plain);
         assert!(gap < 1e-6, "{gap}");
