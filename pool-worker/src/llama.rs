@@ -1112,12 +1112,37 @@ mod tests {
         HfArch, HfOptions, LlamaShape, hf_to_gguf, write_random_hf, write_random_llama,
     };
 
-    fn model_file(name: &str, shape: &LlamaShape) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("llama-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("m.gguf");
-        write_random_llama(&path, shape, 1024).unwrap();
-        path
+    /// A path inside a temporary directory that is removed when the test ends.
+    struct Scratch {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    }
+
+    impl Scratch {
+        fn new(name: &str, file: &str) -> Self {
+            let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
+            let path = dir.path().join(file);
+            Self { _dir: dir, path }
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.path
+        }
+    }
+
+    impl AsRef<std::path::Path> for Scratch {
+        fn as_ref(&self) -> &std::path::Path {
+            &self.path
+        }
+    }
+
+    fn model_file(name: &str, shape: &LlamaShape) -> Scratch {
+        let file = Scratch::new(&format!("llama-{name}"), "m.gguf");
+        write_random_llama(&file, shape, 1024).unwrap();
+        file
     }
 
     fn ours(path: &std::path::Path) -> Llama {
@@ -1296,8 +1321,8 @@ mod tests {
         assert!(gap(&a9.squeeze(0).unwrap(), &both.get(1).unwrap()) < 1e-4);
     }
 
-    fn hf_dir(name: &str, opts: &HfOptions) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("hf-{}-{name}", std::process::id()));
+    fn hf_dir(name: &str, opts: &HfOptions) -> Scratch {
+        let dir = Scratch::new(&format!("hf-{name}"), "model");
         write_random_hf(&dir, &LlamaShape::small(GgmlDType::F32), opts).unwrap();
         dir
     }
