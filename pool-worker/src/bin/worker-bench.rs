@@ -10,7 +10,11 @@
 //!   each stream's mean time per token after its first (both include the other streams'
 //!   prefills), and the steady state: tokens per second and per-stream time per token
 //!   while every stream is decoding (from the last first token to the first stream's end);
-//! - load time and peak resident memory (VmHWM).
+//! - load time and peak resident memory (VmHWM);
+//! - on CPU, beside each prefill figure, the machine's f32 GEMM rate measured just before
+//!   it (`machine_gemm_gflops`): prefill is bound by that product, and on a shared host it
+//!   moves by a quarter between runs, so figures from different runs are compared through
+//!   it.
 //!
 //! `--synthetic smollm2-135m` writes a random-weight model with SmolLM2-135M's exact shapes
 //! and Q4_1 quantization instead of reading a file: the speed is the real model's, the text
@@ -136,6 +140,26 @@ fn prompt_of(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
     Ok(ids.iter().copied().cycle().take(n).collect())
 }
 
+/// This machine's f32 GEMM rate right now, in GFLOP/s: the best of five candle products of
+/// a prefill's shape (1024 rows × 576 → 1536, SmolLM2's gate/up). CPU prefill is bound by
+/// this product, and a shared host's rate moves by a quarter between runs, so each prefill
+/// figure is reported beside the rate measured just before it. `None` off CPU.
+fn gemm_gflops(device: &candle_core::Device) -> anyhow::Result<Option<f64>> {
+    if !device.is_cpu() {
+        return Ok(None);
+    }
+    let (m, k, n) = (1024, 576, 1536);
+    let a = candle_core::Tensor::randn(0f32, 1.0, (m, k), device)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (k, n), device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(a.matmul(&b)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(Some(2.0 * (m * k * n) as f64 / best / 1e9))
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -176,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
         &path,
         None,
         "bench".into(),
-        Backend::Real(device, args.quantize),
+        Backend::Real(device.clone(), args.quantize),
         max_streams + 4,
         max_streams,
     )?;
@@ -196,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
             );
             continue;
         }
+        let gemm = gemm_gflops(&device)?;
         let mut best: Option<Duration> = None;
         for _ in 0..args.rounds.max(1) {
             let timing = run_job(&engine, prompt_of(&engine, n)?, 1, Instant::now()).await?;
@@ -203,14 +228,20 @@ async fn main() -> anyhow::Result<()> {
             best = Some(best.map_or(ttft, |b| b.min(ttft)));
         }
         let ttft = best.unwrap_or_default().as_secs_f64();
+        let machine = gemm.map_or(String::new(), |g| {
+            format!(" (machine f32 GEMM {g:.0} GFLOP/s just before)")
+        });
         eprintln!(
-            "prefill {n:>5} tokens: TTFT {:8.1} ms = {:8.0} prompt tok/s",
+            "prefill {n:>5} tokens: TTFT {:8.1} ms = {:8.0} prompt tok/s{machine}",
             ttft * 1e3,
             n as f64 / ttft
         );
-        prefill.push(
-            json!({"prompt_tokens": n, "ttft_ms": ttft * 1e3, "prompt_tok_per_s": n as f64 / ttft}),
-        );
+        prefill.push(json!({
+            "prompt_tokens": n,
+            "ttft_ms": ttft * 1e3,
+            "prompt_tok_per_s": n as f64 / ttft,
+            "machine_gemm_gflops": gemm,
+        }));
     }
 
     let mut decode = Vec::new();
