@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use router::registry::{Registry, ServedModel};
-use router::upstream::pick;
+use router::select::{Ask, LeastLoaded, Policy, PowerOfTwo, pick_in_pool};
 use routing_rules::ModalitySet;
 
 const TOTAL: usize = 5_000;
@@ -34,13 +34,16 @@ fn fleet() -> (Arc<Registry>, Vec<String>) {
         let pool: Arc<str> = pool.into();
         for _ in 0..n {
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000));
-            leases.push(r.register(
-                format!("w{i}"),
-                Arc::clone(&pool),
-                addr,
-                models.clone(),
-                "cpu".into(),
-            ));
+            leases.push(
+                r.register(
+                    format!("w{i}"),
+                    Arc::clone(&pool),
+                    addr,
+                    models.clone(),
+                    "cpu".into(),
+                )
+                .unwrap(),
+            );
             i += 1;
         }
     }
@@ -51,13 +54,21 @@ fn bench(c: &mut Criterion) {
     let (registry, leases) = fleet();
     let text = ModalitySet::default();
     let mut g = c.benchmark_group("registry_5000_workers");
-    for pool in ["p10", "p100", "p1000"] {
-        g.bench_with_input(BenchmarkId::new("pick", pool), pool, |b, pool| {
-            b.iter(|| {
-                let snap = registry.snapshot();
-                pick(&snap, pool, "m", text, &[]).unwrap()
-            })
-        });
+    let ask = Ask {
+        model: "m",
+        modalities: text,
+        tried: &[],
+    };
+    for policy in [&PowerOfTwo as &dyn Policy, &LeastLoaded] {
+        for pool in ["p10", "p100", "p1000"] {
+            let id = BenchmarkId::new(format!("pick_{}", policy.name()), pool);
+            g.bench_with_input(id, pool, |b, pool| {
+                b.iter(|| {
+                    let snap = registry.snapshot();
+                    pick_in_pool(&snap, pool, policy, &ask).unwrap()
+                })
+            });
+        }
     }
     g.bench_function("heartbeat", |b| {
         let mut i = 0;

@@ -81,3 +81,119 @@ fn schema_is_json() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["properties"]["version"]["const"], 1);
 }
+
+/// Sentence used to fill a golden case's prompt (`"fill": N` repeats it N times).
+const FOX: &str = "The quick brown fox jumps over the lazy dog. ";
+
+/// A golden case's request body.
+fn golden_body(case: &serde_json::Value) -> serde_json::Value {
+    let mut body = case["body"].clone();
+    if let Some(n) = case["fill"].as_u64() {
+        body["messages"][0]["content"] = FOX.repeat(n as usize).into();
+    }
+    body
+}
+
+/// Every golden fixture (`integration/tests/golden/NAME.yaml` with the decisions of
+/// `NAME.cases.json`) gives the same decision through all three ways the router
+/// classifies: live traffic (the 503 of a fleet with no workers names the rule),
+/// `POST /admin/explain` and `switchyard rules explain` — tenant and header rules included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_decisions_are_the_same_live_in_admin_explain_and_in_the_cli() {
+    use integration::{TestEnv, header};
+    let dir = repo().join("integration/tests/golden");
+    let mut fixtures: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    fixtures.sort();
+    assert!(!fixtures.is_empty());
+    let mut checked = 0;
+    for rules in fixtures {
+        let cases_path = rules.with_extension("cases.json");
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&cases_path).unwrap()).unwrap();
+        let env = TestEnv::new()
+            .rules(&std::fs::read_to_string(&rules).unwrap())
+            .expect_registered(0)
+            .start()
+            .await
+            .unwrap();
+        for case in &cases {
+            let name = format!("{}: {}", rules.display(), case["name"]);
+            let body = golden_body(case);
+            let endpoint = case["endpoint"].as_str().unwrap_or("/v1/chat/completions");
+            let want_rule = case["rule"].as_str().unwrap();
+            let want_targets = &case["targets"];
+            let headers: Vec<(String, String)> = case["headers"]
+                .as_object()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key = case["api_key"].as_str();
+
+            // 1. live traffic
+            let mut req = env
+                .http
+                .post(format!("{}{endpoint}", env.proxy))
+                .json(&body);
+            for (k, v) in &headers {
+                req = req.header(k, v);
+            }
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 503, "{name}: no worker anywhere");
+            assert_eq!(header(&r, "x-switchyard-rule"), want_rule, "live: {name}");
+
+            // 2. POST /admin/explain
+            let mut req = env
+                .http
+                .post(format!("{}/admin/explain?endpoint={endpoint}", env.admin))
+                .json(&body);
+            for (k, v) in &headers {
+                req = req.header(k, v);
+            }
+            if let Some(k) = key {
+                req = req.header("x-switchyard-explain-authorization", format!("Bearer {k}"));
+            }
+            let v: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+            assert_eq!(
+                v["decision"]["rule"], want_rule,
+                "admin explain: {name}: {v}"
+            );
+            assert_eq!(&v["decision"]["targets"], want_targets, "admin: {name}");
+
+            // 3. switchyard rules explain
+            let req_path = env.dir.path().join("request.json");
+            std::fs::write(&req_path, body.to_string()).unwrap();
+            let mut cmd = Command::new(bin("switchyard").unwrap());
+            cmd.args(["rules", "explain"])
+                .arg(&env.rules_path)
+                .arg(&req_path)
+                .args(["--endpoint", endpoint]);
+            for (k, v) in &headers {
+                cmd.args(["--header", &format!("{k}: {v}")]);
+            }
+            if let Some(k) = key {
+                cmd.args(["--api-key", k]);
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["decision"]["rule"], want_rule, "cli explain: {name}: {v}");
+            assert_eq!(&v["decision"]["targets"], want_targets, "cli: {name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked} cases");
+}

@@ -2,6 +2,7 @@
 //! the client), after it (a well-formed SSE error event), with large bodies replayed whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use futures::StreamExt;
 use integration::{chat_body, faulty_cpu, header, spot_and_on_demand};
 use serde_json::{Value, json};
 
@@ -102,5 +103,47 @@ async fn a_stream_past_the_total_timeout_ends_with_a_timeout_event() {
     assert!(
         elapsed < std::time::Duration::from_secs(5),
         "ended by the total timeout, not the worker ({elapsed:?})"
+    );
+}
+
+/// A sustained spot outage (#17): the only spot worker fails every request while on-demand
+/// is idle. Every request succeeds: after the spot worker is ejected its pool is skipped up
+/// front (no retry budget spent), and when the budget would refuse a retry within the spot
+/// tier, failover to on-demand goes ahead anyway. Before, 86 of 120 requests got 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_spot_outage_costs_no_errors() {
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
+    env.faults(0, json!({ "fail_next": 1_000_000 }))
+        .await
+        .unwrap();
+    let body = chat_body("tiny", 1500, 2, false);
+    let results: Vec<(u16, String, String)> = futures::stream::iter(0..120)
+        .map(|_| {
+            let (env, body) = (&env, &body);
+            async move {
+                let r = env.chat(body).await.unwrap();
+                (
+                    r.status().as_u16(),
+                    header(&r, "x-switchyard-pool"),
+                    header(&r, "x-switchyard-attempts"),
+                )
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|(s, ..)| *s != 200).count();
+    assert_eq!(failed, 0, "{results:?}");
+    assert!(results.iter().all(|(_, pool, _)| pool == "l40s-ondemand"));
+    // ejected after a few failures: the rest went straight to on-demand
+    let retried = results.iter().filter(|(.., a)| a != "1").count();
+    assert!(
+        retried <= 16,
+        "{retried} of 120 met the dead spot worker first"
+    );
+    let m = env.metrics().await.unwrap();
+    assert!(
+        m.contains(r#"switchyard_router_ejections_total{pool="l40s-spot"}"#),
+        "{m}"
     );
 }

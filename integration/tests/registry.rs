@@ -360,3 +360,83 @@ async fn with_mtls_a_certified_worker_registers_and_others_are_refused() {
     assert!(attempt.await.is_err(), "registered without a certificate");
     assert_eq!(env.workers_json().await.unwrap().len(), 1);
 }
+
+/// Registry abuse (#17): a registration naming a live worker's id from another address is
+/// refused (before, it took over the worker's traffic); the router's own listeners cannot
+/// be registered; and a static worker that is the router itself loops at most once per
+/// attempt (the hop header), instead of ~500 requests to itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_ids_cannot_be_hijacked_and_the_router_never_routes_to_itself() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let real = env.workers_json().await.unwrap()[0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut client = RegistryClient::connect(env.grpc.clone()).await.unwrap();
+    let e = client
+        .register(probe("cpu-0", "cpu", "127.0.0.1:6666"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{}", e.message());
+    let w = env.workers_json().await.unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(
+        w[0]["address"],
+        real.as_str(),
+        "traffic still goes to the real worker"
+    );
+    let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    for own in [&env.proxy, &env.grpc, &env.admin] {
+        let addr = own.trim_start_matches("http://").trim_end_matches('/');
+        let e = client
+            .register(probe("mirror", "cpu", addr))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{addr}: {}",
+            e.message()
+        );
+    }
+
+    // a static worker that is the router's own proxy listener
+    let proxy = env
+        .proxy
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let rules = FLEET_RULES.replace("{TINY}", &env.tiny_model.display().to_string()).replace(
+        "  cpu:  ",
+        &format!("  mirror: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.1, workers: [\"{proxy}\"] }}\n  cpu:  "),
+    ).replace("route: [cpu]", "route: [mirror]");
+    std::fs::write(&env.rules_path, rules).unwrap();
+    eventually(Duration::from_secs(10), "the mirror pool", || async {
+        let ws = env.workers_json().await.ok()?;
+        ws.iter().any(|w| w["pool"] == "mirror").then_some(())
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let m = env.metrics().await.unwrap();
+    let looped: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("switchyard_router_requests_total{") && l.contains("status=\"508\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=3.0).contains(&looped),
+        "each attempt came back once and was refused: {looped}\n{m}"
+    );
+}

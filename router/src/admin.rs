@@ -2,6 +2,10 @@
 //! `/admin/workers`, `/admin/pools`, `/admin/rules`, `POST /admin/reload` (also
 //! `/admin/rules/reload`), `POST /admin/explain`, and `/admin/registry/leases` for the
 //! process that replaces this one in an upgrade.
+//!
+//! With an admin token (`--admin-token`, required when the listener is reachable beyond
+//! loopback), every `/admin/*` route wants `Authorization: Bearer <token>`; `/healthz`,
+//! `/readyz` and `/metrics` stay open for probes and scrapers (their labels are bounded).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,15 +19,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::error::ProxyError;
+use crate::classify::Classifier;
+use crate::error::{ProxyError, openai_body};
+use crate::select::{self, Ask};
 use crate::state::Shared;
-use crate::upstream::takes;
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+/// The admin API. `token`: the bearer token `/admin/*` requires, if any.
+pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
+    let admin = Router::new()
         .route("/admin/workers", get(workers))
         .route("/admin/pools", get(pools))
         .route("/admin/rules", get(rules))
@@ -31,7 +34,56 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/rules/reload", post(reload))
         .route("/admin/explain", post(explain))
         .route("/admin/registry/leases", get(leases))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin)
         .with_state(shared)
+}
+
+/// An OpenAI-shaped error answer.
+fn error(status: StatusCode, message: &str, code: &str) -> Response {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        openai_body(message, kind, code, None),
+    )
+        .into_response()
+}
+
+/// Lets a request through when no token is configured, or it presents the token.
+async fn require_token(
+    State(token): State<Arc<Option<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    if let Some(token) = token.as_deref() {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "the admin API needs its token: Authorization: Bearer <admin token>",
+                "invalid_api_key",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// Both ends of an admin connection.
@@ -63,11 +115,11 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Pee
 /// handed over on this host anyway).
 async fn leases(State(s): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
     if !peer.same_host() {
-        let body = json!({"error": {
-            "message": "leases are handed only to a process on this host",
-            "type": "invalid_request_error", "code": "forbidden", "param": null,
-        }});
-        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        return error(
+            StatusCode::FORBIDDEN,
+            "leases are handed only to a process on this host",
+            "forbidden",
+        );
     }
     axum::Json(s.registry.export()).into_response()
 }
@@ -184,12 +236,19 @@ struct ExplainQuery {
     endpoint: Option<String>,
 }
 
-/// `POST /admin/explain[?endpoint=/v1/completions]` with a request body: the features the
-/// router reads from it, the rule it matches, and for each target pool how many workers
-/// could take it right now. Nothing is forwarded.
+/// The header that carries the explained request's `authorization` (on this listener,
+/// `authorization` authenticates the admin caller when a token is set).
+pub const EXPLAIN_AUTHORIZATION: &str = "x-switchyard-explain-authorization";
+
+/// `POST /admin/explain[?endpoint=/v1/completions]` with a request body and the request's
+/// headers: the features the router reads from it (the same classifier as live traffic),
+/// the rule it matches, and for each target pool how many workers could take it right now.
+/// The explained request's API key goes in `x-switchyard-explain-authorization` (or in
+/// `authorization` when the admin API has no token). Nothing is forwarded.
 async fn explain(
     State(s): State<Arc<Shared>>,
     Query(q): Query<ExplainQuery>,
+    mut head: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let endpoint = q.endpoint.as_deref().unwrap_or("/v1/chat/completions");
@@ -197,17 +256,17 @@ async fn explain(
         let e = ProxyError::NotFound(endpoint.to_string());
         return (StatusCode::NOT_FOUND, e.body()).into_response();
     };
+    if let Some(key) = head.remove(EXPLAIN_AUTHORIZATION) {
+        head.insert(header::AUTHORIZATION, key);
+    }
     let loaded = s.rules.load();
-    let counter = |model: &str| s.counters.load().get(model).cloned();
-    let explained = match crate::classify::explain(
-        &loaded.rules,
-        counter,
-        endpoint,
-        &body,
-        s.config.classify_budget,
-    )
-    .await
-    {
+    let counters = s.counters.load();
+    let classifier = Classifier {
+        rules: &loaded.rules,
+        counters: &counters,
+        budget: s.config.classify_budget,
+    };
+    let explained = match classifier.explain(endpoint, &head, &body).await {
         Ok(v) => v,
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -220,30 +279,35 @@ async fn explain(
         }
     };
     let snap = s.registry.snapshot();
-    let model = explained.features.model.clone();
-    let modalities = explained.features.modalities;
-    let targets: Vec<_> = explained
+    let features = &explained.classified.features;
+    let ask = Ask {
+        model: &features.model,
+        modalities: features.modalities,
+        tried: &[],
+    };
+    let counts: Vec<(&str, usize, usize)> = explained
         .decision
         .targets
         .iter()
         .map(|pool| {
-            let n = snap
-                .by_pool
-                .get(&**pool)
-                .into_iter()
-                .flatten()
-                .filter(|w| takes(w, &model, modalities, &[]) && !w.health.is_excluded())
-                .count();
-            json!({ "pool": pool, "routable_workers": n })
+            let (healthy, live) = select::count(&snap, pool, &ask);
+            (&**pool, healthy, live)
         })
         .collect();
-    let would_serve = targets
+    let targets: Vec<_> = counts
         .iter()
-        .find(|t| t["routable_workers"].as_u64().unwrap_or(0) > 0)
-        .map(|t| t["pool"].clone());
+        .map(|(pool, healthy, _)| json!({ "pool": pool, "routable_workers": healthy }))
+        .collect();
+    // what the failover loop does: the first pool with a healthy worker, else the first
+    // with any live one
+    let would_serve = counts
+        .iter()
+        .find(|c| c.1 > 0)
+        .or_else(|| counts.iter().find(|c| c.2 > 0))
+        .map(|c| c.0);
     let mut out = explained.to_json();
     out["targets_now"] = json!(targets);
-    out["would_serve"] = would_serve.unwrap_or(serde_json::Value::Null);
+    out["would_serve"] = json!(would_serve);
     out["rules_generation"] = json!(loaded.generation);
     axum::Json(out).into_response()
 }
@@ -272,8 +336,20 @@ async fn reload(State(s): State<Arc<Shared>>) -> Response {
         tokio::task::spawn_blocking(move || shared.reload_now().map_err(|e| e.problems())).await;
     match result {
         Ok(Ok(_)) => axum::Json(json!({ "generation": s.rules.generation() })).into_response(),
-        Ok(Err(problems)) => (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({ "error": "rules rejected; the previous rules keep serving", "problems": problems }))).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Ok(Err(problems)) => {
+            // OpenAI's error shape, with every problem listed beside it
+            let mut body = json!({ "error": {
+                "message": "rules rejected; the previous rules keep serving",
+                "type": "invalid_request_error", "code": "rules_rejected", "param": null,
+            }});
+            body["problems"] = json!(problems);
+            (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the reload failed",
+            "internal_error",
+        ),
     }
 }
 

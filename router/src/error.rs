@@ -1,6 +1,44 @@
-//! Router errors and their OpenAI-shaped answers.
+//! The router's error model.
+//!
+//! - [`ProxyError`]: every answer the router gives a client itself, with its status, its
+//!   OpenAI `type`/`code`/`param`, and `Retry-After` where retrying later helps.
+//! - [`AttemptError`]: why one attempt at a worker failed: who caused it ([`Culprit`]),
+//!   the retry class the rules' `retry.on` names, and whether it counts against the
+//!   worker's health. Its detail goes to the log, never to the client.
+//! - [`openai_body`]: the one builder of OpenAI's error body in this crate.
+
+use std::fmt::Write as _;
 
 use bytes::Bytes;
+use routing_rules::RetryOn;
+
+/// `{"error": {"message", "type", "code", "param"}}`: OpenAI's error shape, which the
+/// official SDKs parse. Every error body this crate writes comes from here.
+pub fn openai_body(message: &str, kind: &str, code: &str, param: Option<&str>) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "code": code, "param": param }
+    });
+    Bytes::from(v.to_string())
+}
+
+/// Client-supplied text echoed in an error (a model name, a path) is cut to this many bytes:
+/// a 10 MB model name must not come back as a 10 MB answer and log line.
+pub const ECHO_MAX: usize = 128;
+
+/// `s` cut to at most [`ECHO_MAX`] bytes at a character boundary, marked when cut.
+pub fn echo(s: &str) -> String {
+    if s.len() <= ECHO_MAX {
+        return s.to_string();
+    }
+    let mut end = ECHO_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 16);
+    out.push_str(&s[..end]);
+    let _ = write!(out, "… ({} bytes)", s.len());
+    out
+}
 
 /// Every way the router itself answers a request with an error.
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +47,7 @@ pub enum ProxyError {
     BadJson(String),
     #[error("{0}")]
     BadRequest(String, Option<&'static str>),
-    #[error("The model `{0}` does not exist or no worker serves it")]
+    #[error("The model `{}` does not exist or no worker serves it", echo(.0))]
     UnknownModel(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
@@ -17,16 +55,24 @@ pub enum ProxyError {
     BodyTimeout { timeout: std::time::Duration },
     #[error("request headers are larger than the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
-    #[error("unknown endpoint {0}")]
+    #[error("unknown endpoint {}", echo(.0))]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
-    /// No pool on the route has a live worker (or every attempt failed).
-    #[error("no capacity: {0}")]
-    NoCapacity(String),
+    /// No pool on the route has a live worker, or every attempt failed. `last` is a
+    /// client-safe summary of the last failure ([`AttemptError::summary`]).
+    #[error("no worker could take the request (rule `{rule}`){}", last.map(|l| format!(": {l}")).unwrap_or_default())]
+    NoCapacity {
+        rule: String,
+        last: Option<&'static str>,
+    },
     /// The bodies of requests in flight fill the router's memory budget.
     #[error("the router is holding its limit of {limit} bytes of request bodies; retry shortly")]
     BodyBudget { limit: usize },
+    /// The request already passed through this router (a worker address that is the
+    /// router's own listener, or two routers pointing at each other).
+    #[error("the request looped back to the router")]
+    Loop,
 }
 
 impl ProxyError {
@@ -38,7 +84,8 @@ impl ProxyError {
             Self::BodyTimeout { .. } => 408,
             Self::TooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
-            Self::NoCapacity(_) | Self::BodyBudget { .. } => 503,
+            Self::Loop => 508,
+            Self::NoCapacity { .. } | Self::BodyBudget { .. } => 503,
         }
     }
 
@@ -52,17 +99,17 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
             Self::NotFound(_) => ("invalid_request_error", "not_found"),
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
-            Self::NoCapacity(_) => ("server_error", "no_capacity"),
+            Self::NoCapacity { .. } => ("server_error", "no_capacity"),
             Self::BodyBudget { .. } => ("server_error", "router_overloaded"),
+            Self::Loop => ("server_error", "loop_detected"),
         }
     }
 
     /// `Retry-After` seconds, for errors a client should retry later.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::NoCapacity(_) | Self::BodyBudget { .. }).then_some(1)
+        matches!(self, Self::NoCapacity { .. } | Self::BodyBudget { .. }).then_some(1)
     }
 
-    /// `{"error": {"message", "type", "code", "param"}}`.
     pub fn body(&self) -> Bytes {
         let (kind, code) = self.kind_and_code();
         let param = match self {
@@ -70,9 +117,142 @@ impl ProxyError {
             Self::UnknownModel(_) => Some("model"),
             _ => None,
         };
-        let v = serde_json::json!({
-            "error": { "message": self.to_string(), "type": kind, "code": code, "param": param }
-        });
-        Bytes::from(v.to_string())
+        openai_body(&self.to_string(), kind, code, param)
+    }
+}
+
+/// Who caused a failed attempt (pingora's `ErrorSource`, for our stages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Culprit {
+    /// The router could not even build the request (a bug, or a header it cannot send).
+    Router,
+    /// The connection to the worker: refused, reset, timed out.
+    Network,
+    /// The worker answered with a failure status.
+    Worker,
+}
+
+/// Why one attempt at a worker failed. Nothing has been written to the client.
+#[derive(Debug, Clone)]
+pub struct AttemptError {
+    pub culprit: Culprit,
+    /// The retry class (`retry.on` in the rules).
+    pub reason: RetryOn,
+    /// The worker answered 429: healthy but full. Not held against its health (ejecting
+    /// busy workers under load would only shrink capacity further).
+    pub overloaded: bool,
+    /// For the log only: may hold upstream error text.
+    pub detail: String,
+}
+
+impl AttemptError {
+    pub fn router(detail: impl std::fmt::Display) -> Self {
+        Self::network(RetryOn::Connect, detail).by(Culprit::Router)
+    }
+
+    pub fn network(reason: RetryOn, detail: impl std::fmt::Display) -> Self {
+        Self {
+            culprit: Culprit::Network,
+            reason,
+            overloaded: false,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A response status that is not an answer: 429 (full), 503 (draining, preempted),
+    /// other 5xx. `None` for a status the client should see.
+    pub fn from_status(status: u16) -> Option<Self> {
+        let reason = match status {
+            429 | 503 => RetryOn::Preempted,
+            500..=599 => RetryOn::Status5xx,
+            _ => return None,
+        };
+        Some(Self {
+            culprit: Culprit::Worker,
+            reason,
+            overloaded: status == 429,
+            detail: format!("worker answered {status}"),
+        })
+    }
+
+    fn by(mut self, culprit: Culprit) -> Self {
+        self.culprit = culprit;
+        self
+    }
+
+    /// Whether another worker may be tried: a router-side failure would fail there too.
+    pub fn retryable(&self) -> bool {
+        self.culprit != Culprit::Router
+    }
+
+    /// Whether it counts toward ejecting the worker.
+    pub fn against_worker(&self) -> bool {
+        self.culprit != Culprit::Router && !self.overloaded
+    }
+
+    /// The retry class's name, for metrics and logs.
+    pub fn reason_name(&self) -> &'static str {
+        reason_name(self.reason)
+    }
+
+    /// What the client may be told: the class of failure, no upstream text.
+    pub fn summary(&self) -> &'static str {
+        match (self.overloaded, self.culprit, self.reason) {
+            (true, _, _) => "the last worker tried was at capacity",
+            (_, Culprit::Router, _) => "the router could not forward it",
+            (_, _, RetryOn::Timeout) => "the last worker tried timed out",
+            (_, _, RetryOn::Preempted) => "the last worker tried was unavailable",
+            (_, _, RetryOn::Status5xx) => "the last worker tried failed",
+            (_, _, RetryOn::Connect | RetryOn::Reset) => "the last worker tried was unreachable",
+        }
+    }
+}
+
+/// The name `retry.on` uses for a retry class.
+pub fn reason_name(r: RetryOn) -> &'static str {
+    match r {
+        RetryOn::Connect => "connect",
+        RetryOn::Reset => "reset",
+        RetryOn::Status5xx => "status_5xx",
+        RetryOn::Preempted => "preempted",
+        RetryOn::Timeout => "timeout",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_text_is_cut_at_a_char_boundary() {
+        let long = "é".repeat(1000);
+        let e = echo(&long);
+        assert!(e.len() < ECHO_MAX + 20, "{}", e.len());
+        assert!(e.ends_with("(2000 bytes)"), "{e}");
+        assert_eq!(echo("smollm2"), "smollm2");
+        let body = ProxyError::UnknownModel("m".repeat(10_000_000)).body();
+        assert!(
+            body.len() < 512,
+            "a 10 MB model name gave a {} B body",
+            body.len()
+        );
+    }
+
+    #[test]
+    fn statuses_map_to_retry_classes() {
+        assert!(AttemptError::from_status(200).is_none());
+        assert!(AttemptError::from_status(400).is_none());
+        let full = AttemptError::from_status(429).unwrap();
+        assert!(full.overloaded && !full.against_worker() && full.retryable());
+        let gone = AttemptError::from_status(503).unwrap();
+        assert_eq!(gone.reason, RetryOn::Preempted);
+        assert!(gone.against_worker());
+        assert_eq!(
+            AttemptError::from_status(502).unwrap().reason,
+            RetryOn::Status5xx
+        );
+        let ours = AttemptError::router("bad header");
+        assert!(!ours.retryable() && !ours.against_worker());
+        assert!(!ours.summary().contains("bad header"));
     }
 }

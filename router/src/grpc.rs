@@ -25,6 +25,20 @@ pub struct RegistryService {
     /// The TLS layer requires client certificates from the configured CA: a caller that
     /// got this far is authenticated.
     pub mtls: bool,
+    /// The router's own listeners: a worker advertising one of them would make the router
+    /// forward requests to itself.
+    pub own_addresses: Vec<SocketAddr>,
+}
+
+/// Whether `address` is one of the router's own listeners (`own`, where an unspecified
+/// listener address stands for every local one: loopback included).
+pub fn is_own(own: &[SocketAddr], address: SocketAddr) -> bool {
+    own.iter().any(|o| {
+        o.port() == address.port()
+            && (o.ip() == address.ip()
+                || (o.ip().is_unspecified()
+                    && (address.ip().is_loopback() || address.ip().is_unspecified())))
+    })
 }
 
 /// The networks allowed when the operator names none: loopback, and only when the registry
@@ -109,6 +123,11 @@ impl RegistryApi for RegistryService {
                 nets.join(", ")
             )));
         }
+        if is_own(&self.own_addresses, address) {
+            return Err(Status::invalid_argument(format!(
+                "address {address} is one of the router's own listeners"
+            )));
+        }
         if r.models.is_empty() {
             return Err(Status::invalid_argument(
                 "a worker must serve at least one model",
@@ -123,13 +142,16 @@ impl RegistryApi for RegistryService {
                 modalities: m.modalities,
             })
             .collect();
-        let lease_id = self.registry.register(
-            r.worker_id.clone(),
-            pool.name.clone(),
-            address,
-            models,
-            r.device,
-        );
+        let lease_id = self
+            .registry
+            .register(
+                r.worker_id.clone(),
+                pool.name.clone(),
+                address,
+                models,
+                r.device,
+            )
+            .map_err(|e| Status::already_exists(e.to_string()))?;
         self.metrics
             .registrations
             .with_label_values(&[&*pool.name])

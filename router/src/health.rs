@@ -3,8 +3,8 @@
 //! Registered workers prove they are alive with heartbeats; static workers cannot, so the
 //! router asks them: `GET <path>` every interval, a 2xx answer within the interval (at most
 //! 2 s) is healthy. A failed check takes the worker out of selection at once (state
-//! `unhealthy`; like ejection, selection still falls back to it when its pool has nothing
-//! else); the first passing check brings it back.
+//! `unhealthy`; like an ejected one, it is reached only when no pool of the route has a
+//! healthy worker); the first passing check brings it back.
 
 use std::sync::Arc;
 use std::time::Duration;

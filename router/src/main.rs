@@ -50,6 +50,12 @@ enum RulesCmd {
         /// Endpoint the request is sent to.
         #[arg(long, default_value = "/v1/chat/completions")]
         endpoint: String,
+        /// A request header, `name: value` (repeatable): for rules on `headers`.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The request's API key (as `Authorization: Bearer KEY`): for rules on `tenant`.
+        #[arg(long)]
+        api_key: Option<String>,
     },
 }
 
@@ -78,6 +84,10 @@ struct ServeArgs {
     /// loopback workers may register.
     #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
     registry_token: Option<String>,
+    /// Bearer token the admin API's `/admin/*` routes require (also
+    /// SWITCHYARD_ADMIN_TOKEN). Required when --admin listens beyond loopback.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     #[arg(long, default_value_t = 2000)]
     heartbeat_ms: u64,
     #[arg(long, default_value_t = 6000)]
@@ -106,9 +116,9 @@ struct ServeArgs {
     /// Do not add x-switchyard-* headers to answers.
     #[arg(long)]
     no_debug_headers: bool,
-    /// Proxy worker threads.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Proxy worker threads [default: the machine's cores].
+    #[arg(long)]
+    threads: Option<usize>,
     /// All request bodies held in memory at once (bytes); beyond it requests get 503 with
     /// Retry-After.
     #[arg(long, default_value_t = 1024 * 1024 * 1024)]
@@ -183,7 +193,9 @@ fn main() -> anyhow::Result<()> {
             file,
             request,
             endpoint,
-        }) => explain(&file, &request, &endpoint),
+            headers,
+            api_key,
+        }) => explain(&file, &request, &endpoint, &headers, api_key.as_deref()),
     }
 }
 
@@ -191,11 +203,31 @@ fn explain(
     file: &std::path::Path,
     request: &std::path::Path,
     endpoint: &str,
+    headers: &[String],
+    api_key: Option<&str>,
 ) -> anyhow::Result<()> {
     let rules = routing_rules::compile_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = std::fs::read(request).with_context(|| format!("read {}", request.display()))?;
     let ep = router::classify::endpoint_of(endpoint)
         .with_context(|| format!("unknown endpoint {endpoint}"))?;
+    let mut head = http::HeaderMap::new();
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("--header `{h}`: expected `name: value`"))?;
+        head.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("--header `{h}`: bad name"))?,
+            http::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("--header `{h}`: bad value"))?,
+        );
+    }
+    if let Some(key) = api_key {
+        head.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {key}")).context("--api-key")?,
+        );
+    }
     let (counters, errors) = router::classify::load_counters(&rules, &Default::default());
     for e in errors {
         eprintln!("warning: {e}");
@@ -203,14 +235,13 @@ fn explain(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let classifier = router::classify::Classifier {
+        rules: &rules,
+        counters: &counters,
+        budget: Duration::from_secs(30),
+    };
     let explained = rt
-        .block_on(router::classify::explain(
-            &rules,
-            |m| counters.get(m).cloned(),
-            ep,
-            &body,
-            Duration::from_secs(30),
-        ))
+        .block_on(classifier.explain(ep, &head, &body))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out = explained.to_json();
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -255,6 +286,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.allow_networks.clone()
     };
+    anyhow::ensure!(
+        args.admin_token.is_some() || args.addrs.admin.ip().is_loopback(),
+        "--admin {} listens beyond loopback: set --admin-token (or SWITCHYARD_ADMIN_TOKEN) so \
+         reloads, explain and the lease hand-over are not open to the network",
+        args.addrs.admin
+    );
     let shared = Shared::new(
         Arc::clone(&rules),
         Arc::clone(&registry),
@@ -276,7 +313,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 && args.addrs.admin.port() != 0,
             "--upgrade takes over a running router: give its --listen, --grpc and --admin addresses"
         );
-        match fetch_leases(args.addrs.admin) {
+        match fetch_leases(args.addrs.admin, args.admin_token.as_deref()) {
             Ok(leases) => {
                 let n = registry.import(leases);
                 tracing::info!(
@@ -291,7 +328,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let conf = ServerConf {
-        threads: args.threads.max(1),
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1),
         // SIGTERM: listeners close at once, in-flight requests get the grace period, then
         // the runtimes one more second to wind down.
         grace_period_seconds: Some(args.shutdown_grace_s),
@@ -348,6 +388,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_scheme = if tls.is_some() { "https" } else { "http" };
     let cp_shared = Arc::clone(&shared);
     let token = args.registry_token.clone();
+    let admin_token = args.admin_token.clone();
+    // a worker may not advertise one of these: the router would forward to itself
+    let own_addresses = vec![listen, grpc_addr, admin_addr];
     let health_every =
         (args.health_check_ms > 0).then(|| Duration::from_millis(args.health_check_ms));
     let health_path = args.health_check_path.clone();
@@ -401,6 +444,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     metrics: Arc::clone(&cp_shared.metrics),
                     allowed_networks,
                     mtls,
+                    own_addresses,
                 };
                 let mut builder = tonic::transport::Server::builder();
                 if let Some(tls) = tls {
@@ -423,7 +467,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     );
                 let admin_task = axum::serve(
                     admin,
-                    router::admin::router(Arc::clone(&cp_shared))
+                    router::admin::router(Arc::clone(&cp_shared), admin_token)
                         .into_make_service_with_connect_info::<router::admin::Peer>(),
                 )
                 .with_graceful_shutdown(stopped(cp_stopped));
@@ -557,7 +601,10 @@ fn bind_when_free(addr: SocketAddr, deadline: Instant) -> anyhow::Result<std::ne
 }
 
 /// The registered workers' leases from the running router's admin listener.
-fn fetch_leases(admin: SocketAddr) -> anyhow::Result<Vec<router::registry::ExportedLease>> {
+fn fetch_leases(
+    admin: SocketAddr,
+    token: Option<&str>,
+) -> anyhow::Result<Vec<router::registry::ExportedLease>> {
     let mut target = admin;
     if target.ip().is_unspecified() {
         target.set_ip(if admin.is_ipv4() {
@@ -574,13 +621,11 @@ fn fetch_leases(admin: SocketAddr) -> anyhow::Result<Vec<router::registry::Expor
             .no_proxy()
             .timeout(Duration::from_secs(5))
             .build()?;
-        let leases = client
-            .get(format!("http://{target}/admin/registry/leases"))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let mut req = client.get(format!("http://{target}/admin/registry/leases"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let leases = req.send().await?.error_for_status()?.json().await?;
         Ok(leases)
     })
 }

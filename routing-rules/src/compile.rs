@@ -345,6 +345,7 @@ impl Compiler {
                 labels: p.labels.clone(),
                 workers: p.workers.clone(),
                 models: p.models.clone(),
+                select: p.select.unwrap_or_default(),
             });
         }
         pools

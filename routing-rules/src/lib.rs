@@ -20,7 +20,7 @@ pub use compiled::{
 };
 pub use features::{ModalitySet, RequestFeatures};
 pub use problem::{Problem, RulesError};
-pub use spec::{Capacity, Endpoint, Modality, RetryOn};
+pub use spec::{Capacity, Endpoint, Modality, RetryOn, SelectPolicy};
 pub use store::{Loaded, ReloadOutcome, RulesStore};
 
 #[cfg(test)]

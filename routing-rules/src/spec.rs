@@ -62,6 +62,30 @@ pub struct PoolSpec {
     /// The models the static `workers` serve (default: every model the file declares).
     #[serde(default)]
     pub models: Vec<String>,
+    /// How a worker of this pool is chosen (default `power_of_two`).
+    #[serde(default)]
+    pub select: Option<SelectPolicy>,
+}
+
+/// How a worker of a pool is chosen among the eligible ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectPolicy {
+    /// Two eligible workers drawn at random, the less loaded wins.
+    #[default]
+    PowerOfTwo,
+    /// Every eligible worker looked at, the least loaded wins (ties at random).
+    LeastLoaded,
+}
+
+impl SelectPolicy {
+    /// Its name in the rules file (and as a metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PowerOfTwo => "power_of_two",
+            Self::LeastLoaded => "least_loaded",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

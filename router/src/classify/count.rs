@@ -1,26 +1,14 @@
-//! Classification: one parse of the OpenAI body → [`RequestFeatures`].
-//!
-//! Token counts come from the model's real tokenizer, but only as much work as the decision
-//! needs: a cheap bound from the byte length first; exact counting only when a rule threshold
-//! falls inside the bound, done off the event loop under a time budget.
+//! Token counting: a bound from byte length, the model's real tokenizer only where a rule
+//! threshold falls inside the bound, off the event loop under a time budget.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use model_meta::count::WordCounts;
-use routing_rules::{
-    CompiledRules, Endpoint, Modality, ModalitySet, Model, RequestFeatures, TokenizerRef,
-};
-use serde_json::Value;
+use routing_rules::{CompiledRules, Model, TokenizerRef};
 
-use crate::error::ProxyError;
-
-/// Per-message overhead of chat templates (role markers, separators), in tokens.
-const PER_MESSAGE_TOKENS: u64 = 5;
-/// Tokens of the assistant turn's opening.
-const REPLY_PRIMER_TOKENS: u64 = 3;
+use super::Parsed;
 
 /// A model's tokenizer and what bounds it allows.
 pub struct Counter {
@@ -229,200 +217,6 @@ pub fn load_counters(rules: &CompiledRules, previous: &Counters) -> (Counters, V
     (out, errors)
 }
 
-/// What the body said, before counting.
-pub struct Parsed {
-    pub features: RequestFeatures,
-    /// Text whose tokens are counted (message contents, or the prompt).
-    pub texts: Vec<String>,
-    /// Tokens added regardless of text: template overhead and media.
-    pub fixed_tokens: u64,
-    pub images: u64,
-    pub audios: u64,
-    pub requested_max_tokens: Option<u64>,
-}
-
-/// Tenant id derived from the API key: a hash, never the key.
-pub fn tenant_of(authorization: Option<&str>) -> Option<String> {
-    let key = authorization?.strip_prefix("Bearer ")?.trim();
-    if key.is_empty() {
-        return None;
-    }
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    Some(format!("key-{:08x}", h.finish() as u32))
-}
-
-pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ProxyError::BadJson(e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ProxyError::BadRequest("the body must be a JSON object".into(), None))?;
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ProxyError::BadRequest("`model` is required".into(), Some("model")))?
-        .to_string();
-    let mut modalities = ModalitySet::default();
-    let mut texts = Vec::new();
-    let mut fixed_tokens = 0u64;
-    let mut images = 0u64;
-    let mut audios = 0u64;
-    match endpoint {
-        Endpoint::ChatCompletions => {
-            let msgs = obj
-                .get("messages")
-                .and_then(Value::as_array)
-                .ok_or_else(|| {
-                    ProxyError::BadRequest("`messages` must be an array".into(), Some("messages"))
-                })?;
-            if msgs.is_empty() {
-                return Err(ProxyError::BadRequest(
-                    "`messages` must not be empty".into(),
-                    Some("messages"),
-                ));
-            }
-            fixed_tokens += REPLY_PRIMER_TOKENS;
-            for m in msgs {
-                fixed_tokens += PER_MESSAGE_TOKENS;
-                match m.get("content") {
-                    Some(Value::String(s)) => {
-                        modalities.insert(Modality::Text);
-                        texts.push(s.clone());
-                    }
-                    Some(Value::Array(parts)) => {
-                        for p in parts {
-                            match p.get("type").and_then(Value::as_str) {
-                                Some("text") => {
-                                    modalities.insert(Modality::Text);
-                                    texts.push(
-                                        p.get("text")
-                                            .and_then(Value::as_str)
-                                            .unwrap_or_default()
-                                            .to_string(),
-                                    );
-                                }
-                                Some("image_url") | Some("image") => {
-                                    modalities.insert(Modality::Image);
-                                    images += 1;
-                                }
-                                Some("input_audio") | Some("audio") => {
-                                    modalities.insert(Modality::Audio);
-                                    audios += 1;
-                                }
-                                Some("file") => modalities.insert(Modality::Image),
-                                _ => {
-                                    return Err(ProxyError::BadRequest(
-                                        "each content part needs a known `type`".into(),
-                                        Some("messages"),
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                    None | Some(Value::Null) => {}
-                    Some(_) => {
-                        return Err(ProxyError::BadRequest(
-                            "`content` must be a string or an array of parts".into(),
-                            Some("messages"),
-                        ));
-                    }
-                }
-            }
-        }
-        Endpoint::Completions | Endpoint::Embeddings => {
-            let key = if endpoint == Endpoint::Completions {
-                "prompt"
-            } else {
-                "input"
-            };
-            modalities.insert(Modality::Text);
-            match obj.get(key) {
-                Some(Value::String(s)) => texts.push(s.clone()),
-                Some(Value::Array(a)) => {
-                    texts.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
-                }
-                _ => {
-                    return Err(ProxyError::BadRequest(
-                        format!("`{key}` must be a string or an array of strings"),
-                        Some(key),
-                    ));
-                }
-            }
-        }
-    }
-    let requested_max_tokens = obj
-        .get("max_completion_tokens")
-        .or_else(|| obj.get("max_tokens"))
-        .and_then(Value::as_u64);
-    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    Ok(Parsed {
-        features: RequestFeatures {
-            endpoint: Some(endpoint),
-            model,
-            modalities,
-            stream,
-            ..Default::default()
-        },
-        texts,
-        fixed_tokens,
-        images,
-        audios,
-        requested_max_tokens,
-    })
-}
-
-/// The endpoint a path names, for `rules explain` and `POST /admin/explain`.
-pub fn endpoint_of(path: &str) -> Option<Endpoint> {
-    match path {
-        "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
-        "/v1/completions" => Some(Endpoint::Completions),
-        "/v1/embeddings" => Some(Endpoint::Embeddings),
-        _ => None,
-    }
-}
-
-/// What the router reads from a request and which rule it matches.
-pub struct Explained {
-    pub features: RequestFeatures,
-    pub exact: bool,
-    pub decision: routing_rules::RouteDecision,
-}
-
-impl Explained {
-    pub fn to_json(&self) -> Value {
-        let f = &self.features;
-        serde_json::json!({
-            "features": {
-                "model": f.model, "modalities": f.modalities.names(), "prompt_tokens": f.prompt_tokens,
-                "prompt_tokens_exact": self.exact, "max_tokens": f.max_tokens,
-                "context_tokens": f.context_tokens(), "stream": f.stream,
-            },
-            "decision": self.decision,
-        })
-    }
-}
-
-/// Classifies `body` exactly as the proxy does and routes it with `rules`, forwarding
-/// nothing. `counter` gives the tokenizer of a model.
-pub async fn explain(
-    rules: &CompiledRules,
-    counter: impl Fn(&str) -> Option<Arc<Counter>>,
-    endpoint: Endpoint,
-    body: &[u8],
-    budget: Duration,
-) -> Result<Explained, ProxyError> {
-    let mut parsed = parse(endpoint, body)?;
-    let model = rules.model(&parsed.features.model);
-    let tokenizer = counter(&parsed.features.model);
-    let exact = count_tokens(&mut parsed, model, tokenizer, rules, budget).await;
-    let decision = rules.route(&parsed.features);
-    Ok(Explained {
-        features: parsed.features,
-        exact,
-        decision,
-    })
-}
-
 /// Threads one long count may use: the cores (a long prompt's count is split over them).
 fn counting_threads() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -453,30 +247,40 @@ pub async fn count_tokens(
             )
         })
         .unwrap_or((765, 750, 256));
-    let fixed = parsed.fixed_tokens + parsed.images * image_tokens + parsed.audios * audio_tokens;
+    // Counts come from the client: every sum saturates (a `u64::MAX` max_tokens must not wrap
+    // to a small context).
+    let fixed = parsed
+        .fixed_tokens
+        .saturating_add(parsed.images.saturating_mul(image_tokens))
+        .saturating_add(parsed.audios.saturating_mul(audio_tokens));
     let max_tokens = parsed.requested_max_tokens.unwrap_or(default_max);
     let f = &mut parsed.features;
     f.max_tokens = max_tokens;
     let bytes: u64 = parsed.texts.iter().map(|t| t.len() as u64).sum();
     let Some(counter) = counter else {
         // No tokenizer for this model: ~4 bytes per token, the usual estimate.
-        f.prompt_tokens = fixed + bytes.div_ceil(4);
+        f.prompt_tokens = fixed.saturating_add(bytes.div_ceil(4));
         return false;
     };
     // Byte-level BPE: at most one token per byte; at least one per longest-token bytes.
-    let hi = fixed + bytes + parsed.texts.len() as u64;
-    let lo = fixed
-        + if counter.fast.is_some() {
-            parsed
-                .texts
-                .iter()
-                .map(|t| min_pretokens(t.as_bytes()))
-                .sum()
-        } else {
-            bytes.div_ceil(counter.max_token_bytes)
-        };
+    let hi = fixed
+        .saturating_add(bytes)
+        .saturating_add(parsed.texts.len() as u64);
+    let lo = fixed.saturating_add(if counter.fast.is_some() {
+        parsed
+            .texts
+            .iter()
+            .map(|t| min_pretokens(t.as_bytes()))
+            .sum()
+    } else {
+        bytes.div_ceil(counter.max_token_bytes)
+    });
     let needs_exact = CompiledRules::needs_exact(rules.prompt_cuts(), lo, hi)
-        || CompiledRules::needs_exact(rules.context_cuts(), lo + max_tokens, hi + max_tokens);
+        || CompiledRules::needs_exact(
+            rules.context_cuts(),
+            lo.saturating_add(max_tokens),
+            hi.saturating_add(max_tokens),
+        );
     if !needs_exact {
         f.prompt_tokens = lo;
         return false;
@@ -510,7 +314,7 @@ pub async fn count_tokens(
     });
     match counted.await {
         Ok(Some(n)) => {
-            parsed.features.prompt_tokens = fixed + n;
+            parsed.features.prompt_tokens = fixed.saturating_add(n);
             true
         }
         // Over budget (pathological input) or failed: take the upper bound, which routes

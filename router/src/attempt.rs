@@ -1,0 +1,151 @@
+//! One attempt at one worker: the buffered request sent with pingora's HTTP connector
+//! (pooled connections), the response header read. Nothing is written downstream here;
+//! a failure is an [`AttemptError`] the failover loop decides on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use routing_rules::RetryOn;
+
+use crate::admit::HOP_HEADER;
+use crate::error::AttemptError;
+use crate::registry::Worker;
+use crate::state::Config;
+
+/// Request headers passed on to the worker as the client sent them.
+const PASSED_ON: [&str; 3] = ["accept", "x-request-id", "traceparent"];
+
+/// The peer for `worker`, with the router's timeouts.
+pub fn peer(config: &Config, worker: &Worker) -> HttpPeer {
+    let mut peer = HttpPeer::new(worker.address, false, String::new());
+    peer.options.connection_timeout = Some(config.connect_timeout);
+    peer.options.read_timeout = Some(config.first_byte_timeout);
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
+    peer
+}
+
+/// What one attempt sends.
+pub struct Outgoing<'a> {
+    pub path: &'a str,
+    pub body: &'a Bytes,
+    /// The client's request head, for the headers passed on.
+    pub client: &'a RequestHeader,
+    /// The hop header's value: the client's, with this router's id added.
+    pub hops: &'a str,
+}
+
+/// Sends the request; succeeds only with a response header that is an answer (not 429,
+/// 503 or another 5xx).
+pub async fn attempt(
+    connector: &Connector,
+    config: &Config,
+    peer: &HttpPeer,
+    out: &Outgoing<'_>,
+) -> std::result::Result<(HttpSession, ResponseHeader), AttemptError> {
+    let req = request(peer, out).map_err(AttemptError::router)?;
+    // A pooled connection the worker has closed fails at once: retry that on a fresh one.
+    for fresh in [false, true] {
+        let (mut up, reused) = connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| AttemptError::network(RetryOn::Connect, e))?;
+        // The connector does not apply the peer's read timeout: it bounds the wait for
+        // the response header (first byte) and, later, each gap between body chunks.
+        up.set_read_timeout(peer.options.read_timeout);
+        up.set_write_timeout(Some(config.connect_timeout.max(Duration::from_secs(10))));
+        let sent = async {
+            up.write_request_header(Box::new(req.clone())).await?;
+            up.write_request_body(out.body.clone(), true).await?;
+            up.finish_request_body().await?;
+            up.read_response_header().await
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                let Some(resp) = up.response_header().cloned() else {
+                    return Err(AttemptError::network(RetryOn::Reset, "no response header"));
+                };
+                if let Some(e) = AttemptError::from_status(resp.status.as_u16()) {
+                    return Err(e);
+                }
+                return Ok((up, resp));
+            }
+            Err(e) if reused && !fresh => {
+                tracing::debug!("pooled connection failed ({e}); retrying on a fresh one");
+                continue;
+            }
+            Err(e) => {
+                let reason = if matches!(e.etype(), ReadTimedout | WriteTimedout) {
+                    RetryOn::Timeout
+                } else {
+                    RetryOn::Reset
+                };
+                return Err(AttemptError::network(reason, e));
+            }
+        }
+    }
+    Err(AttemptError::network(RetryOn::Reset, "connection failed"))
+}
+
+fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
+    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(5 + PASSED_ON.len()))?;
+    req.insert_header("host", peer._address.to_string())?;
+    req.insert_header("content-type", "application/json")?;
+    req.insert_header("content-length", out.body.len().to_string())?;
+    req.insert_header(HOP_HEADER, out.hops)?;
+    for name in PASSED_ON {
+        if let Some(v) = out.client.headers.get(name) {
+            req.insert_header(name, v.clone())?;
+        }
+    }
+    Ok(req)
+}
+
+/// Counts a request in its worker's router-side in-flight load and cost share while it
+/// lives.
+pub struct InFlight {
+    worker: Arc<Worker>,
+    share_start: f64,
+    done: bool,
+}
+
+impl InFlight {
+    pub fn new(worker: Arc<Worker>) -> Self {
+        worker
+            .router_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let share_start = worker.share.start(Instant::now());
+        Self {
+            worker,
+            share_start,
+            done: false,
+        }
+    }
+
+    /// Ends the request; returns its share of the worker's time in seconds.
+    pub fn finish(mut self) -> f64 {
+        self.end()
+    }
+
+    fn end(&mut self) -> f64 {
+        if std::mem::replace(&mut self.done, true) {
+            return 0.0;
+        }
+        self.worker
+            .router_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.worker.share.end(Instant::now(), self.share_start)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.end();
+    }
+}

@@ -1,0 +1,84 @@
+//! The per-request context (pingora's `CTX`): everything the stages learn about one
+//! request, and what `logging` reports.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use routing_rules::{Endpoint, RouteDecision};
+
+use crate::budget::Held;
+use crate::classify::Classified;
+
+pub struct RequestCtx {
+    pub started: Instant,
+    /// Set once the path names an inference endpoint (requests to other paths are not
+    /// counted in the request metrics).
+    pub endpoint: Option<Endpoint>,
+    /// The request's URI path, as forwarded.
+    pub path: String,
+    /// What classification found (model and tenant set as soon as the body is parsed).
+    pub classified: Classified,
+    pub decision: Option<RouteDecision>,
+    /// The request body and its reservation in the body budget. Held until a worker
+    /// answers (any attempt may replay it); dropped at the commit point.
+    pub body: Option<(Bytes, Held)>,
+    /// The pool whose worker answered.
+    pub pool: Option<Arc<str>>,
+    /// Attempts made, the first included.
+    pub attempts: u32,
+    /// Workers tried, by id: never tried twice for one request.
+    pub tried: Vec<String>,
+    /// Each failed attempt: `(pool, worker id, retry class)`, for the log.
+    pub failures: Vec<(Arc<str>, String, &'static str)>,
+    /// The status the client got (499: the client left before an answer could be sent).
+    pub status: u16,
+    /// Completion tokens the worker reported in its answer's `usage`.
+    pub completion_tokens: Option<u64>,
+    /// Each attempt's pool and share of its worker's time (seconds), for cost.
+    pub worker_seconds: Vec<(Arc<str>, f64)>,
+    _active: Active,
+}
+
+impl RequestCtx {
+    pub fn new(active: &Arc<AtomicUsize>) -> Self {
+        Self {
+            started: Instant::now(),
+            endpoint: None,
+            path: String::new(),
+            classified: Classified::default(),
+            decision: None,
+            body: None,
+            pool: None,
+            attempts: 0,
+            tried: Vec::new(),
+            failures: Vec::new(),
+            status: 0,
+            completion_tokens: None,
+            worker_seconds: Vec::new(),
+            _active: Active::new(active),
+        }
+    }
+
+    /// The model the client asked for (empty until the body is parsed).
+    pub fn model(&self) -> &str {
+        &self.classified.features.model
+    }
+}
+
+/// Counts a request in `Shared::active_requests` while it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,228 @@
+//! Failover: the attempt loop. Picks a worker for each attempt, decides after each failure
+//! whether and where to try again, and hands the first real answer to [`crate::relay`].
+//!
+//! ## How a route is walked
+//!
+//! The route's pools are tried in order (cheapest first, spot before on-demand):
+//!
+//! 1. **Healthy workers first, across the whole route.** A pool whose eligible workers are
+//!    all ejected or failing their health checks is skipped up front, at no cost: in a
+//!    preemption wave the dead spot pool is passed over and requests go straight to
+//!    on-demand (Envoy's priority levels). Only when no pool of the route has a healthy
+//!    worker does a second sweep reach the unhealthy ones.
+//! 2. **Within a pool, retries spend the retry budget** ([`RetryBudget`]: a ratio of
+//!    requests plus a floor), which stops a sick tier from multiplying its own load.
+//! 3. **Moving to the next pool does not.** Tier failover is what the route is for: when
+//!    the budget refuses another try in the same pool, the loop moves on to the next pool
+//!    instead of failing the request. `retry.max_attempts` bounds the attempts in all.
+//!
+//! A failure is retried only before the first byte reached the client, only for the
+//! classes the rule's `retry.on` names, and never when the router itself caused it.
+//! Ejected workers come back through half-open probes ([`crate::registry::health`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pingora::prelude::*;
+
+use crate::attempt::{self, InFlight, Outgoing};
+use crate::ctx::RequestCtx;
+use crate::error::{AttemptError, ProxyError};
+use crate::proxy::SwitchyardProxy;
+use crate::select::{self, Ask, Reach};
+use crate::{relay, respond};
+
+/// Retries allowed as a ratio of requests plus a floor, over a sliding 10-second window.
+pub struct RetryBudget {
+    window: Duration,
+    state: Mutex<(Instant, u64, u64)>, // window start, requests, retries
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(10),
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+}
+
+impl RetryBudget {
+    fn with<R>(&self, f: impl FnOnce(&mut (Instant, u64, u64)) -> R) -> R {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0.elapsed() > self.window {
+            *s = (Instant::now(), 0, 0);
+        }
+        f(&mut s)
+    }
+
+    pub fn record_request(&self) {
+        self.with(|s| s.1 += 1);
+    }
+
+    /// Takes one retry from the budget if there is room.
+    pub fn try_retry(&self, ratio: f64, floor: u32) -> bool {
+        self.with(|s| {
+            let allowed = u64::from(floor) + (s.1 as f64 * ratio) as u64;
+            if s.2 < allowed {
+                s.2 += 1;
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+/// Walks the route until a worker answers (then relays the answer) or nothing is left
+/// (then answers 503 with `Retry-After`).
+pub async fn forward(
+    proxy: &SwitchyardProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    decision: &routing_rules::RouteDecision,
+) -> Result<()> {
+    let shared = &proxy.shared;
+    let Some((body, held)) = ctx.body.take() else {
+        return respond::error(session, ctx, &ProxyError::BadJson("no body".into())).await;
+    };
+    shared.retry_budget.record_request();
+    let snapshot = shared.registry.snapshot();
+    let rules = shared.rules.load();
+    let retry = &decision.retry;
+    let hops = hops(session, &shared.hop_id);
+    let mut last: Option<(Arc<str>, AttemptError)> = None;
+    let mut reach = Reach::Healthy;
+    let mut next_pool = 0;
+    while ctx.attempts < retry.max_attempts {
+        let Some(pool) = decision.targets.get(next_pool) else {
+            if reach == Reach::Healthy {
+                // no healthy worker left on the route: the unhealthy ones, as a last resort
+                reach = Reach::AnyLive;
+                next_pool = 0;
+                continue;
+            }
+            break;
+        };
+        let policy =
+            select::policy_for(rules.rules.pool(pool).map(|p| p.select).unwrap_or_default());
+        let ask = Ask {
+            model: ctx.model(),
+            modalities: ctx.classified.features.modalities,
+            tried: &ctx.tried,
+        };
+        let Some(worker) = select::pick(&snapshot, pool, policy, &ask, reach) else {
+            next_pool += 1; // nothing (more) here: the next pool
+            continue;
+        };
+        if let Some((from, failed)) = &last {
+            if !failed.retryable() || !retry.retries_on(failed.reason) {
+                break;
+            }
+            if from == pool {
+                if !shared
+                    .retry_budget
+                    .try_retry(retry.budget_ratio, retry.budget_floor)
+                {
+                    next_pool += 1; // the budget bounds retries within a tier, not failover
+                    continue;
+                }
+                if !retry.backoff.is_zero() {
+                    tokio::time::sleep(retry.backoff).await;
+                }
+            }
+            shared
+                .metrics
+                .retries
+                .with_label_values(&[from, pool, failed.reason_name()])
+                .inc();
+        }
+        ctx.attempts += 1;
+        ctx.tried.push(worker.id.clone());
+        let in_flight = InFlight::new(Arc::clone(&worker));
+        let peer = attempt::peer(&shared.config, &worker);
+        let t0 = Instant::now();
+        let out = Outgoing {
+            path: &ctx.path,
+            body: &body,
+            client: session.req_header(),
+            hops: &hops,
+        };
+        match attempt::attempt(&proxy.connector, &shared.config, &peer, &out).await {
+            Ok((up, resp)) => {
+                worker.health.record_success();
+                shared
+                    .metrics
+                    .ttfb
+                    .with_label_values(&[pool])
+                    .observe(t0.elapsed().as_secs_f64());
+                ctx.pool = Some(pool.clone());
+                ctx.status = resp.status.as_u16();
+                // The commit point: no failover after this. The body and its reservation
+                // go now, not when a long stream ends.
+                drop((body, held));
+                let answer = relay::Answer {
+                    upstream: up,
+                    header: resp,
+                    peer: &peer,
+                };
+                let relayed = relay::relay(proxy, session, ctx, decision, answer).await;
+                ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                return relayed;
+            }
+            Err(failed) => {
+                ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                if failed.against_worker() && worker.health.record_failure() {
+                    tracing::warn!(worker = %worker.id, %pool, "worker ejected");
+                    shared.metrics.ejections.with_label_values(&[pool]).inc();
+                }
+                tracing::warn!(worker = %worker.id, %pool, reason = failed.reason_name(), "attempt failed: {}", failed.detail);
+                ctx.failures
+                    .push((pool.clone(), worker.id.clone(), failed.reason_name()));
+                last = Some((pool.clone(), failed));
+            }
+        }
+    }
+    let e = ProxyError::NoCapacity {
+        rule: decision.rule.to_string(),
+        last: last.as_ref().map(|(_, f)| f.summary()),
+    };
+    let mut extra = Vec::new();
+    if shared.config.debug_headers {
+        extra.push(("x-switchyard-rule", decision.rule.to_string()));
+        extra.push(("x-switchyard-attempts", ctx.attempts.to_string()));
+    }
+    respond::error_with(session, ctx, &e, extra).await
+}
+
+/// The hop header to send: the client's (another router's) with this router's id added.
+fn hops(session: &Session, own: &str) -> String {
+    let prior = session
+        .req_header()
+        .headers
+        .get_all(crate::admit::HOP_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if prior.is_empty() {
+        own.to_string()
+    } else {
+        format!("{prior},{own}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_floor_plus_ratio() {
+        let b = RetryBudget::default();
+        for _ in 0..100 {
+            b.record_request();
+        }
+        let granted = (0..100).filter(|_| b.try_retry(0.2, 3)).count();
+        assert_eq!(granted, 23);
+    }
+}

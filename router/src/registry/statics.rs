@@ -1,0 +1,56 @@
+//! Static workers: OpenAI-compatible servers the rules file lists instead of registering.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Instant;
+
+use super::worker::clone_worker;
+use super::{Registry, ServedModel, Worker, WorkerState};
+
+impl Registry {
+    /// Replaces the static workers (pools that list addresses in the rules file). A worker
+    /// listed before keeps its state (health, in-flight count) across reloads.
+    pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr, Vec<ServedModel>)>) {
+        let mut statics = self.statics_guard();
+        let list = workers
+            .into_iter()
+            .map(|(pool, address, models)| {
+                if let Some(w) = statics
+                    .iter()
+                    .find(|w| w.pool == pool && w.address == address)
+                {
+                    // same counters and health; the model list may have changed
+                    return Arc::new(Worker {
+                        models,
+                        ..clone_worker(w)
+                    });
+                }
+                Arc::new(Worker {
+                    id: format!("static-{pool}-{address}"),
+                    pool,
+                    address,
+                    state: WorkerState::Live,
+                    models,
+                    device: "static".into(),
+                    reported_load: Arc::default(),
+                    router_in_flight: Arc::new(AtomicU32::new(0)),
+                    health: Arc::default(),
+                    share: Arc::default(),
+                    registered_at: Instant::now(),
+                    registered_unix: 0,
+                    is_static: true,
+                })
+            })
+            .collect();
+        *statics = list;
+        drop(statics);
+        let leases = self.leases();
+        self.publish(&leases);
+    }
+
+    /// The static workers (for the active health checker).
+    pub fn statics(&self) -> Vec<Arc<Worker>> {
+        self.statics_guard().clone()
+    }
+}

@@ -1,0 +1,178 @@
+//! A worker as the request path sees it, and the snapshot of all of them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::cost::ShareClock;
+use super::health::Health;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Live,
+    Draining,
+}
+
+/// A served model as the worker advertised it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedModel {
+    pub name: String,
+    pub max_context: u32,
+    pub modalities: Vec<String>,
+}
+
+/// One worker as the request path sees it. Immutable except the shared load counters.
+#[derive(Debug, Serialize)]
+pub struct Worker {
+    pub id: String,
+    pub pool: Arc<str>,
+    pub address: SocketAddr,
+    pub state: WorkerState,
+    pub models: Vec<ServedModel>,
+    pub device: String,
+    /// Load the worker last reported (in-flight + queued). Shared by every snapshot of
+    /// this worker, so a heartbeat updates it without republishing the registry.
+    #[serde(serialize_with = "ser_atomic")]
+    pub reported_load: Arc<AtomicU32>,
+    /// Requests this router has in flight to the worker right now.
+    #[serde(serialize_with = "ser_atomic")]
+    pub router_in_flight: Arc<AtomicU32>,
+    /// Outlier detection and active health-check state, shared by every snapshot of this
+    /// worker.
+    #[serde(skip)]
+    pub health: Arc<Health>,
+    /// Each request's share of this worker's time (for cost attribution).
+    #[serde(skip)]
+    pub share: Arc<ShareClock>,
+    #[serde(skip)]
+    pub registered_at: Instant,
+    #[serde(skip)]
+    pub registered_unix: u64,
+    /// Static workers come from the rules file, not from registration.
+    pub is_static: bool,
+}
+
+fn ser_atomic<S: serde::Serializer>(a: &Arc<AtomicU32>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u32(a.load(Ordering::Relaxed))
+}
+
+impl Worker {
+    /// `live`, `draining`, `unhealthy` (a static worker failing its health check) or
+    /// `ejected` (live but out of selection after failures): the states `/admin/pools`, `/readyz` and `switchyard_router_workers` report.
+    pub fn routing_state(&self) -> &'static str {
+        if self.state == WorkerState::Draining {
+            "draining"
+        } else if self.health.is_down() {
+            "unhealthy"
+        } else if self.health.is_ejected() {
+            "ejected"
+        } else {
+            "live"
+        }
+    }
+
+    /// Load for selection: what the worker reported plus what this router has in flight
+    /// to it. Saturating: a heartbeat claiming `u32::MAX` makes a worker look full, never
+    /// idle.
+    pub fn load(&self) -> u32 {
+        self.reported_load
+            .load(Ordering::Relaxed)
+            .saturating_add(self.router_in_flight.load(Ordering::Relaxed))
+    }
+
+    /// A live worker that registered now (its counters and health fresh).
+    pub(super) fn registered(
+        id: String,
+        pool: Arc<str>,
+        address: SocketAddr,
+        models: Vec<ServedModel>,
+        device: String,
+        registered_unix: u64,
+    ) -> Self {
+        Self {
+            id,
+            pool,
+            address,
+            state: WorkerState::Live,
+            models,
+            device,
+            reported_load: Arc::default(),
+            router_in_flight: Arc::new(AtomicU32::new(0)),
+            health: Arc::default(),
+            share: Arc::default(),
+            registered_at: Instant::now(),
+            registered_unix,
+            is_static: false,
+        }
+    }
+
+    /// A static worker with no model list (from a rules file that names no models) takes
+    /// any model.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m.name == model) || (self.is_static && self.models.is_empty())
+    }
+
+    /// Whether the worker takes `model` with these input modalities (a worker that
+    /// advertises no modalities is taken at its word for any; static workers take all).
+    pub fn accepts(&self, model: &str, modalities: routing_rules::ModalitySet) -> bool {
+        if self.is_static {
+            return self.serves(model);
+        }
+        self.models.iter().any(|m| {
+            m.name == model
+                && (m.modalities.is_empty()
+                    || modalities
+                        .names()
+                        .iter()
+                        .all(|n| m.modalities.iter().any(|x| x == n)))
+        })
+    }
+}
+
+/// What the request path reads: live and draining workers grouped by pool.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub by_pool: HashMap<Arc<str>, Vec<Arc<Worker>>>,
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Workers of `pool` that take new requests for `model`.
+    pub fn routable<'a>(
+        &'a self,
+        pool: &str,
+        model: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Worker>> + 'a {
+        self.by_pool
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .filter(move |w| w.state == WorkerState::Live && w.serves(model))
+    }
+    pub fn workers(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        self.by_pool.values().flatten()
+    }
+}
+
+pub(super) fn clone_worker(w: &Worker) -> Worker {
+    Worker {
+        id: w.id.clone(),
+        pool: w.pool.clone(),
+        address: w.address,
+        state: w.state,
+        models: w.models.clone(),
+        device: w.device.clone(),
+        reported_load: Arc::clone(&w.reported_load),
+        router_in_flight: Arc::clone(&w.router_in_flight),
+        health: Arc::clone(&w.health),
+        share: Arc::clone(&w.share),
+        registered_at: w.registered_at,
+        registered_unix: w.registered_unix,
+        is_static: w.is_static,
+    }
+}

@@ -1,0 +1,293 @@
+//! Relay: the chosen answer streamed back to the client, unbuffered. Past the commit point
+//! a failure cannot be hidden: an SSE stream ends with an error event (never a silent
+//! cut), any other body is cut short. Completion tokens are read from the answer's `usage`
+//! as it passes ([`UsageScan`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use routing_rules::RouteDecision;
+
+use crate::ctx::RequestCtx;
+use crate::error::openai_body;
+use crate::proxy::SwitchyardProxy;
+
+/// A worker's answer, header read, body not yet.
+pub struct Answer<'a> {
+    pub upstream: HttpSession,
+    pub header: ResponseHeader,
+    pub peer: &'a HttpPeer,
+}
+
+/// Response headers that describe one connection, not the answer (RFC 9110 §7.6.1), and
+/// so are never passed on; nor is any header the upstream's `Connection` lists.
+/// `transfer-encoding` is not passed on as such either: pingora frames the body anew.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The answer's header as the client gets it: hop-by-hop headers removed.
+fn client_header(upstream: &ResponseHeader) -> Result<ResponseHeader> {
+    let listed: Vec<String> = upstream
+        .headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 3))?;
+    for (name, value) in upstream.headers.iter() {
+        let n = name.as_str();
+        if !HOP_BY_HOP.contains(&n) && !listed.iter().any(|l| l == n) {
+            resp.append_header(name.clone(), value.clone())?;
+        }
+    }
+    Ok(resp)
+}
+
+pub async fn relay(
+    proxy: &SwitchyardProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    decision: &RouteDecision,
+    answer: Answer<'_>,
+) -> Result<()> {
+    let shared = &proxy.shared;
+    let Answer {
+        mut upstream,
+        header,
+        peer,
+    } = answer;
+    let mut resp = client_header(&header)?;
+    let sse = header
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if shared.config.debug_headers {
+        resp.insert_header("x-switchyard-pool", ctx.pool.as_deref().unwrap_or_default())?;
+        resp.insert_header("x-switchyard-rule", &*decision.rule)?;
+        resp.insert_header("x-switchyard-attempts", ctx.attempts.to_string())?;
+    }
+    // Every downstream write is bounded by the total deadline too: a client that stops
+    // reading must not hold the stream (and the worker's slot) past it.
+    let deadline: tokio::time::Instant = (ctx.started + shared.config.total_timeout).into();
+    let stalled = || {
+        Error::explain(
+            WriteTimedout,
+            "the client stopped reading before the total timeout",
+        )
+    };
+    tokio::time::timeout_at(
+        deadline,
+        session.write_response_header(Box::new(resp), false),
+    )
+    .await
+    .map_err(|_| stalled())??;
+    let pool = ctx.pool.clone().unwrap_or_else(|| "none".into());
+    let mut usage = UsageScan::default();
+    let mut first = true;
+    loop {
+        let next = tokio::time::timeout_at(deadline, upstream.read_response_body()).await;
+        let (message, code, status) = match next {
+            Ok(Ok(Some(chunk))) => {
+                usage.feed(&chunk);
+                tokio::time::timeout_at(deadline, session.write_response_body(Some(chunk), false))
+                    .await
+                    .map_err(|_| stalled())??;
+                if std::mem::take(&mut first) {
+                    // What the client waited for its first token (or whole answer, when
+                    // not streaming): classification and failover included.
+                    shared
+                        .metrics
+                        .ttft
+                        .with_label_values(&[&*pool])
+                        .observe(ctx.started.elapsed().as_secs_f64());
+                }
+                continue;
+            }
+            Ok(Ok(None)) => {
+                ctx.completion_tokens = usage.completion_tokens;
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%pool, "the worker failed mid-answer: {e}");
+                ("the worker failed mid-answer", "upstream_disconnected", 502)
+            }
+            Err(_) => (
+                "the request passed the router's total timeout",
+                "timeout",
+                504,
+            ),
+        };
+        tracing::warn!(%pool, "{message}");
+        if sse {
+            let ev = openai_body(message, "server_error", code, None);
+            let mut frame = Vec::with_capacity(ev.len() + 8);
+            frame.extend_from_slice(b"data: ");
+            frame.extend_from_slice(&ev);
+            frame.extend_from_slice(b"\n\n");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                session.write_response_body(Some(Bytes::from(frame)), false),
+            )
+            .await;
+        }
+        ctx.status = status;
+        ctx.completion_tokens = usage.completion_tokens;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            session.write_response_body(None, true),
+        )
+        .await;
+        upstream.shutdown().await;
+        return Ok(());
+    }
+    tokio::time::timeout_at(deadline, session.write_response_body(None, true))
+        .await
+        .map_err(|_| stalled())??;
+    if upstream.response_done() {
+        proxy
+            .connector
+            .release_http_session(upstream, peer, Some(Duration::from_secs(60)))
+            .await;
+    }
+    Ok(())
+}
+
+/// Finds `"completion_tokens": N` in a relayed answer (the last one wins: a stream's usage
+/// chunk comes last), across chunk boundaries, without buffering the answer.
+#[derive(Default)]
+struct UsageScan {
+    /// The end of the previous chunk, for a key split across two chunks.
+    tail: Vec<u8>,
+    completion_tokens: Option<u64>,
+}
+
+impl UsageScan {
+    const KEY: &'static [u8] = b"\"completion_tokens\":";
+    const KEEP: usize = 48;
+
+    fn feed(&mut self, chunk: &[u8]) {
+        if !self.tail.is_empty() {
+            let mut seam = std::mem::take(&mut self.tail);
+            seam.extend_from_slice(&chunk[..chunk.len().min(Self::KEEP)]);
+            if let Some(n) = Self::find(&seam) {
+                self.completion_tokens = Some(n);
+            }
+            seam.truncate(seam.len() - chunk.len().min(Self::KEEP));
+            self.tail = seam;
+        }
+        if let Some(n) = Self::find(chunk) {
+            self.completion_tokens = Some(n);
+        }
+        // keep the last KEEP bytes of (tail + chunk): a key may span several small chunks
+        if chunk.len() >= Self::KEEP {
+            self.tail.clear();
+        }
+        self.tail
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.tail.len().saturating_sub(Self::KEEP);
+        self.tail.drain(..excess);
+    }
+
+    /// The last complete `"completion_tokens": N` in `buf`.
+    fn find(buf: &[u8]) -> Option<u64> {
+        let mut found = None;
+        for at in memchr::memmem::find_iter(buf, Self::KEY) {
+            let rest = &buf[at + Self::KEY.len()..];
+            let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            // a number cut by the end of the buffer is read again from the seam
+            if digits > 0 && digits < rest.len() {
+                found = std::str::from_utf8(&rest[..digits])
+                    .ok()
+                    .and_then(|d| d.parse().ok());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UsageScan;
+
+    #[test]
+    fn completion_tokens_are_found_in_one_chunk_and_across_chunks() {
+        let answer = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":345,"total_tokens":357}}"#;
+        for split in 0..answer.len() {
+            let mut u = UsageScan::default();
+            u.feed(&answer[..split]);
+            u.feed(&answer[split..]);
+            assert_eq!(u.completion_tokens, Some(345), "split at {split}");
+        }
+        for size in 1..12 {
+            let mut u = UsageScan::default();
+            for c in answer.chunks(size) {
+                u.feed(c);
+            }
+            assert_eq!(u.completion_tokens, Some(345), "{size}-byte chunks");
+        }
+        let mut u = UsageScan::default();
+        u.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        assert_eq!(u.completion_tokens, None, "no usage, no count");
+        u.feed(b"data: {\"usage\":{\"completion_tokens\": 7}}\n\ndata: [DONE]\n\n");
+        assert_eq!(u.completion_tokens, Some(7));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::UsageScan;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// However an answer is cut into chunks, its completion tokens are found.
+        #[test]
+        fn usage_is_found_across_any_chunking(
+            n in 0u64..10_000_000,
+            pad in "[a-z ,:{}\"]{0,200}",
+            cuts in proptest::collection::vec(1usize..40, 1..20),
+        ) {
+            let answer = format!(r#"{{"id":"x","text":"{pad}","usage":{{"prompt_tokens":3,"completion_tokens":{n},"total_tokens":9}}}}"#);
+            let bytes = answer.as_bytes();
+            let mut u = UsageScan::default();
+            let mut at = 0;
+            for c in cuts.iter().cycle() {
+                if at >= bytes.len() {
+                    break;
+                }
+                let end = (at + c).min(bytes.len());
+                u.feed(&bytes[at..end]);
+                at = end;
+            }
+            prop_assert_eq!(u.completion_tokens, Some(n));
+        }
+
+        /// Arbitrary bytes never panic the scanner, and it never keeps more than its seam.
+        #[test]
+        fn arbitrary_bytes_are_scanned_in_bounded_memory(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..30),
+        ) {
+            let mut u = UsageScan::default();
+            for c in &chunks {
+                u.feed(c);
+                prop_assert!(u.tail.len() <= UsageScan::KEEP);
+            }
+        }
+    }
+}
