@@ -389,10 +389,24 @@ impl Running {
         Ok(())
     }
 
+    /// The admin token the router was started with (`--admin-token`), if any.
+    pub fn admin_token(&self) -> Option<&str> {
+        let at = self.router_args.iter().position(|a| a == "--admin-token")?;
+        self.router_args.get(at + 1).map(String::as_str)
+    }
+
+    /// A GET of the admin API, with the admin token when the router has one.
+    pub fn admin_get(&self, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(format!("{}{path}", self.admin));
+        match self.admin_token() {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
     pub async fn workers_json(&self) -> Result<Vec<Value>> {
         Ok(self
-            .http
-            .get(format!("{}/admin/workers", self.admin))
+            .admin_get("/admin/workers")
             .send()
             .await?
             .json()

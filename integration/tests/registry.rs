@@ -440,3 +440,69 @@ async fn worker_ids_cannot_be_hijacked_and_the_router_never_routes_to_itself() {
         "each attempt came back once and was refused: {looped}\n{m}"
     );
 }
+
+/// The admin API behind a token: `/admin/*` wants it, probes and scrapes do not; a router
+/// whose admin listener is reachable beyond loopback refuses to start without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_wants_its_token() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--admin-token")
+        .router_arg("adm1n")
+        .start()
+        .await
+        .unwrap();
+    for path in ["/admin/workers", "/admin/rules", "/admin/registry/leases"] {
+        let r = env
+            .http
+            .get(format!("{}{path}", env.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        let r = env
+            .http
+            .get(format!("{}{path}", env.admin))
+            .bearer_auth("adm1n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = env
+        .http
+        .post(format!("{}/admin/reload", env.admin))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for path in ["/healthz", "/metrics"] {
+        let r = env
+            .http
+            .get(format!("{}{path}", env.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+
+    let out = std::process::Command::new(integration::bin("switchyard").unwrap())
+        .args(["serve", "--rules"])
+        .arg(&env.rules_path)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--admin",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--admin-token"), "{err}");
+}

@@ -203,3 +203,27 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(DeregisterResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_own;
+
+    #[test]
+    fn own_listeners_are_recognised_whatever_address_names_them() {
+        let own = [
+            "127.0.0.1:8080".parse().unwrap(),
+            "0.0.0.0:9090".parse().unwrap(),
+        ];
+        assert!(is_own(&own, "127.0.0.1:8080".parse().unwrap()));
+        assert!(!is_own(&own, "127.0.0.1:8081".parse().unwrap()));
+        assert!(
+            is_own(&own, "127.0.0.1:9090".parse().unwrap()),
+            "0.0.0.0 covers loopback"
+        );
+        assert!(is_own(&own, "0.0.0.0:9090".parse().unwrap()));
+        assert!(
+            !is_own(&own, "10.0.0.7:9090".parse().unwrap()),
+            "another host may use the same port"
+        );
+    }
+}
