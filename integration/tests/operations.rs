@@ -433,3 +433,59 @@ async fn an_upgrade_hands_over_without_losing_a_request() {
         env.log("worker-0.log")
     );
 }
+
+/// A burst of 1,000 new streams at once through a cold router (no pooled upstream
+/// connection yet) to one worker that can take them all (#17): every one is served.
+/// Before, the router opened ~1,000 connections at once, the worker's accept queue
+/// overflowed, connects timed out and 40 streams got 503 — and the worker was ejected.
+/// Connection attempts per worker are now capped (32 in flight); the rest wait briefly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_streams_against_a_cold_router_all_succeed() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(
+            WorkerSpec::new("cpu")
+                .arg("--backend")
+                .arg("sim")
+                .arg("--sim-ttft-ms")
+                .arg("200")
+                .arg("--sim-tokens-per-s")
+                .arg("20")
+                .arg("--max-batch")
+                .arg("1100")
+                .arg("--queue")
+                .arg("1100"),
+        )
+        .start()
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let body = chat_body("tiny", 30, 3, true);
+    let url = format!("{}/v1/chat/completions", env.proxy);
+    let streams = (0..1000).map(|_| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        tokio::spawn(async move {
+            let r = client.post(url).json(&body).send().await.ok()?;
+            let status = r.status().as_u16();
+            let text = r.text().await.ok()?;
+            Some((status, text.contains("[DONE]")))
+        })
+    });
+    let results = futures::future::join_all(streams).await;
+    let served = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Some((200, true)))))
+        .count();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !matches!(r, Ok(Some((200, true)))))
+        .take(5)
+        .collect();
+    assert_eq!(served, 1000, "{failed:?}\n{}", env.log("router.log"));
+    let m = env.metrics().await.unwrap();
+    assert!(!m.contains("switchyard_router_ejections_total{"), "{m}");
+}

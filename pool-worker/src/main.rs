@@ -148,9 +148,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         admin_token: args.token.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr()?;
     // Machine-readable line for harnesses and scripts.
     println!("LISTENING http://{addr}");
@@ -232,6 +230,21 @@ async fn main() -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown)
     .await?;
     Ok(())
+}
+
+/// The API listener, with an accept queue for bursts: a router opening hundreds of
+/// connections at once (a cold pool meeting a wave of new streams) must not find the
+/// queue full — tokio's default of 128 dropped their SYNs, and the router's connects timed
+/// out. The kernel caps the queue at `net.core.somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {

@@ -45,16 +45,14 @@ pub struct Outgoing<'a> {
 pub async fn attempt(
     connector: &Connector,
     config: &Config,
+    worker: &Worker,
     peer: &HttpPeer,
     out: &Outgoing<'_>,
 ) -> std::result::Result<(HttpSession, ResponseHeader), AttemptError> {
     let req = request(peer, out).map_err(AttemptError::router)?;
     // A pooled connection the worker has closed fails at once: retry that on a fresh one.
     for fresh in [false, true] {
-        let (mut up, reused) = connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| AttemptError::network(RetryOn::Connect, e))?;
+        let (mut up, reused) = connection(connector, config, worker, peer).await?;
         // The connector does not apply the peer's read timeout: it bounds the wait for
         // the response header (first byte) and, later, each gap between body chunks.
         up.set_read_timeout(peer.options.read_timeout);
@@ -91,6 +89,40 @@ pub async fn attempt(
         }
     }
     Err(AttemptError::network(RetryOn::Reset, "connection failed"))
+}
+
+/// A pooled connection, or a new one. At most [`MAX_CONNECTS_IN_FLIGHT`] connection
+/// attempts run at once per worker; the others wait their turn (Envoy's pending-request
+/// queue), for at most the first-byte timeout. A request whose worker was ejected while it
+/// waited moves on at once. Neither counts against the worker's health.
+///
+/// [`MAX_CONNECTS_IN_FLIGHT`]: crate::registry::worker::MAX_CONNECTS_IN_FLIGHT
+async fn connection(
+    connector: &Connector,
+    config: &Config,
+    worker: &Worker,
+    peer: &HttpPeer,
+) -> std::result::Result<(HttpSession, bool), AttemptError> {
+    let not_now = |detail: &str| {
+        let mut e = AttemptError::network(RetryOn::Connect, detail);
+        e.overloaded = true;
+        e
+    };
+    let excluded_before = worker.health.is_excluded();
+    let permit = tokio::time::timeout(config.first_byte_timeout, worker.connects.acquire())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let Some(_permit) = permit else {
+        return Err(not_now("no connection slot to the worker in time"));
+    };
+    if !excluded_before && worker.health.is_excluded() {
+        return Err(not_now("the worker was ejected while the request waited"));
+    }
+    connector
+        .get_http_session(peer)
+        .await
+        .map_err(|e| AttemptError::network(RetryOn::Connect, e))
 }
 
 fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {

@@ -148,7 +148,7 @@ pub async fn forward(
             client: session.req_header(),
             hops: &hops,
         };
-        match attempt::attempt(&proxy.connector, &shared.config, &peer, &out).await {
+        match attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out).await {
             Ok((up, resp)) => {
                 worker.health.record_success();
                 shared

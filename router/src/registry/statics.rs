@@ -37,6 +37,7 @@ impl Registry {
                     router_in_flight: Arc::new(AtomicU32::new(0)),
                     health: Arc::default(),
                     share: Arc::default(),
+                    connects: super::worker::connect_permits(),
                     registered_at: Instant::now(),
                     registered_unix: 0,
                     is_static: true,

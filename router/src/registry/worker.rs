@@ -49,12 +49,25 @@ pub struct Worker {
     /// Each request's share of this worker's time (for cost attribution).
     #[serde(skip)]
     pub share: Arc<ShareClock>,
+    /// Connection attempts to this worker in flight at once, at most
+    /// [`MAX_CONNECTS_IN_FLIGHT`]: a burst of new streams queues here briefly instead of
+    /// overflowing the worker's accept queue (whose connect timeouts would then eject a
+    /// healthy worker).
+    #[serde(skip)]
+    pub connects: Arc<tokio::sync::Semaphore>,
     #[serde(skip)]
     pub registered_at: Instant,
     #[serde(skip)]
     pub registered_unix: u64,
     /// Static workers come from the rules file, not from registration.
     pub is_static: bool,
+}
+
+/// Connection attempts in flight to one worker at once.
+pub const MAX_CONNECTS_IN_FLIGHT: usize = 32;
+
+pub(super) fn connect_permits() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTS_IN_FLIGHT))
 }
 
 fn ser_atomic<S: serde::Serializer>(a: &Arc<AtomicU32>, s: S) -> Result<S::Ok, S::Error> {
@@ -105,6 +118,7 @@ impl Worker {
             router_in_flight: Arc::new(AtomicU32::new(0)),
             health: Arc::default(),
             share: Arc::default(),
+            connects: connect_permits(),
             registered_at: Instant::now(),
             registered_unix,
             is_static: false,
@@ -171,6 +185,7 @@ pub(super) fn clone_worker(w: &Worker) -> Worker {
         router_in_flight: Arc::clone(&w.router_in_flight),
         health: Arc::clone(&w.health),
         share: Arc::clone(&w.share),
+        connects: Arc::clone(&w.connects),
         registered_at: w.registered_at,
         registered_unix: w.registered_unix,
         is_static: w.is_static,
