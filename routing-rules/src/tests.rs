@@ -344,3 +344,77 @@ fn matching_is_total_and_deterministic() {
         assert_eq!(&*d.rule, expected, "{f:?}");
     }
 }
+
+#[test]
+fn a_file_over_the_limit_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    let mut text = EXAMPLE.to_string();
+    while text.len() as u64 <= MAX_FILE_BYTES {
+        text.push_str("# padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&path, &text).unwrap();
+    match compile_file(&path) {
+        Err(RulesError::TooLarge { size, limit }) => {
+            assert_eq!((size, limit), (text.len() as u64, MAX_FILE_BYTES));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        RulesStore::open(&path),
+        Err(RulesError::TooLarge { .. })
+    ));
+    // exactly at the limit is read and compiled
+    text.truncate(MAX_FILE_BYTES as usize);
+    let cut = text.rfind('\n').unwrap() + 1;
+    text.truncate(cut);
+    text.push_str(&"#".repeat(MAX_FILE_BYTES as usize - cut - 1));
+    text.push('\n');
+    std::fs::write(&path, &text).unwrap();
+    assert_eq!(text.len() as u64, MAX_FILE_BYTES);
+    compile_file(&path).unwrap();
+}
+
+/// A file whose length says nothing (a device, a FIFO) is read only up to the limit.
+#[cfg(unix)]
+#[test]
+fn an_endless_file_is_read_only_up_to_the_limit() {
+    match compile_file(Path::new("/dev/zero")) {
+        Err(RulesError::TooLarge { size, limit }) => {
+            assert_eq!((size, limit), (MAX_FILE_BYTES + 1, MAX_FILE_BYTES));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+/// The anchor pre-scan is one pass: long lines full of `*` and long scalars get the right
+/// verdict (timing is measured separately, not asserted).
+#[test]
+fn anchor_scan_handles_long_lines() {
+    let pools = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\n";
+    // 200 KB of `*` is no anchor token (the next character is not a name), and no YAML
+    // mapping either: the parser refuses it.
+    let stars = format!(
+        "{pools}{}\ndefault: {{ route: [a] }}\n",
+        "*".repeat(200_000)
+    );
+    let p = problems(&stars).join("\n");
+    assert!(!p.contains("anchors and aliases"), "{p}");
+    assert!(p.contains("line 4"), "{p}");
+    // A 150 KB scalar with a `*` every other character, plain and quoted, is a name.
+    for name in ["a*".repeat(75_000), format!("\"{}\"", "*".repeat(150_000))] {
+        let yaml = format!("{pools}rules:\n  - name: {name}\n    route: [a]\n");
+        let rules = compile(&yaml, Path::new(".")).unwrap();
+        assert_eq!(rules.rules()[0].name.len(), 150_000);
+    }
+    // An alias at the end of a long line of multi-byte text is found, at its column in
+    // characters.
+    let yaml = format!(
+        "{pools}rules:\n  - name: x\n    route: [a]\n# {}\n  - {} *p\n",
+        "é",
+        "é".repeat(100_000)
+    );
+    let p = problems(&yaml).join("\n");
+    assert!(p.contains("(line 8, column 100006)"), "{p}");
+    assert!(p.contains("anchors and aliases"), "{p}");
+}
