@@ -588,47 +588,28 @@ impl Compiler {
         Arc::from(out)
     }
 
+    /// The policy `r` gives over `base` (every key it leaves out is inherited). Invalid
+    /// values are reported and `base` is kept, so routes inheriting from it do not report
+    /// them again.
     fn retry(&mut self, r: &Spanned<RetrySpec>, path: &str, base: &RetryPolicy) -> RetryPolicy {
         let loc = Some(&r.referenced);
         let r = &r.value;
-        let mut p = base.clone();
-        if let Some(n) = r.max_attempts {
-            if !(1..=10).contains(&n) {
-                self.problem(
-                    format!("{path}.max_attempts"),
-                    loc,
-                    format!("must be 1..=10, got {n}"),
-                );
+        let policy = RetryPolicy::try_new(
+            r.max_attempts.unwrap_or(base.max_attempts),
+            r.budget_ratio.unwrap_or(base.budget_ratio),
+            r.budget_floor.unwrap_or(base.budget_floor),
+            r.on.clone().unwrap_or_else(|| base.on.clone()),
+            r.backoff_ms.map_or(base.backoff, Duration::from_millis),
+        );
+        match policy {
+            Ok(p) => p,
+            Err(e) => {
+                for v in &e.problems {
+                    self.problem(format!("{path}.{}", v.field), loc, v.message());
+                }
+                base.clone()
             }
-            p.max_attempts = n;
         }
-        if let Some(x) = r.budget_ratio {
-            if !(0.0..=1.0).contains(&x) {
-                self.problem(
-                    format!("{path}.budget_ratio"),
-                    loc,
-                    format!("must be within 0..=1, got {x}"),
-                );
-            }
-            p.budget_ratio = x;
-        }
-        if let Some(f) = r.budget_floor {
-            p.budget_floor = f;
-        }
-        if let Some(on) = &r.on {
-            p.on = on.clone();
-        }
-        if let Some(ms) = r.backoff_ms {
-            if ms > 10_000 {
-                self.problem(
-                    format!("{path}.backoff_ms"),
-                    loc,
-                    format!("must be at most 10000, got {ms}"),
-                );
-            }
-            p.backoff = Duration::from_millis(ms);
-        }
-        p
     }
 }
 

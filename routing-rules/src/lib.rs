@@ -16,7 +16,8 @@ pub use compile::{MAX_FILE_BYTES, VERSION, compile, compile_file};
 /// The JSON Schema of the rules file, for editors (`switchyard rules schema`).
 pub const JSON_SCHEMA: &str = include_str!("../../docs/rules.schema.json");
 pub use compiled::{
-    CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, RouteDecision, Rule, TokenizerRef,
+    CompiledRules, Conditions, InvalidRetryPolicy, InvalidValue, Model, Pool, Range, RetryPolicy,
+    RouteDecision, Rule, TokenizerRef,
 };
 pub use features::{ModalitySet, RequestFeatures};
 pub use problem::{Problem, RulesError};

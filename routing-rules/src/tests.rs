@@ -346,6 +346,63 @@ fn matching_is_total_and_deterministic() {
 }
 
 #[test]
+fn retry_policy_try_new_is_the_one_check() {
+    let d = RetryPolicy::default();
+    let ok = RetryPolicy::try_new(
+        d.max_attempts,
+        d.budget_ratio,
+        d.budget_floor,
+        d.on.clone(),
+        d.backoff,
+    );
+    assert_eq!(ok, Ok(d.clone()));
+    let fields = |n: u32, ratio: f64, backoff_ms: u64| {
+        let r = RetryPolicy::try_new(
+            n,
+            ratio,
+            0,
+            vec![],
+            std::time::Duration::from_millis(backoff_ms),
+        );
+        r.map(|_| Vec::new())
+            .unwrap_or_else(|e| e.problems.iter().map(ToString::to_string).collect())
+    };
+    assert_eq!(fields(0, 0.5, 0), ["max_attempts: must be 1..=10, got 0"]);
+    assert_eq!(fields(11, 0.5, 0), ["max_attempts: must be 1..=10, got 11"]);
+    assert_eq!(
+        fields(1, -0.1, 0),
+        ["budget_ratio: must be within 0..=1, got -0.1"]
+    );
+    assert_eq!(
+        fields(1, f64::NAN, 0),
+        ["budget_ratio: must be within 0..=1, got NaN"]
+    );
+    assert_eq!(
+        fields(1, f64::INFINITY, 0),
+        ["budget_ratio: must be within 0..=1, got inf"]
+    );
+    assert_eq!(
+        fields(1, 1.0, 10_001),
+        ["backoff_ms: must be at most 10000, got 10001"]
+    );
+    assert_eq!(fields(10, 0.0, 10_000), Vec::<String>::new());
+    assert_eq!(fields(0, 2.0, 0).len(), 2);
+}
+
+/// A bad file-level `retry` is reported once, at its own path, not again by every rule
+/// that inherits it; a rule's own bad value is reported at the rule.
+#[test]
+fn retry_problems_are_reported_where_they_are_written() {
+    let yaml = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\nretry: { max_attempts: 0 }\nrules:\n  - name: x\n    when: { stream: true }\n    route: [a]\n    retry: { on: [connect] }\n  - name: y\n    route: [a]\n    retry: { budget_ratio: .inf }\n";
+    let p = problems(yaml);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p[0].starts_with("retry.max_attempts (line 4"), "{p:?}");
+    assert!(p[0].ends_with("must be 1..=10, got 0"), "{p:?}");
+    assert!(p[1].starts_with("rules[1].retry.budget_ratio"), "{p:?}");
+    assert!(p[1].ends_with("must be within 0..=1, got inf"), "{p:?}");
+}
+
+#[test]
 fn a_file_over_the_limit_is_refused_before_it_is_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.yaml");
