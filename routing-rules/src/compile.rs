@@ -369,6 +369,7 @@ impl Compiler {
                 labels: p.labels.clone(),
                 workers: p.workers.clone(),
                 models: p.models.clone(),
+                select: p.select,
             });
         }
         pools

@@ -9,7 +9,7 @@ use globset::GlobSet;
 use serde::Serialize;
 
 use crate::features::{ModalitySet, RequestFeatures};
-use crate::spec::{Capacity, Endpoint, RetryOn};
+use crate::spec::{Capacity, Endpoint, RetryOn, SelectPolicy};
 
 /// A pool as the rules define it.
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +24,8 @@ pub struct Pool {
     /// The models the static workers serve; empty: every model the file declares (and,
     /// in a file that declares none, any model).
     pub models: Vec<String>,
+    /// How the router picks one of the pool's eligible workers.
+    pub select: SelectPolicy,
 }
 
 impl Serialize for Capacity {

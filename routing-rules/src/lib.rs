@@ -22,7 +22,7 @@ pub use compiled::{
 };
 pub use features::{ModalitySet, RequestFeatures};
 pub use problem::{Problem, RulesError};
-pub use spec::{Capacity, Endpoint, Modality, RetryOn, json_schema};
+pub use spec::{Capacity, Endpoint, Modality, RetryOn, SelectPolicy, json_schema};
 pub use store::{Loaded, ReloadOutcome, RulesStore};
 
 #[cfg(test)]

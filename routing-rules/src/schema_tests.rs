@@ -135,9 +135,34 @@ fn schema_refuses_what_the_compiler_refuses_by_shape() {
         format!("{pools}default: {{ route: [a] }}\nretry: {{ backoff_ms: 20000 }}\n"),
         format!("{pools}default: {{ route: [a] }}\nretry: {{ max_attempts: 0 }}\n"),
         "version: 2\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\ndefault: { route: [a] }\n".into(),
+        "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, select: random }\ndefault: { route: [a] }\n".into(),
         "version: 1\nmodels:\n  m: { tokenizer: { gguf: a, json: b }, context_window: 8 }\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\ndefault: { route: [a] }\n".into(),
     ] {
         assert!(!schema_errors(&v, &bad).is_empty(), "schema accepts:\n{bad}");
         assert!(compile(&bad, Path::new(".")).is_err(), "compiler accepts:\n{bad}");
     }
+}
+
+#[test]
+fn select_policy_is_in_the_schema_and_the_compiled_pool() {
+    let v = validator();
+    let yaml = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, select: least_loaded }\n  b: { class: cpu, capacity: spot, cost_per_hour: 1 }\n  c: { class: cpu, capacity: spot, cost_per_hour: 1, select: power_of_two }\ndefault: { route: [a] }\n";
+    assert!(schema_errors(&v, yaml).is_empty());
+    let rules = compile(yaml, Path::new(".")).unwrap();
+    let select = |p: &str| rules.pool(p).unwrap().select;
+    assert_eq!(select("a"), SelectPolicy::LeastLoaded);
+    assert_eq!(select("b"), SelectPolicy::PowerOfTwo);
+    assert_eq!(select("c"), SelectPolicy::PowerOfTwo);
+    assert_eq!(SelectPolicy::LeastLoaded.name(), "least_loaded");
+    assert_eq!(SelectPolicy::PowerOfTwo.name(), "power_of_two");
+    assert_eq!(SelectPolicy::default(), SelectPolicy::PowerOfTwo);
+    let bad = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, select: random }\ndefault: { route: [a] }\n";
+    let err = compile(bad, Path::new("."))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("random") && err.contains("least_loaded"),
+        "{err}"
+    );
 }

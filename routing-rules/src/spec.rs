@@ -81,6 +81,29 @@ pub enum Capacity {
     OnDemand,
 }
 
+/// How the router picks a worker among a pool's eligible ones.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectPolicy {
+    /// Two eligible workers at random; the less loaded one wins.
+    #[default]
+    PowerOfTwo,
+    /// Every eligible worker is scanned; the least loaded wins, ties broken at random.
+    LeastLoaded,
+}
+
+impl SelectPolicy {
+    /// The name as written in the rules file; also a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PowerOfTwo => "power_of_two",
+            Self::LeastLoaded => "least_loaded",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
@@ -98,6 +121,9 @@ pub struct PoolSpec {
     #[serde(default)]
     #[schemars(inner(length(min = 1)))]
     pub models: Vec<String>,
+    /// How a worker of this pool is picked for a request.
+    #[serde(default)]
+    pub select: SelectPolicy,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
