@@ -189,6 +189,25 @@ impl RetryPolicy {
 }
 
 /// Conditions of one rule; `None` means "any".
+///
+/// # Adding a rule predicate
+///
+/// Each of these is one place; a predicate missing from any of them is a bug.
+///
+/// 1. **Spec**: an `Option<...>` field in [`crate::spec::WhenSpec`] (with `schemars`
+///    attributes for what the schema can check, e.g. `length(min = 1)`).
+/// 2. **Compile check**: `Compiler::conditions` in `compile.rs` validates it, reports
+///    problems with their path, and fills the field below.
+/// 3. **Field here**: an `Option<...>` field on `Conditions`, `None` meaning "any".
+/// 4. **Matcher**: a branch in `Conditions::eval` (pushes the predicate's name to `held`),
+///    one more `&&` in [`Conditions::is_catch_all`], and one in [`Conditions::covers`]
+///    (conservative: it may say "no" wrongly, never "yes") so shadowed rules are still found.
+/// 5. **Docs**: a row in the `when` table of `docs/rules.md`.
+/// 6. **Schema**: regenerate with `UPDATE_SCHEMA=1 cargo test -p routing-rules schema`
+///    and commit `docs/rules.schema.json`.
+/// 7. **Golden fixture**: `tests/fixtures/invalid/NAME.yaml` for each new problem message
+///    (`BLESS=1 cargo test -p routing-rules` writes its `.expected`), and a routing case in
+///    `src/tests.rs` that the predicate decides.
 #[derive(Debug, Clone, Default)]
 pub struct Conditions {
     pub context_tokens: Option<Range>,
