@@ -1,6 +1,7 @@
 //! Spec → validated → compiled. Every problem is collected; a file compiles whole or not at all.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,20 +41,47 @@ pub fn compile(yaml: &str, base_dir: &Path) -> Result<CompiledRules, RulesError>
 
 /// Reads and compiles a rules file.
 pub fn compile_file(path: &Path) -> Result<CompiledRules, RulesError> {
+    let bytes = read_bounded(path)?;
+    compile_bytes(&bytes, path)
+}
+
+/// Compiles the bytes read from the rules file at `path`.
+pub(crate) fn compile_bytes(bytes: &[u8], path: &Path) -> Result<CompiledRules, RulesError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| RulesError::Read {
+        path: path.display().to_string(),
+        reason: "stream did not contain valid UTF-8".into(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    compile(text, base)
+}
+
+/// Reads at most [`MAX_FILE_BYTES`] of a rules file. The size is checked before reading and
+/// the read itself stops one byte past the limit, so a file that grows meanwhile, or a
+/// special file (`/dev/zero`, a FIFO) whose length says nothing, cannot exhaust memory.
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, RulesError> {
     let read_err = |e: std::io::Error| RulesError::Read {
         path: path.display().to_string(),
         reason: e.to_string(),
     };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    if meta.len() > MAX_FILE_BYTES {
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > MAX_FILE_BYTES {
         return Err(RulesError::TooLarge {
-            size: meta.len(),
+            size: len,
             limit: MAX_FILE_BYTES,
         });
     }
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    compile(&text, base)
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(RulesError::TooLarge {
+            size: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(bytes)
 }
 
 fn parse(yaml: &str) -> Result<RulesSpec, RulesError> {
@@ -97,12 +125,14 @@ fn first_line(s: &str) -> String {
     }
 }
 
-/// Finds an anchor (`&x`) or alias (`*x`) token outside quotes and comments.
+/// Finds an anchor (`&x`) or alias (`*x`) token outside quotes and comments: its line and
+/// column (in characters, 1-based). One pass, linear in the text's length.
 fn find_alias_or_anchor(yaml: &str) -> Option<(u64, u64)> {
     for (ln, line) in yaml.lines().enumerate() {
         let (mut single, mut double) = (false, false);
         let mut prev = ' ';
-        for (col, ch) in line.chars().enumerate() {
+        let mut chars = line.chars().enumerate().peekable();
+        while let Some((col, ch)) = chars.next() {
             match ch {
                 '\'' if !double => single = !single,
                 '"' if !single => double = !double,
@@ -110,13 +140,7 @@ fn find_alias_or_anchor(yaml: &str) -> Option<(u64, u64)> {
                 '&' | '*' if !single && !double => {
                     let starts_token =
                         col == 0 || matches!(prev, ' ' | '[' | '{' | ',' | '-' | ':');
-                    let next = line[line
-                        .char_indices()
-                        .nth(col)
-                        .map(|(i, _)| i + ch.len_utf8())
-                        .unwrap_or(line.len())..]
-                        .chars()
-                        .next();
+                    let next = chars.peek().map(|&(_, n)| n);
                     if starts_token && next.is_some_and(|n| n.is_alphanumeric() || n == '_') {
                         return Some((ln as u64 + 1, col as u64 + 1));
                     }
@@ -345,7 +369,7 @@ impl Compiler {
                 labels: p.labels.clone(),
                 workers: p.workers.clone(),
                 models: p.models.clone(),
-                select: p.select.unwrap_or_default(),
+                select: p.select,
             });
         }
         pools
@@ -565,47 +589,28 @@ impl Compiler {
         Arc::from(out)
     }
 
+    /// The policy `r` gives over `base` (every key it leaves out is inherited). Invalid
+    /// values are reported and `base` is kept, so routes inheriting from it do not report
+    /// them again.
     fn retry(&mut self, r: &Spanned<RetrySpec>, path: &str, base: &RetryPolicy) -> RetryPolicy {
         let loc = Some(&r.referenced);
         let r = &r.value;
-        let mut p = base.clone();
-        if let Some(n) = r.max_attempts {
-            if !(1..=10).contains(&n) {
-                self.problem(
-                    format!("{path}.max_attempts"),
-                    loc,
-                    format!("must be 1..=10, got {n}"),
-                );
+        let policy = RetryPolicy::try_new(
+            r.max_attempts.unwrap_or(base.max_attempts),
+            r.budget_ratio.unwrap_or(base.budget_ratio),
+            r.budget_floor.unwrap_or(base.budget_floor),
+            r.on.clone().unwrap_or_else(|| base.on.clone()),
+            r.backoff_ms.map_or(base.backoff, Duration::from_millis),
+        );
+        match policy {
+            Ok(p) => p,
+            Err(e) => {
+                for v in &e.problems {
+                    self.problem(format!("{path}.{}", v.field), loc, v.message());
+                }
+                base.clone()
             }
-            p.max_attempts = n;
         }
-        if let Some(x) = r.budget_ratio {
-            if !(0.0..=1.0).contains(&x) {
-                self.problem(
-                    format!("{path}.budget_ratio"),
-                    loc,
-                    format!("must be within 0..=1, got {x}"),
-                );
-            }
-            p.budget_ratio = x;
-        }
-        if let Some(f) = r.budget_floor {
-            p.budget_floor = f;
-        }
-        if let Some(on) = &r.on {
-            p.on = on.clone();
-        }
-        if let Some(ms) = r.backoff_ms {
-            if ms > 10_000 {
-                self.problem(
-                    format!("{path}.backoff_ms"),
-                    loc,
-                    format!("must be at most 10000, got {ms}"),
-                );
-            }
-            p.backoff = Duration::from_millis(ms);
-        }
-        p
     }
 }
 

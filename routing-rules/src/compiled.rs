@@ -24,7 +24,7 @@ pub struct Pool {
     /// The models the static workers serve; empty: every model the file declares (and,
     /// in a file that declares none, any model).
     pub models: Vec<String>,
-    /// How a worker of this pool is chosen.
+    /// How the router picks one of the pool's eligible workers.
     pub select: SelectPolicy,
 }
 
@@ -70,7 +70,8 @@ impl Range {
     }
 }
 
-/// Retry policy for a route.
+/// Retry policy for a route. [`RetryPolicy::try_new`] is the one place its invariants are
+/// checked; the compiler builds every policy through it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
@@ -109,13 +110,104 @@ impl Default for RetryPolicy {
     }
 }
 
+/// One value a validated constructor refused. `field` is the key as the rules file names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}, got {value}")]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl InvalidValue {
+    /// The problem without the field name (the caller's path names it).
+    pub fn message(&self) -> String {
+        format!("{}, got {}", self.reason, self.value)
+    }
+}
+
+/// Why [`RetryPolicy::try_new`] refused its arguments: every bad value, in argument order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid retry policy: {}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct InvalidRetryPolicy {
+    pub problems: Vec<InvalidValue>,
+}
+
 impl RetryPolicy {
+    /// Most attempts a policy may allow.
+    pub const MAX_ATTEMPTS: u32 = 10;
+    /// Longest backoff between attempts.
+    pub const MAX_BACKOFF: Duration = Duration::from_millis(10_000);
+
+    /// A policy whose values are in range: `max_attempts` in `1..=MAX_ATTEMPTS`,
+    /// `budget_ratio` a finite number within `0..=1`, `backoff` at most [`Self::MAX_BACKOFF`].
+    pub fn try_new(
+        max_attempts: u32,
+        budget_ratio: f64,
+        budget_floor: u32,
+        on: Vec<RetryOn>,
+        backoff: Duration,
+    ) -> Result<Self, InvalidRetryPolicy> {
+        let mut problems = Vec::new();
+        if !(1..=Self::MAX_ATTEMPTS).contains(&max_attempts) {
+            problems.push(InvalidValue {
+                field: "max_attempts",
+                value: max_attempts.to_string(),
+                reason: format!("must be 1..={}", Self::MAX_ATTEMPTS),
+            });
+        }
+        // NaN and the infinities fall outside the range too.
+        if !(0.0..=1.0).contains(&budget_ratio) {
+            problems.push(InvalidValue {
+                field: "budget_ratio",
+                value: budget_ratio.to_string(),
+                reason: "must be within 0..=1".into(),
+            });
+        }
+        if backoff > Self::MAX_BACKOFF {
+            problems.push(InvalidValue {
+                field: "backoff_ms",
+                value: backoff.as_millis().to_string(),
+                reason: format!("must be at most {}", Self::MAX_BACKOFF.as_millis()),
+            });
+        }
+        if !problems.is_empty() {
+            return Err(InvalidRetryPolicy { problems });
+        }
+        Ok(Self {
+            max_attempts,
+            budget_ratio,
+            budget_floor,
+            on,
+            backoff,
+        })
+    }
+
     pub fn retries_on(&self, reason: RetryOn) -> bool {
         self.on.contains(&reason)
     }
 }
 
 /// Conditions of one rule; `None` means "any".
+///
+/// # Adding a rule predicate
+///
+/// Each of these is one place; a predicate missing from any of them is a bug.
+///
+/// 1. **Spec**: an `Option<...>` field in [`crate::spec::WhenSpec`] (with `schemars`
+///    attributes for what the schema can check, e.g. `length(min = 1)`).
+/// 2. **Compile check**: `Compiler::conditions` in `compile.rs` validates it, reports
+///    problems with their path, and fills the field below.
+/// 3. **Field here**: an `Option<...>` field on `Conditions`, `None` meaning "any".
+/// 4. **Matcher**: a branch in `Conditions::eval` (pushes the predicate's name to `held`),
+///    one more `&&` in [`Conditions::is_catch_all`], and one in [`Conditions::covers`]
+///    (conservative: it may say "no" wrongly, never "yes") so shadowed rules are still found.
+/// 5. **Docs**: a row in the `when` table of `docs/rules.md`.
+/// 6. **Schema**: regenerate with `UPDATE_SCHEMA=1 cargo test -p routing-rules schema`
+///    and commit `docs/rules.schema.json`.
+/// 7. **Golden fixture**: `tests/fixtures/invalid/NAME.yaml` for each new problem message
+///    (`BLESS=1 cargo test -p routing-rules` writes its `.expected`), and a routing case in
+///    `src/tests.rs` that the predicate decides.
 #[derive(Debug, Clone, Default)]
 pub struct Conditions {
     pub context_tokens: Option<Range>,

@@ -13,15 +13,19 @@ mod store;
 
 pub use compile::{MAX_FILE_BYTES, VERSION, compile, compile_file};
 
-/// The JSON Schema of the rules file, for editors (`switchyard rules schema`).
+/// The JSON Schema of the rules file, for editors (`switchyard rules schema`): the committed
+/// `docs/rules.schema.json`, which a test keeps equal to [`json_schema`]'s output.
 pub const JSON_SCHEMA: &str = include_str!("../../docs/rules.schema.json");
 pub use compiled::{
-    CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, RouteDecision, Rule, TokenizerRef,
+    CompiledRules, Conditions, InvalidRetryPolicy, InvalidValue, Model, Pool, Range, RetryPolicy,
+    RouteDecision, Rule, TokenizerRef,
 };
 pub use features::{ModalitySet, RequestFeatures};
 pub use problem::{Problem, RulesError};
-pub use spec::{Capacity, Endpoint, Modality, RetryOn, SelectPolicy};
+pub use spec::{Capacity, Endpoint, Modality, RetryOn, SelectPolicy, json_schema};
 pub use store::{Loaded, ReloadOutcome, RulesStore};
 
+#[cfg(test)]
+mod schema_tests;
 #[cfg(test)]
 mod tests;

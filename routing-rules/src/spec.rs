@@ -1,29 +1,61 @@
 //! The rules file as written: raw YAML types. Nothing here is trusted; `compile` checks it.
+//!
+//! These types are also the source of the JSON Schema (`docs/rules.schema.json`, see
+//! [`json_schema`]): a key added here appears there when the schema is regenerated.
+//! The `schemars` attributes state what the schema can check by itself (ranges, non-empty
+//! lists); `compile` checks the same and more (references, shadowing).
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-#[derive(Debug, Deserialize)]
+/// The JSON Schema (draft 2020-12) of the rules file, generated from [`RulesSpec`].
+/// `docs/rules.schema.json` is this text; `UPDATE_SCHEMA=1 cargo test -p routing-rules schema`
+/// rewrites it.
+pub fn json_schema() -> String {
+    let schema = schemars::generate::SchemaSettings::draft2020_12()
+        .for_deserialize()
+        .into_generator()
+        .into_root_schema_for::<RulesSpec>();
+    format!("{:#}\n", schema.as_value())
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(
+    title = "Switchyard rules file (version 1)",
+    description = "Reference: docs/rules.md. The router validates more than this schema can say (references, shadowed rules, ranges); use `switchyard rules check`.",
+    extend("$id" = "https://switchyard.dev/schemas/rules-v1.json")
+)]
 pub struct RulesSpec {
+    #[schemars(extend("const" = 1))]
     pub version: u32,
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ModelSpec>")]
     pub models: BTreeMap<String, Spanned<ModelSpec>>,
+    #[schemars(
+        with = "BTreeMap<String, PoolSpec>",
+        extend("minProperties" = 1, "propertyNames" = { "pattern": "^[A-Za-z0-9._-]+$" })
+    )]
     pub pools: BTreeMap<String, Spanned<PoolSpec>>,
     #[serde(default)]
+    #[schemars(with = "Vec<RuleSpec>")]
     pub rules: Vec<Spanned<RuleSpec>>,
     #[serde(default)]
+    #[schemars(with = "Option<RouteSpec>")]
     pub default: Option<Spanned<RouteSpec>>,
     #[serde(default)]
+    #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub tokenizer: TokenizerSpec,
+    #[schemars(range(min = 1))]
     pub context_window: u32,
     #[serde(default)]
     pub default_max_tokens: Option<u32>,
@@ -33,7 +65,7 @@ pub struct ModelSpec {
     pub audio_tokens: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum TokenizerSpec {
     /// A GGUF file whose metadata holds the tokenizer.
@@ -42,44 +74,28 @@ pub enum TokenizerSpec {
     Json(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Capacity {
     Spot,
     OnDemand,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolSpec {
-    pub class: String,
-    pub capacity: Capacity,
-    pub cost_per_hour: f64,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub workers: Vec<String>,
-    /// The models the static `workers` serve (default: every model the file declares).
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// How a worker of this pool is chosen (default `power_of_two`).
-    #[serde(default)]
-    pub select: Option<SelectPolicy>,
-}
-
-/// How a worker of a pool is chosen among the eligible ones.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+/// How the router picks a worker among a pool's eligible ones.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SelectPolicy {
-    /// Two eligible workers drawn at random, the less loaded wins.
+    /// Two eligible workers at random; the less loaded one wins.
     #[default]
     PowerOfTwo,
-    /// Every eligible worker looked at, the least loaded wins (ties at random).
+    /// Every eligible worker is scanned; the least loaded wins, ties broken at random.
     LeastLoaded,
 }
 
 impl SelectPolicy {
-    /// Its name in the rules file (and as a metric label).
+    /// The name as written in the rules file; also a metric label.
     pub fn name(self) -> &'static str {
         match self {
             Self::PowerOfTwo => "power_of_two",
@@ -88,50 +104,84 @@ impl SelectPolicy {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    #[schemars(length(min = 1), extend("examples" = ["h100", "l40s", "cpu"]))]
+    pub class: String,
+    pub capacity: Capacity,
+    #[schemars(range(min = 0))]
+    pub cost_per_hour: f64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[schemars(inner(pattern("^.+:[0-9]+$")))]
+    pub workers: Vec<String>,
+    /// The models the static `workers` serve (default: every model the file declares).
+    #[serde(default)]
+    #[schemars(inner(length(min = 1)))]
+    pub models: Vec<String>,
+    /// How a worker of this pool is picked for a request.
+    #[serde(default)]
+    pub select: SelectPolicy,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
+    #[schemars(length(min = 1))]
     pub name: String,
     #[serde(default)]
     pub when: Option<WhenSpec>,
+    #[schemars(with = "Vec<String>", length(min = 1))]
     pub route: Spanned<Vec<String>>,
     #[serde(default)]
     pub fallback_on_demand: bool,
     #[serde(default)]
+    #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
+    #[schemars(with = "Vec<String>", length(min = 1))]
     pub route: Spanned<Vec<String>>,
     #[serde(default)]
     pub fallback_on_demand: bool,
     #[serde(default)]
+    #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WhenSpec {
+    #[schemars(with = "Option<RangeSpec>")]
     pub context_tokens: Option<Spanned<RangeSpec>>,
+    #[schemars(with = "Option<RangeSpec>")]
     pub prompt_tokens: Option<Spanned<RangeSpec>>,
+    #[schemars(with = "Option<ModalitySpec>")]
     pub modality: Option<Spanned<ModalitySpec>>,
+    #[schemars(with = "Option<Vec<String>>", length(min = 1))]
     pub model: Option<Spanned<Vec<String>>>,
+    #[schemars(length(min = 1))]
     pub tenant: Option<Vec<String>>,
     pub headers: Option<BTreeMap<String, Vec<String>>>,
     pub stream: Option<bool>,
+    #[schemars(length(min = 1))]
     pub endpoint: Option<Vec<Endpoint>>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1))]
 pub struct RangeSpec {
     pub at_least: Option<u64>,
     pub at_most: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Modality {
     Text,
@@ -139,7 +189,7 @@ pub enum Modality {
     Audio,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModalitySpec {
     #[serde(default)]
@@ -149,7 +199,17 @@ pub struct ModalitySpec {
 }
 
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Endpoint {
@@ -158,7 +218,7 @@ pub enum Endpoint {
     Embeddings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RetryOn {
     Connect,
@@ -169,12 +229,18 @@ pub enum RetryOn {
     Timeout,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
+    /// Attempts in all, the first included.
+    #[schemars(range(min = 1, max = 10))]
     pub max_attempts: Option<u32>,
+    /// Retries allowed as a fraction of requests.
+    #[schemars(range(min = 0, max = 1))]
     pub budget_ratio: Option<f64>,
+    /// Retries always allowed per second regardless of the ratio.
     pub budget_floor: Option<u32>,
     pub on: Option<Vec<RetryOn>>,
+    #[schemars(range(max = 10000))]
     pub backoff_ms: Option<u64>,
 }

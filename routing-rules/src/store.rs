@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::compile::compile_file;
+use crate::compile::{compile_bytes, read_bounded};
 use crate::compiled::CompiledRules;
 use crate::problem::RulesError;
 
@@ -41,8 +41,8 @@ impl RulesStore {
     /// Compiles `path`; fails if the first load does not compile.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, RulesError> {
         let path = path.into();
-        let bytes = std::fs::read(&path).ok();
-        let rules = compile_file(&path)?;
+        let bytes = read_bounded(&path)?;
+        let rules = compile_bytes(&bytes, &path)?;
         Ok(Self {
             path,
             current: ArcSwap::from_pointee(Loaded {
@@ -50,7 +50,7 @@ impl RulesStore {
                 rules,
             }),
             next_generation: AtomicU64::new(2),
-            last_seen: std::sync::Mutex::new(bytes),
+            last_seen: std::sync::Mutex::new(Some(bytes)),
         })
     }
 
@@ -69,15 +69,12 @@ impl RulesStore {
 
     /// Re-reads the file. On any error the live set stays as it was.
     pub fn reload(&self) -> Result<ReloadOutcome, RulesError> {
-        let bytes = std::fs::read(&self.path).map_err(|e| RulesError::Read {
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let bytes = read_bounded(&self.path)?;
         let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_deref() == Some(bytes.as_slice()) {
             return Ok(ReloadOutcome::Unchanged);
         }
-        let compiled = compile_file(&self.path);
+        let compiled = compile_bytes(&bytes, &self.path);
         // Remember the bytes either way so a broken file is reported once, not every poll.
         *last = Some(bytes);
         let rules = compiled?;
