@@ -3,12 +3,12 @@
 
 use candle_core::Result;
 
-/// The architectures this forward runs.
-pub const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+use super::Arch;
 
 /// Model dimensions, from GGUF metadata or config.json.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub arch: Arch,
     pub hidden: usize,
     pub heads: usize,
     pub kv_heads: usize,

@@ -5,24 +5,23 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result, Tensor};
 use model_meta::rope_inv_freq;
 
-use super::config::{ARCHITECTURES, check_shape};
+use super::config::check_shape;
 use super::linear::Linear;
-use super::{Config, Layer, Llama};
+use super::{Arch, Config, Layer, Llama};
 
 impl Config {
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let arch = content
+        // a file without the key is taken for llama
+        let name = content
             .metadata
             .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "llama".into());
-        if !ARCHITECTURES.contains(&arch.as_str()) {
-            candle_core::bail!(
-                "GGUF architecture `{arch}` is not supported (supported: {})",
-                ARCHITECTURES.join(", ")
-            );
-        }
+            .and_then(|v| v.to_string().ok());
+        let arch = match name {
+            Some(name) => {
+                Arch::parse(name).map_err(|e| candle_core::Error::Msg(format!("GGUF {e}")))?
+            }
+            None => Arch::Llama,
+        };
         let get = |key: &str| {
             content
                 .metadata
@@ -59,6 +58,7 @@ impl Config {
             ),
         }
         Ok(Self {
+            arch,
             hidden,
             heads,
             kv_heads,
@@ -66,8 +66,7 @@ impl Config {
             layers: u("block_count")?,
             eps: f64::from(get("attention.layer_norm_rms_epsilon")?.to_f32()?),
             inv_freq,
-            // llama.cpp runs qwen2 with the halves ("neox") form, llama interleaved
-            rope_interleaved: arch == "llama",
+            rope_interleaved: arch.gguf_rope_interleaved(),
             context_length: u("context_length")?,
         })
     }

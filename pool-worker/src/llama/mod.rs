@@ -24,6 +24,7 @@
 //! reorders the query and key rows), halves for qwen2 and for every safetensors checkpoint.
 //!
 //! Modules, in the order a model goes through them:
+//! - [`arch`]: the architectures this forward runs ([`Arch`]) — and how to add one.
 //! - `gguf` and `safetensors`: loaders ([`Llama::from_gguf`], [`Llama::from_safetensors`])
 //!   and the [`Config`] each format gives.
 //! - `config`: model dimensions and rotary frequencies ([`Config`]).
@@ -33,6 +34,7 @@
 //! - this module: the batched forward pass ([`Llama::forward`]).
 //! - `attention`: attention for prompt chunks and decode rows, against the caches.
 
+pub mod arch;
 mod attention;
 mod config;
 mod gguf;
@@ -46,7 +48,8 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::cpu_ops;
 
-pub use config::{ARCHITECTURES, Config};
+pub use arch::Arch;
+pub use config::Config;
 pub use kv_cache::KvCache;
 use linear::{Linear, Stacked};
 

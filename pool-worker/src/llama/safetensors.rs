@@ -8,7 +8,7 @@ use model_meta::{HfModel, rope_inv_freq};
 
 use super::config::check_shape;
 use super::linear::{Linear, Weights};
-use super::{Config, Layer, Llama};
+use super::{Arch, Config, Layer, Llama};
 use crate::q8::{self, Q8Matrix};
 
 impl Config {
@@ -24,6 +24,7 @@ impl Config {
             scaling.apply(&mut inv_freq);
         }
         Ok(Self {
+            arch: Arch::parse(&model.architecture)?,
             hidden: c.hidden_size,
             heads,
             kv_heads,
@@ -99,7 +100,7 @@ impl Llama {
         };
         // qwen2 always has query, key and value biases; any other bias is used where the
         // checkpoint has one (llama's attention_bias / mlp_bias)
-        let qwen2 = model.architecture == "qwen2";
+        let qkv_bias = cfg.arch.qkv_bias();
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
@@ -112,9 +113,9 @@ impl Llama {
                 Ok(linear(weight)?.with_bias(bias))
             };
             layers.push(Layer {
-                wq: proj("self_attn.q_proj", qwen2)?,
-                wk: proj("self_attn.k_proj", qwen2)?,
-                wv: proj("self_attn.v_proj", qwen2)?,
+                wq: proj("self_attn.q_proj", qkv_bias)?,
+                wk: proj("self_attn.k_proj", qkv_bias)?,
+                wv: proj("self_attn.v_proj", qkv_bias)?,
                 wo: proj("self_attn.o_proj", false)?,
                 gate: proj("mlp.gate_proj", false)?,
                 up: proj("mlp.up_proj", false)?,
@@ -136,7 +137,7 @@ impl Llama {
                 "{}: {} tensors this {} forward does not use, e.g. {}",
                 model.dir.display(),
                 unused.len(),
-                model.architecture,
+                cfg.arch,
                 unused
                     .iter()
                     .take(4)
