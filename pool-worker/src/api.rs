@@ -1,5 +1,10 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/health`, `/metrics`, and (only when enabled) `/admin/faults`.
+//! `/health`, `/metrics`, `/admin/preempt`, and (only when enabled) `/admin/faults`.
+//!
+//! This layer parses and validates the JSON, hands the prompt to the model's side
+//! ([`Prompt`], which renders the chat template and tokenizes), submits a [`Job`] and
+//! answers from its events — holding the response until the first token (the commit
+//! point), then in one body or as a server-sent event stream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -15,7 +20,7 @@ use model_meta::ChatMessage;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, GenParams, Job, Usage};
+use crate::engine::{Engine, Event, GenParams, Job, Prompt, Usage};
 use crate::error::WorkerError;
 
 /// Faults the worker injects on request, for failover tests. Only routed when enabled.
@@ -278,7 +283,7 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
     if obj.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
         return Err(WorkerError::bad("only n=1 is supported", Some("n")));
     }
-    let text = match kind {
+    let prompt = match kind {
         Kind::Chat => {
             let msgs = obj
                 .get("messages")
@@ -291,31 +296,19 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
                 ));
             }
             let accepts = &s.engine.model.modalities;
-            let msgs = msgs
-                .iter()
-                .map(|m| message(m, accepts))
-                .collect::<Result<Vec<_>, _>>()?;
-            s.engine
-                .model
-                .template
-                .render(&msgs)
-                .map_err(|e| WorkerError::bad(e.to_string(), Some("messages")))?
+            Prompt::Chat(
+                msgs.iter()
+                    .map(|m| message(m, accepts))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
         }
-        Kind::Completion => obj
-            .get("prompt")
-            .and_then(Value::as_str)
-            .ok_or_else(|| WorkerError::bad("`prompt` must be a string", Some("prompt")))?
-            .to_string(),
+        Kind::Completion => Prompt::Text(
+            obj.get("prompt")
+                .and_then(Value::as_str)
+                .ok_or_else(|| WorkerError::bad("`prompt` must be a string", Some("prompt")))?
+                .to_string(),
+        ),
     };
-    let prompt = s
-        .engine
-        .model
-        .tokenizer
-        .encode(text, false)
-        .map_err(|e| WorkerError::Engine(e.to_string()))?
-        .get_ids()
-        .to_vec();
-    let max_context = s.engine.model.max_context;
     let max_tokens = match obj
         .get("max_completion_tokens")
         .or_else(|| obj.get("max_tokens"))
@@ -328,16 +321,6 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
             )
         })? as usize,
     };
-    if prompt.len() >= max_context {
-        return Err(WorkerError::BadRequest {
-            message: format!(
-                "the prompt is {} tokens; this model's context window is {max_context}",
-                prompt.len()
-            ),
-            param: Some("messages"),
-            code: "context_length_exceeded",
-        });
-    }
     let num = |k: &'static str, lo: f64, hi: f64| -> Result<Option<f64>, WorkerError> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -379,6 +362,8 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    // the model's work (template, tokenizer, context window) once the request is valid
+    let prompt = s.engine.model.tokenize(prompt)?;
     Ok(Parsed {
         prompt,
         params: GenParams {

@@ -11,6 +11,7 @@
 //!
 //! Modules, in the order a request goes through them:
 //! - `load`: reading a model's files ([`LoadedModel`], [`Quantize`], [`parse_device`]).
+//! - `prompt`: a request's [`Prompt`] through the chat template and tokenizer.
 //! - this module: the [`Engine`] handle, which queues [`Job`]s.
 //! - `scheduler`: the actor loop — admission, batched steps, sampling.
 //! - `detokenizer`: incremental text and stop sequences.
@@ -18,6 +19,7 @@
 
 mod detokenizer;
 mod load;
+mod prompt;
 mod scheduler;
 mod sim;
 #[cfg(test)]
@@ -35,6 +37,7 @@ use crate::error::WorkerError;
 
 pub use detokenizer::TextDecoder;
 pub use load::{LoadedModel, Quantize, parse_device};
+pub use prompt::Prompt;
 use scheduler::Actor;
 pub use sim::SimProfile;
 use sim::run_sim;
@@ -231,13 +234,7 @@ impl Engine {
 
     /// Runs a one-token generation so the first real request does not pay for lazy setup.
     pub async fn warm_up(&self) -> Result<(), WorkerError> {
-        let prompt = self
-            .model
-            .tokenizer
-            .encode("Hello", false)
-            .map_err(|e| WorkerError::Engine(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let prompt = self.model.tokenize(Prompt::Text("Hello".into()))?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let params = GenParams {
             max_tokens: 1,
