@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, Event, GenParams, Job, Prompt, Usage};
-use crate::error::WorkerError;
+use crate::error::{WorkerError, error_body, openai_error};
 
 /// Faults the worker injects on request, for failover tests. Only routed when enabled.
 #[derive(Debug, Default)]
@@ -196,10 +196,16 @@ async fn preempt(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if !preempt_allowed(peer, s.admin_token.as_deref(), presented) {
-        let body = json!({ "error": {
-            "message": format!("preemption notices are accepted from loopback, or with the registry token (caller {peer})"),
-            "type": "permission_error", "code": "forbidden", "param": null } });
-        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        let message = format!(
+            "preemption notices are accepted from loopback, or with the registry token (caller {peer})"
+        );
+        return openai_error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "forbidden",
+            &message,
+            None,
+        );
     }
     let deadline = q
         .as_deref()
@@ -646,7 +652,12 @@ fn stream_response(
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Event::Failed(err) => {
-                    frames.push(meta.frame(json!({ "error": { "message": err, "type": "server_error", "code": "inference_failed" } })));
+                    frames.push(meta.frame(error_body(
+                        "server_error",
+                        "inference_failed",
+                        &err,
+                        None,
+                    )));
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
             }
