@@ -107,34 +107,13 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let st = &s.engine.stats;
-    let body = format!(
-        "# HELP switchyard_worker_queue_depth Requests waiting for the engine.\n# TYPE switchyard_worker_queue_depth gauge\nswitchyard_worker_queue_depth {}\n\
-# HELP switchyard_worker_in_flight Requests being generated.\n# TYPE switchyard_worker_in_flight gauge\nswitchyard_worker_in_flight {}\n\
-# HELP switchyard_worker_generated_tokens_total Tokens generated.\n# TYPE switchyard_worker_generated_tokens_total counter\nswitchyard_worker_generated_tokens_total {}\n\
-# HELP switchyard_worker_batch_size Sequences in the engine's last batched step.\n# TYPE switchyard_worker_batch_size gauge\nswitchyard_worker_batch_size {}\n\
-# HELP switchyard_worker_kv_cache_tokens Tokens held in the running sequences' KV caches.\n# TYPE switchyard_worker_kv_cache_tokens gauge\nswitchyard_worker_kv_cache_tokens {}\n\
-# HELP switchyard_worker_last_ttft_seconds Time from the engine taking the most recent request to its first token (prefill).\n# TYPE switchyard_worker_last_ttft_seconds gauge\nswitchyard_worker_last_ttft_seconds {}\n\
-# HELP switchyard_worker_last_tokens_per_second Decode speed of the most recently finished request.\n# TYPE switchyard_worker_last_tokens_per_second gauge\nswitchyard_worker_last_tokens_per_second {}\n",
-        st.queued.load(Ordering::Relaxed),
-        st.in_flight.load(Ordering::Relaxed),
-        st.tokens_generated.load(Ordering::Relaxed),
-        st.batch_size.load(Ordering::Relaxed),
-        st.kv_tokens.load(Ordering::Relaxed),
-        st.last_ttft_us.load(Ordering::Relaxed) as f64 / 1e6,
-        st.last_tps_milli.load(Ordering::Relaxed) as f64 / 1e3,
-    );
-    let mut body = body.into_bytes();
-    let families: Vec<_> = [&st.ttft, &st.queue_wait]
-        .into_iter()
-        .flat_map(prometheus::core::Collector::collect)
-        .collect();
-    if let Err(e) =
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut body)
-    {
-        tracing::warn!("metrics: {e}");
+    match s.engine.stats.metrics.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(e) => {
+            tracing::warn!("metrics: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {

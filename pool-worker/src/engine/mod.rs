@@ -27,13 +27,14 @@ mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 
 use candle_core::Device;
 use tokio::sync::mpsc;
 
 use crate::error::WorkerError;
+use crate::metrics::WorkerMetrics;
 
 pub use detokenizer::TextDecoder;
 pub use load::{LoadedModel, Quantize, parse_device};
@@ -83,58 +84,36 @@ pub struct Job {
 /// A job and when it was queued.
 type Queued = (Job, Instant);
 
-/// Live counters the heartbeat and `/metrics` report.
+/// What the engine reports as it runs: its `/metrics` figures, and what heartbeats carry.
 #[derive(Debug)]
 pub struct EngineStats {
-    pub queued: AtomicUsize,
-    pub in_flight: AtomicUsize,
-    pub tokens_generated: AtomicU64,
-    /// Tokens per second of the last finished job, ×1000.
+    /// Every metric `/metrics` exports.
+    pub metrics: WorkerMetrics,
+    /// Decode speed of the last finished job, tokens per second ×1000: the heartbeat's
+    /// `tokens_per_second`, the router's view of this worker (not a metric).
     pub last_tps_milli: AtomicU64,
-    /// Sequences in the last batched step.
-    pub batch_size: AtomicUsize,
-    /// Tokens held in the running sequences' KV caches.
-    pub kv_tokens: AtomicUsize,
-    /// Time to first token of the last started job, in microseconds.
-    pub last_ttft_us: AtomicU64,
     /// Fault injection (slow hardware): the engine sleeps this long before each token it
     /// produces, holding its slot. 0 = off; set only through the worker's `/admin/faults`.
     pub fault_token_delay_ms: AtomicU32,
-    /// Time from queueing to the first token (queue wait + prefill), seconds.
-    pub ttft: prometheus::Histogram,
-    /// Time a request waited in the queue for a batch slot, seconds.
-    pub queue_wait: prometheus::Histogram,
 }
 
 impl EngineStats {
     pub fn new() -> prometheus::Result<Self> {
-        let buckets = vec![
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ];
         Ok(Self {
-            queued: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            tokens_generated: AtomicU64::new(0),
+            metrics: WorkerMetrics::new()?,
             last_tps_milli: AtomicU64::new(0),
-            batch_size: AtomicUsize::new(0),
-            kv_tokens: AtomicUsize::new(0),
-            last_ttft_us: AtomicU64::new(0),
             fault_token_delay_ms: AtomicU32::new(0),
-            ttft: prometheus::Histogram::with_opts(
-                prometheus::HistogramOpts::new(
-                    "switchyard_worker_ttft_seconds",
-                    "Time from queueing a request to its first token (queue wait and prefill).",
-                )
-                .buckets(buckets.clone()),
-            )?,
-            queue_wait: prometheus::Histogram::with_opts(
-                prometheus::HistogramOpts::new(
-                    "switchyard_worker_queue_wait_seconds",
-                    "Time a request waited for a batch slot.",
-                )
-                .buckets(buckets),
-            )?,
         })
+    }
+
+    /// Requests waiting for the engine.
+    pub fn queued(&self) -> usize {
+        usize::try_from(self.metrics.queue_depth.get()).unwrap_or(0)
+    }
+
+    /// Requests being generated.
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(self.metrics.in_flight.get()).unwrap_or(0)
     }
 }
 
@@ -220,9 +199,9 @@ impl Engine {
 
     /// Queues a job; `Err(QueueFull)` when the bounded queue is full.
     pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.queue_depth.inc();
         self.queue.try_send((job, Instant::now())).map_err(|e| {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.metrics.queue_depth.dec();
             match e {
                 std::sync::mpsc::TrySendError::Full(_) => WorkerError::QueueFull,
                 std::sync::mpsc::TrySendError::Disconnected(_) => {

@@ -49,6 +49,8 @@ struct Seq {
     budget: usize,
     started: Instant,
     queued_at: Instant,
+    /// When the prompt was complete and the first token was about to be sampled.
+    first_token_at: Option<Instant>,
 }
 
 impl Seq {
@@ -86,7 +88,7 @@ impl Actor {
             running.retain(|seq| {
                 let open = !seq.events.is_closed();
                 if !open {
-                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.metrics.in_flight.dec();
                 }
                 open
             });
@@ -98,16 +100,15 @@ impl Actor {
                 std::thread::sleep(std::time::Duration::from_millis(u64::from(delay)));
             }
             self.step(&mut running);
-            self.stats.kv_tokens.store(
-                running.iter().map(|s| s.cache.len()).sum(),
-                Ordering::Relaxed,
-            );
+            let kv_tokens: usize = running.iter().map(|s| s.cache.len()).sum();
+            self.stats.metrics.kv_cache_tokens.set(kv_tokens as i64);
         }
     }
 
     fn admit(&self, job: Job, queued_at: Instant, running: &mut Vec<Seq>) {
-        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        self.stats.metrics.queue_depth.dec();
         self.stats
+            .metrics
             .queue_wait
             .observe(queued_at.elapsed().as_secs_f64());
         if job.events.is_closed() {
@@ -117,7 +118,7 @@ impl Actor {
             let _ = job.events.send(Event::Failed("empty prompt".into()));
             return;
         }
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.in_flight.inc();
         let budget = job
             .params
             .max_tokens
@@ -139,6 +140,7 @@ impl Actor {
             params: job.params,
             started: Instant::now(),
             queued_at,
+            first_token_at: None,
         });
     }
 
@@ -158,7 +160,7 @@ impl Actor {
             chosen.push(i);
             chosen.sort_unstable();
         }
-        self.stats.batch_size.store(chosen.len(), Ordering::Relaxed);
+        self.stats.metrics.batch_size.set(chosen.len() as i64);
         let logits = {
             let mut items: Vec<Item<'_>> = running
                 .iter_mut()
@@ -191,7 +193,7 @@ impl Actor {
                 for &i in chosen.iter().rev() {
                     let seq = running.swap_remove(i);
                     let _ = seq.events.send(Event::Failed(e.to_string()));
-                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.metrics.in_flight.dec();
                 }
                 return;
             }
@@ -205,12 +207,10 @@ impl Actor {
                 if seq.prefilling() {
                     continue; // more prompt to go; these logits are not needed
                 }
-                self.stats
-                    .last_ttft_us
-                    .store(seq.started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                self.stats
-                    .ttft
-                    .observe(seq.queued_at.elapsed().as_secs_f64());
+                let m = &self.stats.metrics;
+                m.prefill.observe(seq.started.elapsed().as_secs_f64());
+                m.ttft.observe(seq.queued_at.elapsed().as_secs_f64());
+                seq.first_token_at = Some(Instant::now());
                 if seq.budget == 0 {
                     self.finish(seq, false);
                     done.push(i);
@@ -238,7 +238,7 @@ impl Actor {
         done.sort_unstable();
         for i in done.into_iter().rev() {
             running.swap_remove(i);
-            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.stats.metrics.in_flight.dec();
         }
     }
 
@@ -309,9 +309,13 @@ impl Actor {
 
     fn finish(&self, seq: &Seq, finish_length: bool) {
         let n = seq.generated.len();
-        self.stats
-            .tokens_generated
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.metrics.generated_tokens.inc_by(n as u64);
+        if let Some(first) = seq.first_token_at
+            && n > 1
+        {
+            let per_token = first.elapsed().as_secs_f64() / (n - 1) as f64;
+            self.stats.metrics.time_per_output_token.observe(per_token);
+        }
         let secs = seq.started.elapsed().as_secs_f64().max(1e-6);
         self.stats
             .last_tps_milli

@@ -1,7 +1,7 @@
 //! The simulated-hardware backend: no weights, filler tokens at a hardware profile's pace.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::{EngineStats, Event, Queued, Usage};
 
@@ -31,15 +31,22 @@ pub(super) fn run_sim(
         "switchyard. ",
     ];
     while let Ok((job, queued_at)) = rx.recv() {
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
-        stats.queue_wait.observe(queued_at.elapsed().as_secs_f64());
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.metrics.queue_depth.dec();
+        stats
+            .metrics
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
+        stats.metrics.in_flight.inc();
         let stats = Arc::clone(&stats);
         let spawned = std::thread::Builder::new()
             .name("sim-stream".into())
             .spawn(move || {
+                let started = Instant::now();
                 std::thread::sleep(profile.ttft);
-                stats.ttft.observe(queued_at.elapsed().as_secs_f64());
+                let m = &stats.metrics;
+                m.prefill.observe(started.elapsed().as_secs_f64());
+                m.ttft.observe(queued_at.elapsed().as_secs_f64());
+                let first_token_at = Instant::now();
                 let per_token =
                     std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
                 let mut n = 0;
@@ -56,16 +63,18 @@ pub(super) fn run_sim(
                     }
                     n += 1;
                 }
-                stats
-                    .tokens_generated
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                m.generated_tokens.inc_by(n as u64);
+                if n > 1 {
+                    let per_token = first_token_at.elapsed().as_secs_f64() / (n - 1) as f64;
+                    m.time_per_output_token.observe(per_token);
+                }
                 let _ = job.events.send(Event::Done(Usage {
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
                     finish_length: true,
                 }));
-                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                m.in_flight.dec();
             });
         if spawned.is_err() {
             tracing::error!("sim backend: cannot start a stream thread");
