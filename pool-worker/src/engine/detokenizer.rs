@@ -52,7 +52,7 @@ impl TextDecoder {
 }
 
 /// Bytes at the end of `text` that could be the start of one of `stops`.
-pub(super) fn partial_stop_len(text: &str, stops: &[String]) -> usize {
+fn partial_stop_len(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
         .filter_map(|s| {
@@ -63,4 +63,40 @@ pub(super) fn partial_stop_len(text: &str, stops: &[String]) -> usize {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Stop sequences: how much of `text` may be sent, and whether a stop ends it. The text is
+/// cut at the first stop. Only the text a new stop could end in is searched: what was not
+/// sent yet (from byte `sent_len`), plus the longest stop's length before it. Text that may
+/// be the start of a stop is held back until the next tokens show whether it is one: a
+/// client never sees part of a stop sequence.
+pub(super) fn visible_text(text: &str, sent_len: usize, stops: &[String]) -> (usize, bool) {
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let mut from = sent_len.saturating_sub(longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let stop_at = stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min();
+    match stop_at {
+        Some(at) => (at, true),
+        None => (text.len() - partial_stop_len(text, stops), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible_text;
+
+    /// Text that may begin a stop is held back; a whole stop cuts the text and ends it.
+    #[test]
+    fn stops_cut_the_text_and_their_beginnings_are_held_back() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(visible_text("hello EN", 0, &stops), (6, false));
+        assert_eq!(visible_text("hello END more", 6, &stops), (6, true));
+        assert_eq!(visible_text("a\n", 0, &stops), (1, false));
+        assert_eq!(visible_text("plain", 3, &[]), (5, false));
+    }
 }

@@ -10,7 +10,7 @@ use candle_core::Device;
 use candle_transformers::generation::LogitsProcessor;
 use tokio::sync::mpsc;
 
-use super::detokenizer::{TextDecoder, partial_stop_len};
+use super::detokenizer::{TextDecoder, visible_text};
 use super::{EngineStats, Event, GenParams, Job, LoadedModel, Queued, Usage};
 use crate::llama::{Item, KvCache, Llama};
 
@@ -252,26 +252,12 @@ impl Actor {
             let _ = seq.events.send(Event::Failed(e.to_string()));
             return Next::Gone;
         }
-        // Stop sequences: cut the text at the first one and finish. Only the text a new
-        // stop could end in is searched: what was not sent yet, plus the longest stop's
-        // length before it. Text that may be the start of a stop is held back until the
-        // next tokens show whether it is one: a client never sees part of a stop sequence.
-        let stops = &seq.params.stop;
-        let longest = stops.iter().map(String::len).max().unwrap_or(0);
-        let text = seq.text.as_str();
-        let mut from = seq.sent_len.saturating_sub(longest);
-        while !text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let stop_at = stops
-            .iter()
-            .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
-        let visible_end = stop_at.unwrap_or_else(|| text.len() - partial_stop_len(text, stops));
+        let (visible_end, stopped) =
+            visible_text(seq.text.as_str(), seq.sent_len, &seq.params.stop);
         if !self.send_text(seq, visible_end) {
             return Next::Gone;
         }
-        if stop_at.is_some() {
+        if stopped {
             return Next::Finished {
                 finish_length: false,
             };
