@@ -298,3 +298,19 @@ async fn a_client_that_stops_reading_does_not_stall_the_batch() {
     assert_eq!(finished, 400);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A finished request is in the prefill and time-per-token histograms (observed before its
+/// `Done` event is sent).
+#[tokio::test]
+async fn finished_requests_fill_the_latency_histograms() {
+    let (dir, engine) = engine_for("metrics", &model_meta::tiny::LlamaShape::TINY);
+    let (unused, _) = mpsc::unbounded_channel();
+    let (_, usage) = run_job(&engine, job(10..30, 5, None, 0, unused)).await;
+    assert_eq!(usage.completion_tokens, 5);
+    let m = &engine.stats.metrics;
+    assert_eq!(m.prefill.get_sample_count(), 1);
+    assert_eq!(m.ttft.get_sample_count(), 1);
+    assert_eq!(m.time_per_output_token.get_sample_count(), 1);
+    assert_eq!(m.generated_tokens.get(), 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
