@@ -1,5 +1,10 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/health`, `/metrics`, and (only when enabled) `/admin/faults`.
+//! `/health`, `/metrics`, `/admin/preempt`, and (only when enabled) `/admin/faults`.
+//!
+//! This layer parses and validates the JSON, hands the prompt to the model's side
+//! ([`Prompt`], which renders the chat template and tokenizes), submits a [`Job`] and
+//! answers from its events — holding the response until the first token (the commit
+//! point), then in one body or as a server-sent event stream.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -15,8 +20,8 @@ use model_meta::ChatMessage;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, GenParams, Job, Usage};
-use crate::error::WorkerError;
+use crate::engine::{Engine, Event, GenParams, Job, Prompt, Usage};
+use crate::error::{WorkerError, error_body, openai_error};
 
 /// Faults the worker injects on request, for failover tests. Only routed when enabled.
 #[derive(Debug, Default)]
@@ -102,34 +107,13 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let st = &s.engine.stats;
-    let body = format!(
-        "# HELP switchyard_worker_queue_depth Requests waiting for the engine.\n# TYPE switchyard_worker_queue_depth gauge\nswitchyard_worker_queue_depth {}\n\
-# HELP switchyard_worker_in_flight Requests being generated.\n# TYPE switchyard_worker_in_flight gauge\nswitchyard_worker_in_flight {}\n\
-# HELP switchyard_worker_generated_tokens_total Tokens generated.\n# TYPE switchyard_worker_generated_tokens_total counter\nswitchyard_worker_generated_tokens_total {}\n\
-# HELP switchyard_worker_batch_size Sequences in the engine's last batched step.\n# TYPE switchyard_worker_batch_size gauge\nswitchyard_worker_batch_size {}\n\
-# HELP switchyard_worker_kv_cache_tokens Tokens held in the running sequences' KV caches.\n# TYPE switchyard_worker_kv_cache_tokens gauge\nswitchyard_worker_kv_cache_tokens {}\n\
-# HELP switchyard_worker_last_ttft_seconds Time from the engine taking the most recent request to its first token (prefill).\n# TYPE switchyard_worker_last_ttft_seconds gauge\nswitchyard_worker_last_ttft_seconds {}\n\
-# HELP switchyard_worker_last_tokens_per_second Decode speed of the most recently finished request.\n# TYPE switchyard_worker_last_tokens_per_second gauge\nswitchyard_worker_last_tokens_per_second {}\n",
-        st.queued.load(Ordering::Relaxed),
-        st.in_flight.load(Ordering::Relaxed),
-        st.tokens_generated.load(Ordering::Relaxed),
-        st.batch_size.load(Ordering::Relaxed),
-        st.kv_tokens.load(Ordering::Relaxed),
-        st.last_ttft_us.load(Ordering::Relaxed) as f64 / 1e6,
-        st.last_tps_milli.load(Ordering::Relaxed) as f64 / 1e3,
-    );
-    let mut body = body.into_bytes();
-    let families: Vec<_> = [&st.ttft, &st.queue_wait]
-        .into_iter()
-        .flat_map(prometheus::core::Collector::collect)
-        .collect();
-    if let Err(e) =
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut body)
-    {
-        tracing::warn!("metrics: {e}");
+    match s.engine.stats.metrics.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(e) => {
+            tracing::warn!("metrics: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -191,10 +175,16 @@ async fn preempt(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if !preempt_allowed(peer, s.admin_token.as_deref(), presented) {
-        let body = json!({ "error": {
-            "message": format!("preemption notices are accepted from loopback, or with the registry token (caller {peer})"),
-            "type": "permission_error", "code": "forbidden", "param": null } });
-        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        let message = format!(
+            "preemption notices are accepted from loopback, or with the registry token (caller {peer})"
+        );
+        return openai_error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "forbidden",
+            &message,
+            None,
+        );
     }
     let deadline = q
         .as_deref()
@@ -278,7 +268,7 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
     if obj.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
         return Err(WorkerError::bad("only n=1 is supported", Some("n")));
     }
-    let text = match kind {
+    let prompt = match kind {
         Kind::Chat => {
             let msgs = obj
                 .get("messages")
@@ -291,31 +281,19 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
                 ));
             }
             let accepts = &s.engine.model.modalities;
-            let msgs = msgs
-                .iter()
-                .map(|m| message(m, accepts))
-                .collect::<Result<Vec<_>, _>>()?;
-            s.engine
-                .model
-                .template
-                .render(&msgs)
-                .map_err(|e| WorkerError::bad(e.to_string(), Some("messages")))?
+            Prompt::Chat(
+                msgs.iter()
+                    .map(|m| message(m, accepts))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
         }
-        Kind::Completion => obj
-            .get("prompt")
-            .and_then(Value::as_str)
-            .ok_or_else(|| WorkerError::bad("`prompt` must be a string", Some("prompt")))?
-            .to_string(),
+        Kind::Completion => Prompt::Text(
+            obj.get("prompt")
+                .and_then(Value::as_str)
+                .ok_or_else(|| WorkerError::bad("`prompt` must be a string", Some("prompt")))?
+                .to_string(),
+        ),
     };
-    let prompt = s
-        .engine
-        .model
-        .tokenizer
-        .encode(text, false)
-        .map_err(|e| WorkerError::Engine(e.to_string()))?
-        .get_ids()
-        .to_vec();
-    let max_context = s.engine.model.max_context;
     let max_tokens = match obj
         .get("max_completion_tokens")
         .or_else(|| obj.get("max_tokens"))
@@ -328,16 +306,6 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
             )
         })? as usize,
     };
-    if prompt.len() >= max_context {
-        return Err(WorkerError::BadRequest {
-            message: format!(
-                "the prompt is {} tokens; this model's context window is {max_context}",
-                prompt.len()
-            ),
-            param: Some("messages"),
-            code: "context_length_exceeded",
-        });
-    }
     let num = |k: &'static str, lo: f64, hi: f64| -> Result<Option<f64>, WorkerError> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -379,6 +347,8 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    // the model's work (template, tokenizer, context window) once the request is valid
+    let prompt = s.engine.model.tokenize(prompt)?;
     Ok(Parsed {
         prompt,
         params: GenParams {
@@ -661,7 +631,12 @@ fn stream_response(
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Event::Failed(err) => {
-                    frames.push(meta.frame(json!({ "error": { "message": err, "type": "server_error", "code": "inference_failed" } })));
+                    frames.push(meta.frame(error_body(
+                        "server_error",
+                        "inference_failed",
+                        &err,
+                        None,
+                    )));
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
             }

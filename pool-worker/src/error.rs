@@ -1,4 +1,6 @@
-//! Worker errors, and their OpenAI-shaped HTTP answers.
+//! Worker errors, and their OpenAI-shaped HTTP answers. [`error_body`] is the one builder
+//! of the `{"error": {...}}` body: every answer and stream frame that reports an error
+//! uses it.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +40,15 @@ impl WorkerError {
     }
 }
 
-/// `{"error": {"message", "type", "code", "param"}}` with a status.
+/// OpenAI's error body, `{"error": {"message", "type", "code", "param"}}` (`param` is
+/// `null` when no single parameter is at fault).
+pub fn error_body(kind: &str, code: &str, message: &str, param: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "error": { "message": message, "type": kind, "code": code, "param": param }
+    })
+}
+
+/// [`error_body`] as a JSON answer with `status`.
 pub fn openai_error(
     status: StatusCode,
     kind: &str,
@@ -46,10 +56,7 @@ pub fn openai_error(
     message: &str,
     param: Option<&str>,
 ) -> Response {
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "code": code, "param": param }
-    });
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(error_body(kind, code, message, param))).into_response()
 }
 
 impl IntoResponse for WorkerError {
@@ -102,5 +109,23 @@ impl IntoResponse for WorkerError {
                 None,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// Every error answer, and the error frame of a stream, carries all four fields.
+    #[test]
+    fn error_bodies_have_message_type_code_and_param() {
+        let v = super::error_body("server_error", "inference_failed", "boom", None);
+        let e = &v["error"];
+        assert_eq!(e["message"], "boom");
+        assert_eq!(e["type"], "server_error");
+        assert_eq!(e["code"], "inference_failed");
+        assert!(e.get("param").is_some_and(Value::is_null), "{v}");
+        let v = super::error_body("invalid_request_error", "invalid_request", "x", Some("n"));
+        assert_eq!(v["error"]["param"], "n");
     }
 }

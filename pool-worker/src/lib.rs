@@ -1,10 +1,20 @@
 //! `switchyard-worker`: a candle inference server for one Switchyard pool.
 //!
-//! - [`engine`]: the model actor (continuous batching over [`llama`]'s forward; GGUF or
-//!   safetensors, llama or qwen2).
+//! Modules, in the order a request goes through them:
+//!
+//! - [`api`]: the OpenAI-compatible HTTP API — parses and validates the request, holds the
+//!   answer until the first token (the commit point), streams or returns the rest.
+//! - [`engine`]: the model side. `engine::prompt` renders the chat template and tokenizes
+//!   ([`engine::Prompt`]); the [`engine::Engine`] handle queues the job; the scheduler
+//!   actor runs continuous batching over [`llama`]'s forward; the detokenizer turns tokens
+//!   into text and cuts it at stop sequences. `engine::load` reads a model (GGUF or
+//!   safetensors) at start; `engine::sim` stands in for the model on simulated hardware.
+//! - [`llama`]: the batched forward pass (llama and qwen2, [`llama::Arch`]), its weights,
+//!   KV caches and attention.
 //! - [`q8`]: batched 8-bit products for decode on CPU.
 //! - [`cpu_ops`]: fused element-wise CPU kernels for the prefill (causal softmax, SiLU gate).
-//! - [`api`]: the OpenAI-compatible HTTP API, with the commit point.
+//! - [`error`]: the worker's errors and their OpenAI-shaped bodies.
+//! - [`metrics`]: every `/metrics` figure, registered in one place.
 //! - [`registration`]: gRPC registration and heartbeats with the router.
 
 pub mod api;
@@ -12,6 +22,7 @@ pub mod cpu_ops;
 pub mod engine;
 pub mod error;
 pub mod llama;
+pub mod metrics;
 pub mod q8;
 pub mod registration;
 

@@ -206,9 +206,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let stats = &shutdown_state.engine.stats;
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        while (shutdown_state.active.load(Ordering::Relaxed)
-            + stats.in_flight.load(Ordering::Relaxed)
-            + stats.queued.load(Ordering::Relaxed))
+        while (shutdown_state.active.load(Ordering::Relaxed) + stats.in_flight() + stats.queued())
             > 0
             && tokio::time::Instant::now() < deadline
         {

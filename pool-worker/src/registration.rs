@@ -143,8 +143,8 @@ impl Registration {
             };
             let hb = HeartbeatRequest {
                 lease_id,
-                in_flight: self.stats.in_flight.load(Ordering::Relaxed) as u32,
-                queued: self.stats.queued.load(Ordering::Relaxed) as u32,
+                in_flight: self.stats.in_flight() as u32,
+                queued: self.stats.queued() as u32,
                 kv_cache_usage: 0.0,
                 tokens_per_second: self.stats.last_tps_milli.load(Ordering::Relaxed) as f32
                     / 1000.0,

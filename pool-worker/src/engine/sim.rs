@@ -1,0 +1,83 @@
+//! The simulated-hardware backend: no weights, filler tokens at a hardware profile's pace.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{EngineStats, Event, Queued, Usage};
+
+/// How the simulated-hardware backend behaves: time to first token and decode speed per
+/// stream, as a hardware class would (e.g. an H100 serving a 70B model).
+#[derive(Debug, Clone, Copy)]
+pub struct SimProfile {
+    pub ttft: std::time::Duration,
+    pub tokens_per_s: f64,
+}
+
+/// The simulated backend: every job streams on its own thread at the profile's pace, so the
+/// worker behaves like hardware with many concurrent streams.
+pub(super) fn run_sim(
+    rx: std::sync::mpsc::Receiver<Queued>,
+    profile: SimProfile,
+    stats: Arc<EngineStats>,
+) {
+    const WORDS: [&str; 8] = [
+        "simulated ",
+        "tokens ",
+        "from ",
+        "the ",
+        "sim ",
+        "backend ",
+        "of ",
+        "switchyard. ",
+    ];
+    while let Ok((job, queued_at)) = rx.recv() {
+        stats.metrics.queue_depth.dec();
+        stats
+            .metrics
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
+        stats.metrics.in_flight.inc();
+        let stats = Arc::clone(&stats);
+        let spawned = std::thread::Builder::new()
+            .name("sim-stream".into())
+            .spawn(move || {
+                let started = Instant::now();
+                std::thread::sleep(profile.ttft);
+                let m = &stats.metrics;
+                m.prefill.observe(started.elapsed().as_secs_f64());
+                m.ttft.observe(queued_at.elapsed().as_secs_f64());
+                let first_token_at = Instant::now();
+                let per_token =
+                    std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
+                let mut n = 0;
+                for i in 0..job.params.max_tokens {
+                    if i > 0 {
+                        std::thread::sleep(per_token);
+                    }
+                    if job
+                        .events
+                        .send(Event::Text(WORDS[i % WORDS.len()].to_string()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    n += 1;
+                }
+                m.generated_tokens.inc_by(n as u64);
+                if n > 1 {
+                    let per_token = first_token_at.elapsed().as_secs_f64() / (n - 1) as f64;
+                    m.time_per_output_token.observe(per_token);
+                }
+                let _ = job.events.send(Event::Done(Usage {
+                    prompt_tokens: job.prompt.len(),
+                    completion_tokens: n,
+                    total_tokens: job.prompt.len() + n,
+                    finish_length: true,
+                }));
+                m.in_flight.dec();
+            });
+        if spawned.is_err() {
+            tracing::error!("sim backend: cannot start a stream thread");
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The engine without HTTP: devices, loading, detokenization, stops and batching.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+use super::load::read_model;
+use super::*;
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_how_to_get_it() {
+    let err = parse_device("cuda").err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains("--features cuda"), "{err}");
+}
+
+#[test]
+fn bad_device_names_are_refused_clearly() {
+    let err = |s: &str| {
+        parse_device(s)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        err("tpu").contains("unknown device `tpu`"),
+        "{}",
+        err("tpu")
+    );
+    assert!(
+        err("cuda:x").contains("bad cuda ordinal"),
+        "{}",
+        err("cuda:x")
+    );
+    assert!(parse_device("cpu").is_ok());
+}
+
+/// `--quantize` parses its two names, and a GGUF file (already quantized as stored)
+/// refuses it by name instead of ignoring it.
+#[test]
+fn quantize_applies_to_hugging_face_checkpoints_only() {
+    assert_eq!("q8_0".parse::<Quantize>(), Ok(Quantize::Q8_0));
+    assert_eq!("none".parse::<Quantize>(), Ok(Quantize::None));
+    assert!(
+        "q4".parse::<Quantize>()
+            .unwrap_err()
+            .contains("(none, q8_0)")
+    );
+    let dir = std::env::temp_dir().join(format!("engine-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    model_meta::tiny::write_tiny_llama(&path, 256).unwrap();
+    let err = read_model(&path, None, Some(&Device::Cpu), Quantize::Q8_0)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("--quantize is for Hugging Face checkpoints"),
+        "{err}"
+    );
+    assert!(read_model(&path, None, Some(&Device::Cpu), Quantize::None).is_ok());
+    // a Hugging Face checkpoint takes it
+    let hf = dir.join("hf");
+    let opts = model_meta::tiny::HfOptions {
+        arch: model_meta::tiny::HfArch::Llama,
+        tie_embeddings: true,
+        llama3_rope: false,
+        context_length: 256,
+        rope_theta: 10_000.0,
+    };
+    model_meta::tiny::write_random_hf(&hf, &model_meta::tiny::LlamaShape::TINY, &opts).unwrap();
+    assert!(read_model(&hf, None, Some(&Device::Cpu), Quantize::Q8_0).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A CPU engine over a random model of `shape`, in a fresh directory (returned, for
+/// removal at the end of the test).
+fn engine_for(name: &str, shape: &model_meta::tiny::LlamaShape) -> (std::path::PathBuf, Engine) {
+    let dir = std::env::temp_dir().join(format!("engine-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    model_meta::tiny::write_random_llama(&path, shape, 2048).unwrap();
+    let engine = Engine::load(
+        &path,
+        None,
+        name.into(),
+        Backend::Real(Device::Cpu, Quantize::None),
+        8,
+        4,
+    )
+    .unwrap();
+    (dir, engine)
+}
+
+/// A job that generates exactly `max_tokens` tokens (end-of-sequence ignored).
+fn job(
+    prompt: std::ops::Range<u32>,
+    max_tokens: usize,
+    temperature: Option<f64>,
+    seed: u64,
+    events: mpsc::UnboundedSender<Event>,
+) -> Job {
+    Job {
+        prompt: prompt.collect(),
+        params: GenParams {
+            max_tokens,
+            temperature,
+            top_p: None,
+            seed,
+            stop: vec![],
+            ignore_eos: true,
+        },
+        events,
+    }
+}
+
+/// Token by token, the incremental text equals decoding the whole sequence at once —
+/// spaces, accents, CJK and emoji split over byte tokens included (SmolLM2's real
+/// tokenizer; skipped where the model file is absent).
+#[test]
+fn incremental_text_equals_the_whole_decode() {
+    let Some(path) = model_meta::workspace_smollm2() else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found (run scripts/fetch-model.sh)");
+        return;
+    };
+    let content = model_meta::read_gguf(&path).unwrap();
+    let tok = model_meta::tokenizer_from_gguf(&content).unwrap();
+    let text = "Héllo wörld —  東京は 🚀🦀 done.\n\n  indented  `code` 123,456";
+    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    let mut d = TextDecoder::default();
+    let mut seen = Vec::new();
+    for n in 1..=ids.len() {
+        d.push(&tok, &ids[..n]).unwrap();
+        assert!(!d.as_str().contains('\u{FFFD}'), "{:?}", d.as_str());
+        seen.push(d.as_str().len());
+    }
+    assert_eq!(d.as_str(), tok.decode(&ids, true).unwrap());
+    assert_eq!(d.as_str(), text);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "text only grows");
+}
+
+/// Runs a job to the end: (streamed text, usage).
+async fn run_job(engine: &Engine, mut j: Job) -> (String, Usage) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    j.events = tx;
+    engine.submit(j).unwrap();
+    let mut text = String::new();
+    loop {
+        match rx.recv().await.unwrap() {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(u) => return (text, u),
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// A stop sequence cuts the text just before its first occurrence and finishes with
+/// "stop" — also when it spans token boundaries (greedy decoding repeats the same text).
+#[tokio::test]
+async fn stop_sequences_cut_the_text_before_their_first_occurrence() {
+    let (dir, engine) = engine_for("stop", &model_meta::tiny::LlamaShape::TINY);
+    let (unused, _) = mpsc::unbounded_channel();
+    let (full, usage) = run_job(&engine, job(10..30, 40, None, 0, unused.clone())).await;
+    assert!(usage.finish_length && full.chars().count() > 12, "{full:?}");
+    // a stop string from the middle of the text
+    let start = full.char_indices().nth(8).unwrap().0;
+    let end = full.char_indices().nth(11).unwrap().0;
+    let stop = full[start..end].to_string();
+    let mut j = job(10..30, 40, None, 0, unused);
+    j.params.stop = vec![stop.clone()];
+    let (cut, usage) = run_job(&engine, j).await;
+    assert_eq!(cut, full[..full.find(&stop).unwrap()], "stop {stop:?}");
+    assert!(!usage.finish_length, "finished by the stop sequence");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A Q4_1 model (the real pools' weight type) runs through the engine, and
+/// `ignore_eos` makes a stream produce exactly `max_tokens` tokens.
+#[tokio::test]
+async fn quantized_model_generates_exactly_max_tokens_when_eos_is_ignored() {
+    let shape = model_meta::tiny::LlamaShape::small(candle_core::quantized::GgmlDType::Q4_1);
+    let (dir, engine) = engine_for("q41", &shape);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    engine.submit(job(10..40, 9, None, 1, tx)).unwrap();
+    let usage = loop {
+        match rx.recv().await.unwrap() {
+            Event::Text(_) => {}
+            Event::Done(u) => break u,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(usage.completion_tokens, 9);
+    assert_eq!(usage.prompt_tokens, 30);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Continuous batching: requests submitted together run in the same steps — every one
+/// has its first token before any of them finishes (one at a time, the first would
+/// finish before the second started).
+#[tokio::test]
+async fn concurrent_requests_share_the_batch() {
+    let (dir, engine) = engine_for("batch", &model_meta::tiny::LlamaShape::TINY);
+    let mut receivers = Vec::new();
+    for seed in 0..3u64 {
+        let (tx, rx) = mpsc::unbounded_channel();
+        engine
+            .submit(job(10..30, 200, Some(1.0), seed, tx))
+            .unwrap();
+        receivers.push(rx);
+    }
+    let mut firsts = Vec::new();
+    let mut dones = Vec::new();
+    let timings = futures::future::join_all(receivers.into_iter().map(|mut rx| async move {
+        let mut first = None;
+        loop {
+            match rx.recv().await.unwrap() {
+                Event::Text(_) => {
+                    first.get_or_insert_with(Instant::now);
+                }
+                Event::Done(u) => return (first.unwrap(), Instant::now(), u),
+                Event::Failed(e) => panic!("{e}"),
+            }
+        }
+    }))
+    .await;
+    for (first, done, usage) in timings {
+        assert_eq!(usage.completion_tokens, 200);
+        firsts.push(first);
+        dones.push(done);
+    }
+    let last_first = firsts.iter().max().unwrap();
+    let first_done = dones.iter().min().unwrap();
+    assert!(
+        last_first < first_done,
+        "a request finished before another had started"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A long prompt prefilled alone (one 2048-token chunk on CPU) and the same prompt
+/// prefilled while another stream decodes (512-token chunks) give the same greedy
+/// tokens: every prompt token enters the cache exactly once whatever the chunking.
+#[tokio::test]
+async fn prompt_chunking_does_not_change_the_tokens() {
+    let (dir, engine) = engine_for("chunks", &model_meta::tiny::LlamaShape::TINY);
+    let long = |events| Job {
+        prompt: (0..2000u32).map(|i| (i * 7 + 3) % 200 + 10).collect(),
+        ..job(0..0, 8, None, 0, events)
+    };
+    let tokens = |mut rx: mpsc::UnboundedReceiver<Event>| async move {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await.unwrap() {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => return (text, u.prompt_tokens, u.completion_tokens),
+                Event::Failed(e) => panic!("{e}"),
+            }
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    engine.submit(long(tx)).unwrap();
+    let alone = tokens(rx).await;
+    // a stream that is decoding when the long prompt arrives
+    let (busy_tx, mut busy_rx) = mpsc::unbounded_channel();
+    engine.submit(job(10..30, 1000, None, 0, busy_tx)).unwrap();
+    while !matches!(busy_rx.recv().await, Some(Event::Text(_))) {}
+    let (tx, rx) = mpsc::unbounded_channel();
+    engine.submit(long(tx)).unwrap();
+    let shared = tokens(rx).await;
+    assert_eq!((alone.1, alone.2), (2000, 8));
+    assert_eq!(alone, shared);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A client that does not read its stream holds nothing up: the other sequence of the
+/// batch finishes.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_stall_the_batch() {
+    let (dir, engine) = engine_for("slow", &model_meta::tiny::LlamaShape::TINY);
+    let (idle_tx, _idle_rx) = mpsc::unbounded_channel(); // never read
+    engine.submit(job(10..30, 400, None, 0, idle_tx)).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    engine.submit(job(10..30, 400, None, 0, tx)).unwrap();
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match rx.recv().await {
+                Some(Event::Done(u)) => return u.completion_tokens,
+                Some(Event::Failed(e)) => panic!("{e}"),
+                Some(Event::Text(_)) => {}
+                None => panic!("engine stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the reading client's stream finished");
+    assert_eq!(finished, 400);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A finished request is in the prefill and time-per-token histograms (observed before its
+/// `Done` event is sent).
+#[tokio::test]
+async fn finished_requests_fill_the_latency_histograms() {
+    let (dir, engine) = engine_for("metrics", &model_meta::tiny::LlamaShape::TINY);
+    let (unused, _) = mpsc::unbounded_channel();
+    let (_, usage) = run_job(&engine, job(10..30, 5, None, 0, unused)).await;
+    assert_eq!(usage.completion_tokens, 5);
+    let m = &engine.stats.metrics;
+    assert_eq!(m.prefill.get_sample_count(), 1);
+    assert_eq!(m.ttft.get_sample_count(), 1);
+    assert_eq!(m.time_per_output_token.get_sample_count(), 1);
+    assert_eq!(m.generated_tokens.get(), 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
