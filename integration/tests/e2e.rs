@@ -722,3 +722,32 @@ async fn safetensors_models_answer_through_the_router() {
         "{v}"
     );
 }
+
+/// A prompt whose tokens' lower bound alone passes the model's context window (2,048 for
+/// `tiny` in the rules) is refused by the router with OpenAI's 400
+/// `context_length_exceeded`, before any worker sees it (#17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_window_is_refused_before_forwarding() {
+    let env = integration::faulty_cpu(&[], json!({})).await.unwrap();
+    let body = json!({
+        "model": "tiny", "max_tokens": 4,
+        "messages": [{ "role": "user", "content": "word ".repeat(5000) }]
+    });
+    let r = env.chat(&body).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        header(&r, "x-switchyard-attempts"),
+        "",
+        "nothing was forwarded"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("2048"),
+        "{v}"
+    );
+    // a prompt that fits is served
+    let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -69,6 +69,12 @@ pub enum ProxyError {
     /// The bodies of requests in flight fill the router's memory budget.
     #[error("the router is holding its limit of {limit} bytes of request bodies; retry shortly")]
     BodyBudget { limit: usize },
+    /// The prompt alone is longer than the model's context window (as the rules declare it):
+    /// no worker could take it, so it is refused before it is forwarded anywhere.
+    #[error(
+        "This model's maximum context length is {window} tokens, but the prompt has at least {at_least} tokens"
+    )]
+    ContextLengthExceeded { window: u32, at_least: u64 },
     /// The request already passed through this router (a worker address that is the
     /// router's own listener, or two routers pointing at each other).
     #[error("the request looped back to the router")]
@@ -78,7 +84,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::BadJson(_) | Self::BadRequest(..) => 400,
+            Self::BadJson(_) | Self::BadRequest(..) | Self::ContextLengthExceeded { .. } => 400,
             Self::UnknownModel(_) | Self::NotFound(_) => 404,
             Self::MethodNotAllowed => 405,
             Self::BodyTimeout { .. } => 408,
@@ -93,6 +99,9 @@ impl ProxyError {
         match self {
             Self::BadJson(_) => ("invalid_request_error", "invalid_json"),
             Self::BadRequest(..) => ("invalid_request_error", "invalid_request"),
+            Self::ContextLengthExceeded { .. } => {
+                ("invalid_request_error", "context_length_exceeded")
+            }
             Self::UnknownModel(_) => ("invalid_request_error", "model_not_found"),
             Self::TooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
@@ -115,6 +124,7 @@ impl ProxyError {
         let param = match self {
             Self::BadRequest(_, p) => *p,
             Self::UnknownModel(_) => Some("model"),
+            Self::ContextLengthExceeded { .. } => Some("messages"),
             _ => None,
         };
         openai_body(&self.to_string(), kind, code, param)

@@ -134,6 +134,16 @@ impl SwitchyardProxy {
                 "false"
             }])
             .observe(t0.elapsed().as_secs_f64());
+        // the prompt alone cannot fit the model: no worker could take it
+        if let Some(m) = rules.rules.model(ctx.model())
+            && ctx.classified.prompt_tokens_lower > u64::from(m.context_window)
+        {
+            let e = ProxyError::ContextLengthExceeded {
+                window: m.context_window,
+                at_least: ctx.classified.prompt_tokens_lower,
+            };
+            return respond::error(session, ctx, &e).await;
+        }
         // 4. route: the first rule that matches gives the ordered target pools
         let decision = rules.rules.route(&ctx.classified.features);
         drop(rules);

@@ -260,6 +260,7 @@ pub async fn count_tokens(
     let Some(counter) = counter else {
         // No tokenizer for this model: ~4 bytes per token, the usual estimate.
         f.prompt_tokens = fixed.saturating_add(bytes.div_ceil(4));
+        parsed.prompt_tokens_lower = fixed;
         return false;
     };
     // Byte-level BPE: at most one token per byte; at least one per longest-token bytes.
@@ -283,6 +284,7 @@ pub async fn count_tokens(
         );
     if !needs_exact {
         f.prompt_tokens = lo;
+        parsed.prompt_tokens_lower = lo;
         return false;
     }
     let texts = std::mem::take(&mut parsed.texts);
@@ -315,12 +317,14 @@ pub async fn count_tokens(
     match counted.await {
         Ok(Some(n)) => {
             parsed.features.prompt_tokens = fixed.saturating_add(n);
+            parsed.prompt_tokens_lower = parsed.features.prompt_tokens;
             true
         }
         // Over budget (pathological input) or failed: take the upper bound, which routes
         // to the pool that can hold the most.
         _ => {
             parsed.features.prompt_tokens = hi;
+            parsed.prompt_tokens_lower = lo;
             false
         }
     }

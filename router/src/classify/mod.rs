@@ -38,6 +38,9 @@ pub struct Classified {
     /// Whether `prompt_tokens` is the tokenizer's exact count (else a bound that gives the
     /// same decision, or the upper bound when the count ran out of time).
     pub exact: bool,
+    /// A lower bound on the prompt's tokens (the count itself when exact): what the router
+    /// may hold against the model's context window.
+    pub prompt_tokens_lower: u64,
 }
 
 impl Classifier<'_> {
@@ -71,6 +74,7 @@ impl Classifier<'_> {
         Classified {
             features: parsed.features,
             exact,
+            prompt_tokens_lower: parsed.prompt_tokens_lower,
         }
     }
 

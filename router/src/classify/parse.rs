@@ -21,6 +21,8 @@ pub struct Parsed {
     pub images: u64,
     pub audios: u64,
     pub requested_max_tokens: Option<u64>,
+    /// A lower bound on the prompt's tokens, set by counting (the exact count when exact).
+    pub prompt_tokens_lower: u64,
 }
 
 /// Tenant id derived from the API key: `key-` and the first 64 bits of its SHA-256, never
@@ -158,6 +160,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
         images,
         audios,
         requested_max_tokens,
+        prompt_tokens_lower: 0,
     })
 }
 
