@@ -76,11 +76,12 @@ async fn bodies_beyond_the_memory_budget_get_503_and_the_budget_is_returned() {
     let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
     assert_eq!(r.status(), 200);
 
-    // the slow request is answered (its 600k-token prompt goes to the long-context pools,
-    // which have no worker here) and its bytes go back to the budget
+    // the slow request is answered (its 600k-token prompt cannot fit tiny's 2,048-token
+    // window: the router refuses it, #17; before, it went to the long-context pools, which
+    // have no worker here) and its bytes go back to the budget
     let answer = slow_req.await.unwrap();
     assert!(
-        answer.contains("no_capacity") && !answer.contains("router_overloaded"),
+        answer.contains("context_length_exceeded") && !answer.contains("router_overloaded"),
         "the slow request itself was within budget: {answer}"
     );
     eventually(Duration::from_secs(5), "the budget returned", || async {
@@ -92,7 +93,7 @@ async fn bodies_beyond_the_memory_budget_get_503_and_the_budget_is_returned() {
     let r = env.chat(&big).await.unwrap();
     let answer = r.text().await.unwrap();
     assert!(
-        answer.contains("no_capacity"),
+        answer.contains("context_length_exceeded"),
         "900 KB fits again: {answer}"
     );
 }
