@@ -490,3 +490,49 @@ async fn a_burst_of_new_streams_against_a_cold_router_all_succeed() {
     let m = env.metrics().await.unwrap();
     assert!(!m.contains("switchyard_router_ejections_total{"), "{m}");
 }
+
+/// Connection hygiene (#17): an idle keep-alive connection is closed after the keep-alive
+/// timeout (before, idle connections stayed open for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--keepalive-timeout-s")
+        .router_arg("1")
+        .start()
+        .await
+        .unwrap();
+    let addr = env
+        .proxy
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+
+    // one request on a keep-alive connection, then silence
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection was still open after 10 s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

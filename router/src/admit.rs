@@ -22,6 +22,11 @@ pub async fn admit(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<Option<Endpoint>> {
+    // Connection hygiene, for this request's writes and this connection's next request:
+    // an idle keep-alive connection closes after the keep-alive timeout, a client that
+    // stops reading after the send timeout.
+    session.set_keepalive(Some(shared.config.keepalive_timeout.as_secs().max(1)));
+    session.set_write_timeout(Some(shared.config.send_timeout));
     let (header_bytes, method, path) = {
         let head = session.req_header();
         let bytes: usize = head

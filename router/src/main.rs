@@ -98,6 +98,14 @@ struct ServeArgs {
     /// Time a client has to send its whole request body; 408 beyond.
     #[arg(long, default_value_t = 30_000)]
     body_timeout_ms: u64,
+    /// Seconds an idle keep-alive connection waits for its next request (and the longest
+    /// wait for each read of a request header).
+    #[arg(long, default_value_t = 60)]
+    keepalive_timeout_s: u64,
+    /// Longest wait for one write to the client (ms): a client that stops reading is cut
+    /// off after it.
+    #[arg(long, default_value_t = 30_000)]
+    send_timeout_ms: u64,
     /// Largest request header block accepted (bytes); 431 beyond.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -277,6 +285,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         debug_headers: !args.no_debug_headers,
         max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes),
         body_timeout: Duration::from_millis(args.body_timeout_ms),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout_s.max(1)),
+        send_timeout: Duration::from_millis(args.send_timeout_ms.max(1)),
     };
     let allowed_networks = if args.allow_networks.is_empty() {
         router::grpc::default_networks(args.addrs.grpc).context(

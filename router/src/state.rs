@@ -30,6 +30,12 @@ pub struct Config {
     pub max_buffered_bytes: usize,
     /// The whole request body must arrive within this (408 beyond).
     pub body_timeout: Duration,
+    /// How long an idle keep-alive connection waits for its next request (nginx's
+    /// `keepalive_timeout`); also the longest wait for each read of a request header.
+    pub keepalive_timeout: Duration,
+    /// Longest wait for one write to the client to go out (nginx's `send_timeout`): a
+    /// client that stops reading is cut off after it.
+    pub send_timeout: Duration,
 }
 
 pub struct Shared {
