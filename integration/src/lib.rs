@@ -189,6 +189,7 @@ pub struct Running {
     pub tiny_model: PathBuf,
     pub http: reqwest::Client,
     router_args: Vec<String>,
+    specs: Vec<WorkerSpec>,
 }
 
 /// Rules text may say `{TINY}` for the path of the generated tiny model.
@@ -238,34 +239,7 @@ impl TestEnv {
             .build()?;
         let mut workers = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
-            let mut cmd = Command::new(bin("switchyard-worker")?);
-            cmd.arg("--model").arg(w.model.as_ref().unwrap_or(&tiny));
-            cmd.args([
-                "--model-name",
-                &w.model_name,
-                "--router",
-                &grpc,
-                "--pool",
-                &w.pool,
-                "--worker-id",
-                &format!("{}-{i}", w.pool),
-            ]);
-            if w.fault_injection {
-                cmd.arg("--fault-injection");
-            }
-            cmd.args(&w.args);
-            let proc = Proc::spawn(cmd, &dir.path().join(format!("worker-{i}.log")))?;
-            let url = proc
-                .line
-                .split_whitespace()
-                .nth(1)
-                .context("worker url")?
-                .to_string();
-            workers.push(Worker {
-                proc,
-                url,
-                pool: w.pool.clone(),
-            });
+            workers.push(spawn_worker(dir.path(), &grpc, &tiny, i, w)?);
         }
         let env = Running {
             dir,
@@ -278,6 +252,7 @@ impl TestEnv {
             tiny_model: tiny,
             http,
             router_args: self.router_args,
+            specs: self.workers,
         };
         let n = self.expect.unwrap_or(env.workers.len());
         eventually(Duration::from_secs(30), "workers to register", || async {
@@ -296,6 +271,38 @@ impl TestEnv {
         .await?;
         Ok(env)
     }
+}
+
+/// Starts worker `i` of `spec` (log `worker-<i>.log`, id `<pool>-<i>`).
+fn spawn_worker(dir: &Path, grpc: &str, tiny: &Path, i: usize, w: &WorkerSpec) -> Result<Worker> {
+    let mut cmd = Command::new(bin("switchyard-worker")?);
+    cmd.arg("--model").arg(w.model.as_deref().unwrap_or(tiny));
+    cmd.args([
+        "--model-name",
+        &w.model_name,
+        "--router",
+        grpc,
+        "--pool",
+        &w.pool,
+        "--worker-id",
+        &format!("{}-{i}", w.pool),
+    ]);
+    if w.fault_injection {
+        cmd.arg("--fault-injection");
+    }
+    cmd.args(&w.args);
+    let proc = Proc::spawn(cmd, &dir.join(format!("worker-{i}.log")))?;
+    let url = proc
+        .line
+        .split_whitespace()
+        .nth(1)
+        .context("worker url")?
+        .to_string();
+    Ok(Worker {
+        proc,
+        url,
+        pool: w.pool.clone(),
+    })
 }
 
 fn spawn_router(dir: &Path, rules: &Path, addrs: &[&str; 3], extra: &[String]) -> Result<Proc> {
@@ -351,6 +358,21 @@ impl Running {
             },
         )
         .await
+    }
+
+    /// Kills worker `i` (SIGKILL: a preemption without notice) and starts it again with the
+    /// same arguments and id; it registers again once its old lease has expired.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        let _ = self.workers[i].proc.child.kill();
+        let _ = self.workers[i].proc.child.wait();
+        self.workers[i] = spawn_worker(
+            self.dir.path(),
+            &self.grpc,
+            &self.tiny_model,
+            i,
+            &self.specs[i],
+        )?;
+        Ok(())
     }
 
     /// A zero-downtime upgrade: starts a new router with `--upgrade` on the same addresses

@@ -126,6 +126,17 @@ async fn concurrent_requests_split_their_workers_cost_and_report_tokens_and_ttft
     }
     let wall = t0.elapsed().as_secs_f64();
 
+    // the log stage records a request just after its last byte went out
+    let _ = eventually(
+        Duration::from_secs(5),
+        "the three requests logged",
+        || async {
+            let m = env.metrics().await.ok()?;
+            (metric(&m, r#"switchyard_router_ttft_seconds_count{pool="cpu"}"#)? == 3.0)
+                .then_some(())
+        },
+    )
+    .await;
     let m = env.metrics().await.unwrap();
     let reported = metric(
         &m,

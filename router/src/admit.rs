@@ -24,8 +24,17 @@ pub async fn admit(
 ) -> Result<Option<Endpoint>> {
     // Connection hygiene, for this request's writes and this connection's next request:
     // an idle keep-alive connection closes after the keep-alive timeout, a client that
-    // stops reading after the send timeout.
-    session.set_keepalive(Some(shared.config.keepalive_timeout.as_secs().max(1)));
+    // stops reading after the send timeout. A router shutting down or handing over to its
+    // upgrade answers with `Connection: close`, so clients move their next requests to the
+    // new process instead of meeting a connection closed under them.
+    if shared
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        session.set_keepalive(None);
+    } else {
+        session.set_keepalive(Some(shared.config.keepalive_timeout.as_secs().max(1)));
+    }
     session.set_write_timeout(Some(shared.config.send_timeout));
     let (header_bytes, method, path) = {
         let head = session.req_header();
