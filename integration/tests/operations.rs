@@ -132,8 +132,11 @@ async fn concurrent_requests_split_their_workers_cost_and_report_tokens_and_ttft
         "the three requests logged",
         || async {
             let m = env.metrics().await.ok()?;
-            (metric(&m, r#"switchyard_router_ttft_seconds_count{pool="cpu"}"#)? == 3.0)
-                .then_some(())
+            let logged = metric(
+                &m,
+                r#"switchyard_router_completion_tokens_total{pool="cpu"}"#,
+            )?;
+            (logged == completion as f64).then_some(())
         },
     )
     .await;
