@@ -25,7 +25,7 @@ use pingora::connectors::http::Connector;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::classify::Classifier;
+use crate::classify::{self, Classifier};
 use crate::ctx::RequestCtx;
 use crate::error::ProxyError;
 use crate::state::Shared;
@@ -86,6 +86,29 @@ impl ProxyHttp for SwitchyardProxy {
     }
 }
 
+/// Bodies beyond this are parsed on a blocking thread: a 30 MB body takes long enough to
+/// parse that the event loop's other requests would stall behind it.
+const PARSE_ON_LOOP_BYTES: usize = 256 * 1024;
+
+/// The body parsed: on the event loop when small, on a blocking thread when large.
+async fn parse_body(
+    endpoint: routing_rules::Endpoint,
+    body: &bytes::Bytes,
+) -> std::result::Result<classify::Parsed, ProxyError> {
+    if body.len() <= PARSE_ON_LOOP_BYTES {
+        return classify::parse(endpoint, body);
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || classify::parse(endpoint, &body))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProxyError::BadRequest(
+                "the body could not be parsed".into(),
+                None,
+            ))
+        })
+}
+
 impl SwitchyardProxy {
     /// The lifecycle of one request.
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
@@ -108,10 +131,11 @@ impl SwitchyardProxy {
             counters: &counters,
             budget: shared.config.classify_budget,
         };
-        let parsed = match classifier.parse(endpoint, &session.req_header().headers, &body.0) {
+        let mut parsed = match parse_body(endpoint, &body.0).await {
             Ok(p) => p,
             Err(e) => return respond::error(session, ctx, &e).await,
         };
+        classifier.read_head(&mut parsed, &session.req_header().headers);
         let model = &parsed.features.model;
         if rules.rules.model(model).is_none()
             && !shared

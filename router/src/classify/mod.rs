@@ -53,6 +53,13 @@ impl Classifier<'_> {
         body: &[u8],
     ) -> Result<Parsed, ProxyError> {
         let mut parsed = parse(endpoint, body)?;
+        self.read_head(&mut parsed, head);
+        Ok(parsed)
+    }
+
+    /// The head's part of step 1: the tenant (from `authorization`) and every header a
+    /// rule tests. (The proxy parses large bodies off the event loop, then calls this.)
+    pub fn read_head(&self, parsed: &mut Parsed, head: &HeaderMap) {
         let f = &mut parsed.features;
         f.tenant = tenant_of(
             head.get(http::header::AUTHORIZATION)
@@ -63,7 +70,6 @@ impl Classifier<'_> {
                 f.headers.push((name.clone(), v.to_string()));
             }
         }
-        Ok(parsed)
     }
 
     /// Step 2: token counts, exact only where a rule threshold lies inside the bounds.

@@ -44,16 +44,29 @@ pub fn tenant_of(authorization: Option<&str>) -> Option<String> {
     Some(id)
 }
 
+/// Takes the string out of `v`, leaving `Null`: texts move from the parsed document into
+/// [`Parsed::texts`] instead of being copied (a prompt is held once, not twice).
+fn take_str(v: &mut Value) -> Option<String> {
+    match v.take() {
+        Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// One parse of `body`. Message texts are moved out of the parsed document, not copied:
+/// while a request is classified the router holds its body's bytes and one copy of its
+/// texts (before, two), and the texts go once the count is done. The body budget counts
+/// the body's bytes, which bound the texts' size.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ProxyError::BadJson(e.to_string()))?;
+    let mut v: Value =
+        serde_json::from_slice(body).map_err(|e| ProxyError::BadJson(e.to_string()))?;
     let obj = v
-        .as_object()
+        .as_object_mut()
         .ok_or_else(|| ProxyError::BadRequest("the body must be a JSON object".into(), None))?;
     let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ProxyError::BadRequest("`model` is required".into(), Some("model")))?
-        .to_string();
+        .get_mut("model")
+        .and_then(take_str)
+        .ok_or_else(|| ProxyError::BadRequest("`model` is required".into(), Some("model")))?;
     let mut modalities = ModalitySet::default();
     let mut texts = Vec::new();
     let mut fixed_tokens = 0u64;
@@ -62,8 +75,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
     match endpoint {
         Endpoint::ChatCompletions => {
             let msgs = obj
-                .get("messages")
-                .and_then(Value::as_array)
+                .get_mut("messages")
+                .and_then(Value::as_array_mut)
                 .ok_or_else(|| {
                     ProxyError::BadRequest("`messages` must be an array".into(), Some("messages"))
                 })?;
@@ -76,10 +89,10 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
             fixed_tokens += REPLY_PRIMER_TOKENS;
             for m in msgs {
                 fixed_tokens += PER_MESSAGE_TOKENS;
-                match m.get("content") {
-                    Some(Value::String(s)) => {
+                match m.get_mut("content") {
+                    Some(s @ Value::String(_)) => {
                         modalities.insert(Modality::Text);
-                        texts.push(s.clone());
+                        texts.extend(take_str(s));
                     }
                     Some(Value::Array(parts)) => {
                         for p in parts {
@@ -87,10 +100,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
                                 Some("text") => {
                                     modalities.insert(Modality::Text);
                                     texts.push(
-                                        p.get("text")
-                                            .and_then(Value::as_str)
-                                            .unwrap_or_default()
-                                            .to_string(),
+                                        p.get_mut("text").and_then(take_str).unwrap_or_default(),
                                     );
                                 }
                                 Some("image_url") | Some("image") => {
@@ -128,11 +138,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
                 "input"
             };
             modalities.insert(Modality::Text);
-            match obj.get(key) {
-                Some(Value::String(s)) => texts.push(s.clone()),
-                Some(Value::Array(a)) => {
-                    texts.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
-                }
+            match obj.get_mut(key) {
+                Some(s @ Value::String(_)) => texts.extend(take_str(s)),
+                Some(Value::Array(a)) => texts.extend(a.iter_mut().filter_map(take_str)),
                 _ => {
                     return Err(ProxyError::BadRequest(
                         format!("`{key}` must be a string or an array of strings"),
