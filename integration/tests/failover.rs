@@ -288,6 +288,60 @@ async fn a_client_leaving_mid_answer_stops_the_generation() {
     }
 }
 
+/// A client that leaves while its request waits in the queue: the engine never runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_first_token_is_never_run() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu").faulty().arg("--max-batch").arg("1"))
+        .start()
+        .await
+        .unwrap();
+    env.faults(0, json!({ "token_delay_ms": 50 }))
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", env.workers[0].url);
+    let send = |max_tokens| {
+        let request = env
+            .http
+            .post(&url)
+            .json(&chat_body("tiny", 30, max_tokens, false))
+            .send();
+        tokio::spawn(async move { request.await?.bytes().await })
+    };
+    let running = send(900);
+    eventually(Duration::from_secs(20), "the first to run", || async {
+        (worker_metric(&env, 0, GENERATED).await? >= 3.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let queued = send(900);
+    eventually(Duration::from_secs(10), "the second to queue", || async {
+        let depth = worker_metric(&env, 0, "switchyard_worker_queue_depth").await?;
+        (depth == 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    queued.abort(); // leaves before its first token
+    tokio::time::sleep(Duration::from_millis(200)).await; // its connection closes
+    running.abort();
+    eventually(
+        Duration::from_secs(3),
+        "the queue and the slot to empty",
+        || async {
+            let depth = worker_metric(&env, 0, "switchyard_worker_queue_depth").await?;
+            let busy = worker_metric(&env, 0, IN_FLIGHT).await?;
+            (depth == 0.0 && busy == 0.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let stopped = worker_metric(&env, 0, GENERATED).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // ten token delays
+    assert_eq!(worker_metric(&env, 0, GENERATED).await.unwrap(), stopped);
+    assert_eq!(worker_metric(&env, 0, IN_FLIGHT).await.unwrap(), 0.0);
+}
+
 /// Huge prompts are tokenized off the runtime that answers `/health` and heartbeats: while
 /// three multi-megabyte prompts are tokenized, `/health` answers and the worker keeps its
 /// lease (the harness's lease is 1 s). Before: `/health` took 32 s and the lease expired.
