@@ -2,8 +2,13 @@
 //! the client), after it (a well-formed SSE error event), with large bodies replayed whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use futures::StreamExt;
-use integration::{chat_body, faulty_cpu, header, spot_and_on_demand};
+use integration::{
+    FLEET_RULES, Running, TestEnv, WorkerSpec, chat_body, eventually, faulty_cpu, header,
+    spot_and_on_demand,
+};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +62,19 @@ async fn worker_exiting_before_the_first_byte_is_invisible_to_the_client() {
 /// and refuses it for exceeding the context window — which proves every byte arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_are_replayed_whole_on_failover() {
-    let env = spot_and_on_demand("h100", &[]).await.unwrap();
+    // the workers' default body cap follows the tiny model's 2k window: lift it here
+    let big = |pool: &str| {
+        WorkerSpec::new(pool)
+            .arg("--max-body-bytes")
+            .arg("16000000")
+    };
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(big("h100-spot").faulty())
+        .worker(big("h100-ondemand"))
+        .start()
+        .await
+        .unwrap();
     for size in [1_000_000usize, 10_000_000] {
         env.faults(0, json!({ "fail_next": 1 })).await.unwrap();
         let content = "x".repeat(size);
@@ -146,4 +163,293 @@ async fn a_sustained_spot_outage_costs_no_errors() {
         m.contains(r#"switchyard_router_ejections_total{pool="l40s-spot"}"#),
         "{m}"
     );
+}
+
+// ---- Long answers, clients that leave, huge prompts (#17) ----
+
+/// The value of worker `i`'s metric `name` (unlabelled).
+async fn worker_metric(env: &Running, i: usize, name: &str) -> Option<f64> {
+    let url = format!("{}/metrics", env.workers[i].url);
+    let text = env.http.get(url).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+const GENERATED: &str = "switchyard_worker_generated_tokens_total";
+const IN_FLIGHT: &str = "switchyard_worker_in_flight";
+
+/// A non-streaming answer that takes longer than the router's first-byte timeout: the
+/// worker commits (sends its header) at the first token, so the router waits for the body
+/// and the answer is generated once. Before: the router timed the whole generation out as a
+/// missing first byte, retried it, and answered 503 after both runs were thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_non_streaming_answer_outlasting_the_first_byte_timeout_runs_once() {
+    let env = faulty_cpu(
+        &["--first-byte-timeout-ms", "1500"],
+        json!({ "token_delay_ms": 150 }),
+    )
+    .await
+    .unwrap();
+    let before = worker_metric(&env, 0, GENERATED).await.unwrap();
+    let started = std::time::Instant::now();
+    let r = env.chat(&chat_body("tiny", 30, 16, false)).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+    assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    assert!(header(&r, "content-type").starts_with("application/json"));
+    let v: Value = r.json().await.unwrap();
+    let completion = v["usage"]["completion_tokens"].as_f64().unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_millis(1500),
+        "the answer must outlast the first-byte timeout to test anything ({waited:?}, {completion} tokens)"
+    );
+    let after = worker_metric(&env, 0, GENERATED).await.unwrap();
+    assert_eq!(after - before, completion, "generated exactly once: {v}");
+    let m = env.metrics().await.unwrap();
+    assert!(!m.contains("switchyard_router_retries_total{"), "{m}");
+}
+
+/// A worker failing after it committed a non-streaming answer: the client sees the body
+/// cut (an error), never a short answer that parses as a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_failing_after_the_header_cuts_the_json_answer() {
+    let env = faulty_cpu(&[], json!({ "drop_after_tokens": 3 }))
+        .await
+        .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 40, false)).await.unwrap();
+    assert_eq!(r.status(), 200, "headers were committed before the failure");
+    let body = tokio::time::timeout(Duration::from_secs(10), r.bytes())
+        .await
+        .expect("no hang");
+    if let Ok(body) = body {
+        assert!(
+            serde_json::from_slice::<Value>(&body).is_err(),
+            "a cut answer parsed as JSON: {body:?}"
+        );
+    }
+}
+
+/// A client that leaves in the middle of a long non-streaming answer: the worker stops
+/// generating it and frees its slot. Before: it generated all of it for no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_answer_stops_the_generation() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu").faulty())
+        .start()
+        .await
+        .unwrap();
+    env.faults(0, json!({ "token_delay_ms": 50 }))
+        .await
+        .unwrap();
+    for (via, stream) in [("direct", false), ("direct", true), ("router", true)] {
+        let base = if via == "router" {
+            &env.proxy
+        } else {
+            &env.workers[0].url
+        };
+        let before = worker_metric(&env, 0, GENERATED).await.unwrap();
+        let request = env
+            .http
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&chat_body("tiny", 30, 900, stream))
+            .send();
+        let client = tokio::spawn(async move { request.await?.bytes().await });
+        eventually(
+            Duration::from_secs(20),
+            "tokens to be generated",
+            || async {
+                let n = worker_metric(&env, 0, GENERATED).await?;
+                (n >= before + 5.0).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            !client.is_finished(),
+            "the answer ended before the client left"
+        );
+        client.abort(); // the client leaves
+        eventually(
+            Duration::from_secs(3),
+            &format!("the slot to be freed ({via}, stream: {stream})"),
+            || async { (worker_metric(&env, 0, IN_FLIGHT).await? == 0.0).then_some(()) },
+        )
+        .await
+        .unwrap();
+        let stopped = worker_metric(&env, 0, GENERATED).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await; // ten token delays
+        let later = worker_metric(&env, 0, GENERATED).await.unwrap();
+        assert_eq!(
+            later, stopped,
+            "generation went on after the client left ({via}, stream: {stream})"
+        );
+        assert!(stopped - before < 1000.0, "{} tokens", stopped - before);
+    }
+}
+
+/// A client that leaves while its request waits in the queue: the engine never runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_first_token_is_never_run() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu").faulty().arg("--max-batch").arg("1"))
+        .start()
+        .await
+        .unwrap();
+    env.faults(0, json!({ "token_delay_ms": 50 }))
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", env.workers[0].url);
+    let send = |max_tokens| {
+        let request = env
+            .http
+            .post(&url)
+            .json(&chat_body("tiny", 30, max_tokens, false))
+            .send();
+        tokio::spawn(async move { request.await?.bytes().await })
+    };
+    let running = send(900);
+    eventually(Duration::from_secs(20), "the first to run", || async {
+        (worker_metric(&env, 0, GENERATED).await? >= 3.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let queued = send(900);
+    eventually(Duration::from_secs(10), "the second to queue", || async {
+        let depth = worker_metric(&env, 0, "switchyard_worker_queue_depth").await?;
+        (depth == 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    queued.abort(); // leaves before its first token
+    tokio::time::sleep(Duration::from_millis(200)).await; // its connection closes
+    running.abort();
+    eventually(
+        Duration::from_secs(3),
+        "the queue and the slot to empty",
+        || async {
+            let depth = worker_metric(&env, 0, "switchyard_worker_queue_depth").await?;
+            let busy = worker_metric(&env, 0, IN_FLIGHT).await?;
+            (depth == 0.0 && busy == 0.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let stopped = worker_metric(&env, 0, GENERATED).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // ten token delays
+    assert_eq!(worker_metric(&env, 0, GENERATED).await.unwrap(), stopped);
+    assert_eq!(worker_metric(&env, 0, IN_FLIGHT).await.unwrap(), 0.0);
+}
+
+/// Huge prompts are tokenized off the runtime that answers `/health` and heartbeats: while
+/// three multi-megabyte prompts are tokenized, `/health` answers and the worker keeps its
+/// lease (the harness's lease is 1 s). Before: `/health` took 32 s and the lease expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_prompts_do_not_stall_health_or_heartbeats() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(
+            WorkerSpec::new("cpu")
+                .arg("--max-body-bytes")
+                .arg("8000000"),
+        )
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/v1/completions", env.workers[0].url);
+    let body = json!({ "model": "tiny", "prompt": "x ".repeat(2_000_000), "max_tokens": 4 });
+    let huge: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(env.http.post(&url).json(&body).send()))
+        .collect();
+    let health = format!("{}/health", env.workers[0].url);
+    let mut answered_meanwhile = 0;
+    while huge.iter().any(|h| !h.is_finished()) {
+        let ok = tokio::time::timeout(Duration::from_secs(2), env.http.get(&health).send())
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200));
+        assert!(
+            ok,
+            "/health did not answer within 2 s while prompts were tokenized"
+        );
+        if huge.iter().any(|h| !h.is_finished()) {
+            answered_meanwhile += 1;
+            assert_eq!(
+                env.live_workers().await.unwrap(),
+                1,
+                "the worker lost its lease"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered_meanwhile > 0,
+        "the prompts were tokenized too fast to test anything"
+    );
+    for h in huge {
+        let r = h.await.unwrap().unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "context_length_exceeded");
+    }
+    // the default cap follows the context window (2k tokens → 1 MiB)
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/v1/completions", env.workers[0].url);
+    let r = env.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+}
+
+/// `max_tokens` beyond what the context window leaves is clamped to it, on the real and the
+/// simulated backend; `u64::MAX` answers (it hung the sim backend before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_is_clamped_to_the_context_window() {
+    let sim = WorkerSpec::new("l40s-spot")
+        .arg("--backend")
+        .arg("sim")
+        .arg("--sim-ttft-ms")
+        .arg("0")
+        .arg("--sim-tokens-per-s")
+        .arg("100000");
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .worker(sim)
+        .start()
+        .await
+        .unwrap();
+    for (i, w) in env.workers.iter().enumerate() {
+        let body = json!({
+            "model": "tiny",
+            "prompt": "Say hi.",
+            "max_tokens": u64::MAX,
+            "temperature": 0,
+            "seed": 1,
+        });
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            env.http
+                .post(format!("{}/v1/completions", w.url))
+                .json(&body)
+                .send(),
+        )
+        .await
+        .expect("no hang")
+        .unwrap();
+        assert_eq!(r.status(), 200, "worker {i}");
+        let v: Value = r.json().await.unwrap();
+        let u = &v["usage"];
+        let total = u["total_tokens"].as_u64().unwrap();
+        assert!(total <= 2048, "worker {i}: {v}");
+        if v["choices"][0]["finish_reason"] == "length" {
+            assert_eq!(total, 2048, "worker {i}: {v}");
+        }
+        if i == 1 {
+            assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        }
+    }
 }

@@ -4,7 +4,9 @@
 //! This layer parses and validates the JSON, hands the prompt to the model's side
 //! ([`Prompt`], which renders the chat template and tokenizes), submits a [`Job`] and
 //! answers from its events — holding the response until the first token (the commit
-//! point), then in one body or as a server-sent event stream.
+//! point), then sending the header at once and the rest as a server-sent event stream, or
+//! (not streaming) as one JSON body when the generation ends. Tokenization runs on a
+//! blocking thread, never on the runtime that answers `/health` and heartbeats.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -28,7 +30,8 @@ use crate::error::{WorkerError, error_body, openai_error};
 pub struct Faults {
     /// Fail this many next requests with 503 `preempted` before any work.
     pub fail_next: AtomicU32,
-    /// Streaming answers: drop the connection after this many content chunks (0 = never).
+    /// Drop the connection after this many content chunks (0 = never); not streaming,
+    /// after this many tokens' text, once the header is sent.
     pub drop_after_tokens: AtomicU32,
     /// Delay before the work starts, i.e. before the first token (milliseconds).
     pub delay_first_token_ms: AtomicU32,
@@ -72,6 +75,14 @@ impl Drop for Active {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The default body cap for a model with a `max_context`-token window: 16 bytes per token
+/// (a token is ~4 bytes of text; JSON escaping and chat structure leave room), at least
+/// 1 MiB. A body much larger than the window can only end in `context_length_exceeded`, after
+/// costing memory and tokenizer time.
+pub fn default_max_body_bytes(max_context: usize) -> usize {
+    max_context.saturating_mul(16).max(1 << 20)
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -239,7 +250,7 @@ const ACCEPTED: &[&str] = &[
 ];
 
 struct Parsed {
-    prompt: Vec<u32>,
+    prompt: Prompt,
     params: GenParams,
     stream: bool,
     include_usage: bool,
@@ -347,8 +358,6 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // the model's work (template, tokenizer, context window) once the request is valid
-    let prompt = s.engine.model.tokenize(prompt)?;
     Ok(Parsed {
         prompt,
         params: GenParams {
@@ -463,7 +472,19 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
         return Err(WorkerError::Unavailable("preempted"));
     }
     let active = Active::new(&s);
-    let p = parse(&s, kind, &body)?;
+    let mut p = parse(&s, kind, &body)?;
+    drop(body);
+    // The model's work (template, tokenizer, context window) once the request is valid, off
+    // the async runtime: a multi-megabyte prompt takes seconds to tokenize, and `/health`
+    // and the registration heartbeat run on the same runtime.
+    let model = Arc::clone(&s.engine.model);
+    let prompt = tokio::task::spawn_blocking(move || model.tokenize(p.prompt))
+        .await
+        .map_err(|e| WorkerError::Engine(format!("tokenization stopped: {e}")))??;
+    // What the context window leaves after the prompt bounds the answer (`tokenize` refused
+    // a prompt that fills the window), so a huge `max_tokens` cannot run away.
+    let room = s.engine.model.max_context.saturating_sub(prompt.len());
+    p.params.max_tokens = p.params.max_tokens.min(room);
     let mut drop_after = 0;
     if let Some(f) = &s.faults {
         if f.exit_next.load(Ordering::Relaxed) {
@@ -478,11 +499,13 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     s.engine.submit(Job {
-        prompt: p.prompt,
+        prompt,
         params: p.params,
         events: tx,
     })?;
     // Commit point: nothing is sent to the client until the first token (or the end) exists.
+    // A client that leaves before then drops this future and `rx` with it: the engine drops
+    // the job from its queue or its batch.
     let first = rx
         .recv()
         .await
@@ -519,19 +542,7 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
             active,
         ))
     } else {
-        let mut text = String::new();
-        let mut ev = first;
-        loop {
-            match ev {
-                Event::Text(t) => text.push_str(&t),
-                Event::Done(u) => return Ok(axum::Json(meta.full(&text, u)).into_response()),
-                Event::Failed(e) => return Err(WorkerError::Engine(e)),
-            }
-            ev = rx
-                .recv()
-                .await
-                .ok_or_else(|| WorkerError::Engine("engine dropped the request".into()))?;
-        }
+        Ok(json_response(meta, first, rx, drop_after, active))
     }
 }
 
@@ -578,6 +589,64 @@ impl Meta {
     fn frame(&self, v: Value) -> Bytes {
         Bytes::from(format!("data: {v}\n\n"))
     }
+}
+
+/// A non-streaming answer past the commit point: the header now, the JSON body when the
+/// generation ends. Chunked, so a failure after the header cuts the body (the client sees an
+/// incomplete answer, never a valid short one); a client that leaves closes the body channel,
+/// which drops `rx` and stops the engine.
+fn json_response(
+    meta: Meta,
+    first: Event,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    drop_after: u32,
+    active: Active,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        let _active = active;
+        let mut text = String::new();
+        let mut pieces = 0u32;
+        let mut ev = Some(first);
+        loop {
+            match ev {
+                Some(Event::Text(_)) if drop_after > 0 && pieces == drop_after => {
+                    let err = std::io::Error::other("fault injection: connection dropped");
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+                Some(Event::Text(t)) => {
+                    pieces += 1;
+                    text.push_str(&t);
+                }
+                Some(Event::Done(u)) => {
+                    let body = meta.full(&text, u).to_string();
+                    let _ = tx.send(Ok(Bytes::from(body))).await;
+                    return;
+                }
+                Some(Event::Failed(e)) => {
+                    tracing::warn!("generation failed after the commit point: {e}");
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
+                    return;
+                }
+                None => {
+                    tracing::warn!("the engine dropped a request after the commit point");
+                    let err = std::io::Error::other("engine dropped the request");
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+            }
+            ev = tokio::select! {
+                e = rx.recv() => e,
+                () = tx.closed() => return, // client gone; dropping rx stops the engine
+            };
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 fn stream_response(
@@ -645,7 +714,10 @@ fn stream_response(
                     return; // client gone; dropping rx stops the engine
                 }
             }
-            ev = rx.recv().await;
+            ev = tokio::select! {
+                e = rx.recv() => e,
+                () = tx.closed() => return, // client gone; dropping rx stops the engine
+            };
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out));
@@ -658,6 +730,13 @@ fn stream_response(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_body_cap_follows_the_context_window() {
+        assert_eq!(super::default_max_body_bytes(2048), 1 << 20);
+        assert_eq!(super::default_max_body_bytes(131_072), 2 << 20);
+        assert_eq!(super::default_max_body_bytes(usize::MAX), usize::MAX);
+    }
+
     #[test]
     fn preemption_notices_need_loopback_or_the_token() {
         let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();

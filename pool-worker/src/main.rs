@@ -77,9 +77,11 @@ struct Args {
     /// Enable POST /admin/faults (fault injection for failover tests). Never in production.
     #[arg(long)]
     fault_injection: bool,
-    /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    max_body_bytes: usize,
+    /// Largest request body accepted, in bytes (413 beyond). Default: what the model can
+    /// use, 16 bytes per token of its context window, at least 1 MiB — a body far larger
+    /// than the context window only costs memory and tokenizer time before its 400.
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -145,7 +147,9 @@ async fn main() -> anyhow::Result<()> {
         shutdown: tokio::sync::Notify::new(),
         shutdown_request: Default::default(),
         active: Default::default(),
-        max_body_bytes: args.max_body_bytes,
+        max_body_bytes: args
+            .max_body_bytes
+            .unwrap_or_else(|| pool_worker::api::default_max_body_bytes(engine.model.max_context)),
         admin_token: args.token.clone(),
     });
     let listener = listen(args.listen).with_context(|| format!("bind {}", args.listen))?;

@@ -61,7 +61,7 @@ impl WorkerMetrics {
             };
         let generated_tokens = IntCounter::new(
             "switchyard_worker_generated_tokens_total",
-            "Tokens generated.",
+            "Tokens generated, counted as each is sampled (abandoned answers included).",
         )?;
         registry.register(Box::new(generated_tokens.clone()))?;
         Ok(Self {

@@ -74,6 +74,11 @@ pub async fn relay(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    // Past the commit point a JSON answer comes whole when the generation ends: the wait
+    // is bounded by the total deadline below, not by the first-byte timeout.
+    if !sse {
+        upstream.set_read_timeout(None);
+    }
     if shared.config.debug_headers {
         resp.insert_header("x-switchyard-pool", ctx.pool.as_deref().unwrap_or_default())?;
         resp.insert_header("x-switchyard-rule", &*decision.rule)?;

@@ -184,9 +184,10 @@ impl Engine {
                     tokens_per_s: 100.0,
                 });
                 let stats = Arc::clone(&stats);
+                let max_context = model.max_context;
                 std::thread::Builder::new()
                     .name("sim-engine".into())
-                    .spawn(move || run_sim(rx, profile, stats))
+                    .spawn(move || run_sim(rx, profile, stats, max_context))
             }
         };
         spawned.map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;

@@ -248,6 +248,8 @@ impl Actor {
             return self.flush(seq, false);
         }
         seq.generated.push(token);
+        // counted as generated, whether or not the client stays for it
+        self.stats.metrics.generated_tokens.inc();
         if let Err(e) = seq.text.push(&self.model.tokenizer, &seq.generated) {
             let _ = seq.events.send(Event::Failed(e.to_string()));
             return Next::Gone;
@@ -295,7 +297,6 @@ impl Actor {
 
     fn finish(&self, seq: &Seq, finish_length: bool) {
         let n = seq.generated.len();
-        self.stats.metrics.generated_tokens.inc_by(n as u64);
         if let Some(first) = seq.first_token_at
             && n > 1
         {

@@ -19,6 +19,7 @@ pub(super) fn run_sim(
     rx: std::sync::mpsc::Receiver<Queued>,
     profile: SimProfile,
     stats: Arc<EngineStats>,
+    max_context: usize,
 ) {
     const WORDS: [&str; 8] = [
         "simulated ",
@@ -50,7 +51,15 @@ pub(super) fn run_sim(
                 let per_token =
                     std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
                 let mut n = 0;
-                for i in 0..job.params.max_tokens {
+                // as a real model, bounded by what the context window leaves
+                let budget = job
+                    .params
+                    .max_tokens
+                    .min(max_context.saturating_sub(job.prompt.len()));
+                for i in 0..budget {
+                    if job.events.is_closed() {
+                        break; // client gone
+                    }
                     if i > 0 {
                         std::thread::sleep(per_token);
                     }
@@ -62,8 +71,8 @@ pub(super) fn run_sim(
                         break;
                     }
                     n += 1;
+                    m.generated_tokens.inc();
                 }
-                m.generated_tokens.inc_by(n as u64);
                 if n > 1 {
                     let per_token = first_token_at.elapsed().as_secs_f64() / (n - 1) as f64;
                     m.time_per_output_token.observe(per_token);
@@ -72,7 +81,7 @@ pub(super) fn run_sim(
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
-                    finish_length: true,
+                    finish_length: n == budget,
                 }));
                 m.in_flight.dec();
             });
