@@ -242,7 +242,12 @@ async fn a_client_leaving_mid_answer_stops_the_generation() {
     env.faults(0, json!({ "token_delay_ms": 50 }))
         .await
         .unwrap();
-    for (via, stream) in [("direct", false), ("direct", true), ("router", true)] {
+    for (via, stream) in [
+        ("direct", false),
+        ("direct", true),
+        ("router", true),
+        ("router", false),
+    ] {
         let base = if via == "router" {
             &env.proxy
         } else {

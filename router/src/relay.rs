@@ -102,8 +102,37 @@ pub async fn relay(
     let pool = ctx.pool.clone().unwrap_or_else(|| "none".into());
     let mut usage = UsageScan::default();
     let mut first = true;
+    // While the worker generates, the client's side of the connection is watched too (as
+    // pingora's own proxy loop does): a client that leaves ends the upstream request at
+    // once, so the worker stops generating for no one — a non-streaming answer writes
+    // nothing downstream until it is done, so no write would notice.
+    let mut watch_client = true;
     loop {
-        let next = tokio::time::timeout_at(deadline, upstream.read_response_body()).await;
+        let read = tokio::time::timeout_at(deadline, upstream.read_response_body());
+        let next = if watch_client {
+            tokio::select! {
+                biased;
+                next = read => next,
+                idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                    match idle {
+                        Err(e) => {
+                            tracing::debug!(%pool, "the client left mid-answer: {e}");
+                            ctx.status = 499;
+                            ctx.completion_tokens = usage.completion_tokens;
+                            upstream.shutdown().await;
+                            return Err(e);
+                        }
+                        // bytes from the client (a pipelined request): stop watching
+                        Ok(_) => {
+                            watch_client = false;
+                            continue;
+                        }
+                    }
+                }
+            }
+        } else {
+            read.await
+        };
         let (message, code, status) = match next {
             Ok(Ok(Some(chunk))) => {
                 usage.feed(&chunk);
