@@ -283,11 +283,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
         total_timeout: Duration::from_millis(args.total_timeout_ms),
         debug_headers: !args.no_debug_headers,
-        max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes),
+        max_buffered_bytes: args.max_buffered_bytes,
         body_timeout: Duration::from_millis(args.body_timeout_ms),
-        keepalive_timeout: Duration::from_secs(args.keepalive_timeout_s.max(1)),
-        send_timeout: Duration::from_millis(args.send_timeout_ms.max(1)),
-    };
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout_s),
+        send_timeout: Duration::from_millis(args.send_timeout_ms),
+    }
+    .validated()
+    .map_err(|problems| anyhow::anyhow!("bad settings:\n  {}", problems.join("\n  ")))?;
     let allowed_networks = if args.allow_networks.is_empty() {
         router::grpc::default_networks(args.addrs.grpc).context(
             "--allow-networks is required when the registry (--grpc) listens beyond loopback: \

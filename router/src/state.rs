@@ -38,6 +38,80 @@ pub struct Config {
     pub send_timeout: Duration,
 }
 
+impl Config {
+    /// The settings, if they hold together; else every problem, by flag. Nothing is fixed
+    /// up silently (a body budget smaller than one body would refuse every large request).
+    pub fn validated(self) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut positive = |flag: &str, zero: bool| {
+            if zero {
+                problems.push(format!("{flag} must be greater than zero"));
+            }
+        };
+        positive("--max-body-bytes", self.max_body_bytes == 0);
+        positive("--max-header-bytes", self.max_header_bytes == 0);
+        positive("--connect-timeout-ms", self.connect_timeout.is_zero());
+        positive("--first-byte-timeout-ms", self.first_byte_timeout.is_zero());
+        positive("--total-timeout-ms", self.total_timeout.is_zero());
+        positive("--body-timeout-ms", self.body_timeout.is_zero());
+        positive("--keepalive-timeout-s", self.keepalive_timeout.is_zero());
+        positive("--send-timeout-ms", self.send_timeout.is_zero());
+        if self.max_buffered_bytes < self.max_body_bytes {
+            problems.push(format!(
+                "--max-buffered-bytes ({}) must hold at least one body of --max-body-bytes ({})",
+                self.max_buffered_bytes, self.max_body_bytes
+            ));
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Config;
+
+    fn good() -> Config {
+        let s = Duration::from_secs(1);
+        Config {
+            max_body_bytes: 10,
+            max_header_bytes: 10,
+            classify_budget: s,
+            connect_timeout: s,
+            first_byte_timeout: s,
+            total_timeout: s,
+            debug_headers: true,
+            max_buffered_bytes: 10,
+            body_timeout: s,
+            keepalive_timeout: s,
+            send_timeout: s,
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_and_every_problem_named() {
+        assert!(good().validated().is_ok());
+        let bad = Config {
+            max_buffered_bytes: 5,
+            send_timeout: Duration::ZERO,
+            ..good()
+        };
+        let problems = bad.validated().unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("--max-buffered-bytes (5)"))
+        );
+        assert!(problems.iter().any(|p| p.contains("--send-timeout-ms")));
+    }
+}
+
 pub struct Shared {
     pub rules: Arc<RulesStore>,
     pub last_reload: std::sync::Mutex<Option<crate::reload::ReloadStatus>>,
