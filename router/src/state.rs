@@ -70,48 +70,6 @@ impl Config {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::Config;
-
-    fn good() -> Config {
-        let s = Duration::from_secs(1);
-        Config {
-            max_body_bytes: 10,
-            max_header_bytes: 10,
-            classify_budget: s,
-            connect_timeout: s,
-            first_byte_timeout: s,
-            total_timeout: s,
-            debug_headers: true,
-            max_buffered_bytes: 10,
-            body_timeout: s,
-            keepalive_timeout: s,
-            send_timeout: s,
-        }
-    }
-
-    #[test]
-    fn settings_are_checked_and_every_problem_named() {
-        assert!(good().validated().is_ok());
-        let bad = Config {
-            max_buffered_bytes: 5,
-            send_timeout: Duration::ZERO,
-            ..good()
-        };
-        let problems = bad.validated().unwrap_err();
-        assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("--max-buffered-bytes (5)"))
-        );
-        assert!(problems.iter().any(|p| p.contains("--send-timeout-ms")));
-    }
-}
-
 pub struct Shared {
     pub rules: Arc<RulesStore>,
     pub last_reload: std::sync::Mutex<Option<crate::reload::ReloadStatus>>,
@@ -152,5 +110,47 @@ impl Shared {
         });
         s.apply_rules();
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Config;
+
+    fn good() -> Config {
+        let s = Duration::from_secs(1);
+        Config {
+            max_body_bytes: 10,
+            max_header_bytes: 10,
+            classify_budget: s,
+            connect_timeout: s,
+            first_byte_timeout: s,
+            total_timeout: s,
+            debug_headers: true,
+            max_buffered_bytes: 10,
+            body_timeout: s,
+            keepalive_timeout: s,
+            send_timeout: s,
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_and_every_problem_named() {
+        assert!(good().validated().is_ok());
+        let bad = Config {
+            max_buffered_bytes: 5,
+            send_timeout: Duration::ZERO,
+            ..good()
+        };
+        let problems = bad.validated().unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("--max-buffered-bytes (5)"))
+        );
+        assert!(problems.iter().any(|p| p.contains("--send-timeout-ms")));
     }
 }
