@@ -216,7 +216,14 @@ async fn a_worker_failing_after_the_header_cuts_the_json_answer() {
     let env = faulty_cpu(&[], json!({ "drop_after_tokens": 3 }))
         .await
         .unwrap();
-    let r = env.chat(&chat_body("tiny", 30, 40, false)).await.unwrap();
+    // straight to the worker: the header is committed, the body is cut, never a whole JSON
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.workers[0].url))
+        .json(&chat_body("tiny", 30, 40, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "headers were committed before the failure");
     let body = tokio::time::timeout(Duration::from_secs(10), r.bytes())
         .await
@@ -227,6 +234,15 @@ async fn a_worker_failing_after_the_header_cuts_the_json_answer() {
             "a cut answer parsed as JSON: {body:?}"
         );
     }
+    // through the router: a JSON answer is held until its body comes, so the same failure
+    // is one before the first byte — failed over (here no other worker: a clean 503)
+    env.faults(0, json!({ "drop_after_tokens": 3 }))
+        .await
+        .unwrap();
+    let r = env.chat(&chat_body("tiny", 30, 40, false)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_capacity", "{v}");
 }
 
 /// A client that leaves in the middle of a long non-streaming answer: the worker stops
@@ -405,8 +421,12 @@ async fn huge_prompts_do_not_stall_health_or_heartbeats() {
         .await
         .unwrap();
     let url = format!("{}/v1/completions", env.workers[0].url);
-    let r = env.http.post(&url).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), 413);
+    // 413 — or, when the worker answers before the client finished writing 4 MB, the
+    // client's write fails: refused either way, never served
+    match env.http.post(&url).json(&body).send().await {
+        Ok(r) => assert_eq!(r.status(), 413),
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
 }
 
 /// `max_tokens` beyond what the context window leaves is clamped to it, on the real and the
@@ -457,4 +477,53 @@ async fn max_tokens_is_clamped_to_the_context_window() {
             assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
         }
     }
+}
+
+/// The total timeout bounds failover too: a worker that never answers within it gets the
+/// client a 504 `timeout` at the total timeout, not after the (longer) first-byte timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_timeout_bounds_failover() {
+    let env = spot_and_on_demand(
+        "l40s",
+        &[
+            "--first-byte-timeout-ms",
+            "20000",
+            "--total-timeout-ms",
+            "1500",
+        ],
+    )
+    .await
+    .unwrap();
+    for w in 0..2 {
+        env.faults(w, json!({ "delay_first_token_ms": 8000 }))
+            .await
+            .unwrap_or_default();
+    }
+    let started = std::time::Instant::now();
+    let r = env.chat(&chat_body("tiny", 1500, 4, false)).await.unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "timeout", "{v}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A worker that dies in the middle of a non-streaming answer (after its header, before
+/// its body) costs latency, not an error: the router holds JSON answers until their body
+/// comes and fails over to the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_json_answer_fails_over_invisibly() {
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
+    env.faults(0, json!({ "drop_after_tokens": 3 }))
+        .await
+        .unwrap();
+    let r = env.chat(&chat_body("tiny", 1500, 12, false)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-ondemand");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "2");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
 }

@@ -550,3 +550,28 @@ async fn idle_keep_alive_connections_are_closed() {
         started.elapsed()
     );
 }
+
+/// A request refused before its body was read (413 on a declared 10 GB body) closes its
+/// connection: the router does not read and discard the rest (before, pingora drained it
+/// with no time limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_is_not_drained() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new().rules(FLEET_RULES).start().await.unwrap();
+    let addr = env
+        .proxy
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection stayed open to drain the body");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+}

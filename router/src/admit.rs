@@ -30,6 +30,7 @@ pub async fn admit(
     if shared
         .shutting_down
         .load(std::sync::atomic::Ordering::Relaxed)
+        || session.get_keepalive().is_none()
     {
         session.set_keepalive(None);
     } else {

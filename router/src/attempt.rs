@@ -74,7 +74,9 @@ pub async fn attempt(
                 }
                 return Ok((up, resp));
             }
-            Err(e) if reused && !fresh => {
+            // a pooled connection the worker closed: once more on another connection (a
+            // timeout is not retried here: the worker may be generating the answer)
+            Err(e) if reused && !fresh && !matches!(e.etype(), ReadTimedout | WriteTimedout) => {
                 tracing::debug!("pooled connection failed ({e}); retrying on a fresh one");
                 continue;
             }

@@ -39,7 +39,8 @@ pub async fn read(
             limit: budget.limit(),
         }));
     };
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(1 << 20));
+    // nothing is allocated for bytes not yet reserved: the buffer grows as bytes arrive
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(4096).min(64 << 10));
     // The whole body must arrive within the body timeout (pingora's own timeout is per
     // read: a client dripping a byte a minute would hold its reservation forever).
     let deadline = tokio::time::Instant::now() + shared.config.body_timeout;

@@ -75,6 +75,9 @@ pub enum ProxyError {
         "This model's maximum context length is {window} tokens, but the prompt has at least {at_least} tokens"
     )]
     ContextLengthExceeded { window: u32, at_least: u64 },
+    /// The router's total timeout passed before any worker answered.
+    #[error("no worker answered within the router's total timeout")]
+    GatewayTimeout,
     /// The request already passed through this router (a worker address that is the
     /// router's own listener, or two routers pointing at each other).
     #[error("the request looped back to the router")]
@@ -91,6 +94,7 @@ impl ProxyError {
             Self::TooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
             Self::Loop => 508,
+            Self::GatewayTimeout => 504,
             Self::NoCapacity { .. } | Self::BodyBudget { .. } => 503,
         }
     }
@@ -111,6 +115,7 @@ impl ProxyError {
             Self::NoCapacity { .. } => ("server_error", "no_capacity"),
             Self::BodyBudget { .. } => ("server_error", "router_overloaded"),
             Self::Loop => ("server_error", "loop_detected"),
+            Self::GatewayTimeout => ("server_error", "timeout"),
         }
     }
 

@@ -94,7 +94,12 @@ pub async fn forward(
     let mut last: Option<(Arc<str>, AttemptError)> = None;
     let mut reach = Reach::Healthy;
     let mut next_pool = 0;
+    // the total timeout bounds failover too: no attempt starts, and none waits, past it
+    let deadline = tokio::time::Instant::from(ctx.started + shared.config.total_timeout);
     while ctx.attempts < retry.max_attempts {
+        if tokio::time::Instant::now() >= deadline {
+            return respond::error(session, ctx, &ProxyError::GatewayTimeout).await;
+        }
         let Some(pool) = decision.targets.get(next_pool) else {
             if reach == Reach::Healthy {
                 // no healthy worker left on the route: the unhealthy ones, as a last resort
@@ -148,8 +153,47 @@ pub async fn forward(
             client: session.req_header(),
             hops: &hops,
         };
-        match attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out).await {
-            Ok((up, resp)) => {
+        let answered = tokio::time::timeout_at(
+            deadline,
+            attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(AttemptError::network(
+                routing_rules::RetryOn::Timeout,
+                "the router's total timeout passed",
+            ))
+        });
+        // A JSON answer is held until its body comes (the worker writes it when the
+        // generation ends): a worker that dies before that is retried on the next one,
+        // invisibly, as a failure before the first byte is. The client is watched meanwhile.
+        let answered = match answered {
+            Ok((mut up, resp)) if !relay::is_sse(&resp) => {
+                up.set_read_timeout(None);
+                let mut watch = true;
+                match relay::next_chunk(session, &mut up, deadline, &mut watch).await {
+                    relay::Next::Chunk(body) => Ok((up, resp, Some(body))),
+                    relay::Next::WorkerFailed(e) => Err(AttemptError::network(
+                        routing_rules::RetryOn::Reset,
+                        format!("the worker failed before its answer's body: {e}"),
+                    )),
+                    relay::Next::Timeout => Err(AttemptError::network(
+                        routing_rules::RetryOn::Timeout,
+                        "the router's total timeout passed",
+                    )),
+                    relay::Next::ClientGone(e) => {
+                        ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                        ctx.status = 499;
+                        up.shutdown().await;
+                        return Err(e);
+                    }
+                }
+            }
+            Ok((up, resp)) => Ok((up, resp, None)),
+            Err(e) => Err(e),
+        };
+        match answered {
+            Ok((up, resp, first_body)) => {
                 worker.health.record_success();
                 shared
                     .metrics
@@ -165,6 +209,7 @@ pub async fn forward(
                     upstream: up,
                     header: resp,
                     peer: &peer,
+                    held: first_body,
                 };
                 let relayed = relay::relay(proxy, session, ctx, decision, answer).await;
                 ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
@@ -182,6 +227,9 @@ pub async fn forward(
                 last = Some((pool.clone(), failed));
             }
         }
+    }
+    if tokio::time::Instant::now() >= deadline {
+        return respond::error(session, ctx, &ProxyError::GatewayTimeout).await;
     }
     let e = ProxyError::NoCapacity {
         rule: decision.rule.to_string(),

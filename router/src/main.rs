@@ -299,6 +299,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.allow_networks.clone()
     };
     anyhow::ensure!(
+        args.admin_token.as_deref() != Some("") && args.registry_token.as_deref() != Some(""),
+        "an empty --admin-token or --registry-token would let anyone in: give a token or none"
+    );
+    anyhow::ensure!(
         args.admin_token.is_some() || args.addrs.admin.ip().is_loopback(),
         "--admin {} listens beyond loopback: set --admin-token (or SWITCHYARD_ADMIN_TOKEN) so \
          reloads, explain and the lease hand-over are not open to the network",

@@ -16,11 +16,74 @@ use crate::ctx::RequestCtx;
 use crate::error::openai_body;
 use crate::proxy::SwitchyardProxy;
 
-/// A worker's answer, header read, body not yet.
+/// A worker's answer: header read, and for a JSON answer its first body read (`held`:
+/// `Some(None)` when the body already ended).
 pub struct Answer<'a> {
     pub upstream: HttpSession,
     pub header: ResponseHeader,
     pub peer: &'a HttpPeer,
+    pub held: Option<Option<Bytes>>,
+}
+
+/// Whether an answer is a server-sent event stream.
+pub fn is_sse(header: &ResponseHeader) -> bool {
+    header
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// What waiting for the worker's next body bytes ended with.
+pub enum Next {
+    /// Bytes, or `None`: the body ended.
+    Chunk(Option<Bytes>),
+    WorkerFailed(pingora::BError),
+    /// The total deadline passed.
+    Timeout,
+    /// The client closed its connection.
+    ClientGone(pingora::BError),
+}
+
+/// The worker's next body bytes, bounded by `deadline`, watching the client's side of the
+/// connection meanwhile (as pingora's own proxy loop does): a client that leaves is seen
+/// at once, so the worker stops generating for no one. Bytes from the client after its
+/// request (a pipelined request, a stray CRLF) end the watching (`watch` set false) and
+/// this connection's keep-alive.
+pub async fn next_chunk(
+    session: &mut Session,
+    upstream: &mut HttpSession,
+    deadline: tokio::time::Instant,
+    watch: &mut bool,
+) -> Next {
+    loop {
+        let read = tokio::time::timeout_at(deadline, upstream.read_response_body());
+        let next = if *watch {
+            tokio::select! {
+                biased;
+                next = read => next,
+                idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                    match idle {
+                        Err(e) if matches!(e.etype(), ConnectionClosed | ReadError) => {
+                            return Next::ClientGone(e);
+                        }
+                        _ => {
+                            *watch = false;
+                            session.set_keepalive(None);
+                            continue;
+                        }
+                    }
+                }
+            }
+        } else {
+            read.await
+        };
+        return match next {
+            Ok(Ok(chunk)) => Next::Chunk(chunk),
+            Ok(Err(e)) => Next::WorkerFailed(e),
+            Err(_) => Next::Timeout,
+        };
+    }
 }
 
 /// Response headers that describe one connection, not the answer (RFC 9110 §7.6.1), and
@@ -67,15 +130,12 @@ pub async fn relay(
         mut upstream,
         header,
         peer,
+        mut held,
     } = answer;
     let mut resp = client_header(&header)?;
-    let sse = header
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    // Past the commit point a JSON answer comes whole when the generation ends: the wait
-    // is bounded by the total deadline below, not by the first-byte timeout.
+    let sse = is_sse(&header);
+    // A JSON answer comes whole when the generation ends: the wait is bounded by the
+    // total deadline below, not by the first-byte timeout.
     if !sse {
         upstream.set_read_timeout(None);
     }
@@ -98,47 +158,26 @@ pub async fn relay(
         session.write_response_header(Box::new(resp), false),
     )
     .await
-    .map_err(|_| stalled())??;
+    .map_err(|_| stalled())
+    .and_then(|r| r)
+    .inspect_err(|_| ctx.status = 499)?;
     let pool = ctx.pool.clone().unwrap_or_else(|| "none".into());
     let mut usage = UsageScan::default();
     let mut first = true;
-    // While the worker generates, the client's side of the connection is watched too (as
-    // pingora's own proxy loop does): a client that leaves ends the upstream request at
-    // once, so the worker stops generating for no one — a non-streaming answer writes
-    // nothing downstream until it is done, so no write would notice.
-    let mut watch_client = true;
+    let mut watch = true;
     loop {
-        let read = tokio::time::timeout_at(deadline, upstream.read_response_body());
-        let next = if watch_client {
-            tokio::select! {
-                biased;
-                next = read => next,
-                idle = session.as_downstream_mut().read_body_or_idle(true) => {
-                    match idle {
-                        Err(e) => {
-                            tracing::debug!(%pool, "the client left mid-answer: {e}");
-                            ctx.status = 499;
-                            ctx.completion_tokens = usage.completion_tokens;
-                            upstream.shutdown().await;
-                            return Err(e);
-                        }
-                        // bytes from the client (a pipelined request): stop watching
-                        Ok(_) => {
-                            watch_client = false;
-                            continue;
-                        }
-                    }
-                }
-            }
-        } else {
-            read.await
+        let next = match held.take() {
+            Some(chunk) => Next::Chunk(chunk),
+            None => next_chunk(session, &mut upstream, deadline, &mut watch).await,
         };
         let (message, code, status) = match next {
-            Ok(Ok(Some(chunk))) => {
+            Next::Chunk(Some(chunk)) => {
                 usage.feed(&chunk);
                 tokio::time::timeout_at(deadline, session.write_response_body(Some(chunk), false))
                     .await
-                    .map_err(|_| stalled())??;
+                    .map_err(|_| stalled())
+                    .and_then(|r| r)
+                    .inspect_err(|_| ctx.status = 499)?;
                 if std::mem::take(&mut first) {
                     // What the client waited for its first token (or whole answer, when
                     // not streaming): classification and failover included.
@@ -150,46 +189,60 @@ pub async fn relay(
                 }
                 continue;
             }
-            Ok(Ok(None)) => {
+            Next::Chunk(None) => {
                 ctx.completion_tokens = usage.completion_tokens;
                 break;
             }
-            Ok(Err(e)) => {
+            Next::ClientGone(e) => {
+                tracing::debug!(%pool, "the client left mid-answer: {e}");
+                ctx.status = 499;
+                ctx.completion_tokens = usage.completion_tokens;
+                upstream.shutdown().await;
+                return Err(e);
+            }
+            Next::WorkerFailed(e) => {
                 tracing::warn!(%pool, "the worker failed mid-answer: {e}");
                 ("the worker failed mid-answer", "upstream_disconnected", 502)
             }
-            Err(_) => (
+            Next::Timeout => (
                 "the request passed the router's total timeout",
                 "timeout",
                 504,
             ),
         };
         tracing::warn!(%pool, "{message}");
-        if sse {
-            let ev = openai_body(message, "server_error", code, None);
-            let mut frame = Vec::with_capacity(ev.len() + 8);
-            frame.extend_from_slice(b"data: ");
-            frame.extend_from_slice(&ev);
-            frame.extend_from_slice(b"\n\n");
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                session.write_response_body(Some(Bytes::from(frame)), false),
-            )
-            .await;
-        }
         ctx.status = status;
         ctx.completion_tokens = usage.completion_tokens;
+        upstream.shutdown().await;
+        if !sse {
+            // A JSON answer is cut by closing the connection: ending it cleanly would hand
+            // the client a truncated body as if it were whole. (A stream ends properly with
+            // its error event, and its connection stays usable.)
+            session.set_keepalive(None);
+            return Error::e_explain(ConnectionClosed, message);
+        }
+        let ev = openai_body(message, "server_error", code, None);
+        let mut frame = Vec::with_capacity(ev.len() + 8);
+        frame.extend_from_slice(b"data: ");
+        frame.extend_from_slice(&ev);
+        frame.extend_from_slice(b"\n\n");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            session.write_response_body(Some(Bytes::from(frame)), false),
+        )
+        .await;
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             session.write_response_body(None, true),
         )
         .await;
-        upstream.shutdown().await;
         return Ok(());
     }
     tokio::time::timeout_at(deadline, session.write_response_body(None, true))
         .await
-        .map_err(|_| stalled())??;
+        .map_err(|_| stalled())
+        .and_then(|r| r)
+        .inspect_err(|_| ctx.status = 499)?;
     if upstream.response_done() {
         proxy
             .connector

@@ -38,6 +38,12 @@ pub async fn error_with(
     e: &ProxyError,
     mut extra: Vec<(&'static str, String)>,
 ) -> Result<()> {
+    // An answer given before the whole body was read (413, 408, 503 budget, 404, 405,
+    // 508) closes the connection: keeping it would make pingora drain the rest of the
+    // body first, with no time limit.
+    if !session.as_downstream_mut().is_body_done() {
+        session.set_keepalive(None);
+    }
     if let Some(s) = e.retry_after() {
         extra.push(("retry-after", s.to_string()));
     }
