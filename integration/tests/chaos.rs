@@ -21,8 +21,11 @@ struct Tally {
     ok: AtomicU64,
     /// An error status or a failed connection: a failure the router did not hide.
     visible: AtomicU64,
-    /// Broken after the first byte, and said so (SSE error event, or a cut JSON body).
+    /// A stream broken after its first byte, and said so (an SSE error event).
     broken_after_commit: AtomicU64,
+    /// A JSON answer cut after its header. The router holds JSON answers until their body
+    /// comes, so a worker dying mid-generation is failed over: this must stay 0.
+    broken_json: AtomicU64,
     /// A stream that ended without `[DONE]` and without an error event.
     silent_cut: AtomicU64,
     /// The first visible errors, for the report.
@@ -108,7 +111,8 @@ async fn chaos_drill_kills_reloads_and_an_upgrade_cost_no_hidden_failures() {
                                 .visible(format!("{status} {}", r.text().await.unwrap_or_default()))
                         }
                         Ok(r) => match r.text().await {
-                            Err(_) => &tally.broken_after_commit,
+                            Err(_) if stream => &tally.broken_after_commit,
+                            Err(_) => &tally.broken_json,
                             Ok(t) if stream && t.contains("data: [DONE]") => &tally.ok,
                             Ok(t) if stream && t.contains("\"error\"") => {
                                 &tally.broken_after_commit
@@ -116,7 +120,7 @@ async fn chaos_drill_kills_reloads_and_an_upgrade_cost_no_hidden_failures() {
                             Ok(_) if stream => &tally.silent_cut,
                             Ok(t) => match serde_json::from_str::<serde_json::Value>(&t) {
                                 Ok(v) if v["choices"].is_array() => &tally.ok,
-                                _ => &tally.broken_after_commit,
+                                _ => &tally.broken_json,
                             },
                         },
                     };
@@ -173,15 +177,17 @@ async fn chaos_drill_kills_reloads_and_an_upgrade_cost_no_hidden_failures() {
     let rejected = m.contains(r#"switchyard_router_rules_reloads_total{outcome="rejected"}"#);
 
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let (ok, visible, broken, silent) = (
+    let (ok, visible, broken, broken_json, silent) = (
         get(&tally.ok),
         get(&tally.visible),
         get(&tally.broken_after_commit),
+        get(&tally.broken_json),
         get(&tally.silent_cut),
     );
     eprintln!(
         "chaos drill: {secs} s, {clients} clients: {ok} answered, {visible} visible errors, \
-         {broken} broken after the first byte (and said so), {silent} cut silently; \
+         {broken} streams broken after the first byte (and said so), {broken_json} JSON \
+         answers cut, {silent} cut silently; \
          {kills} spot kills, {reloads} rules rewrites, 1 upgrade; router RSS KiB {rss:?}"
     );
     assert_eq!(
@@ -191,6 +197,10 @@ async fn chaos_drill_kills_reloads_and_an_upgrade_cost_no_hidden_failures() {
         tally.samples.lock().unwrap()
     );
     assert_eq!(silent, 0, "no stream may be cut silently");
+    assert_eq!(
+        broken_json, 0,
+        "a JSON answer is failed over until its body comes"
+    );
     assert!(!rejected, "every rewrite was a valid file:\n{m}");
     assert!(ok > secs * 10, "{ok} answers in {secs} s");
     assert!(kills + 1 >= secs * 1000 / kill_every.as_millis() as u64);
