@@ -124,7 +124,9 @@ pub async fn forward(
             if !failed.retryable() || !retry.retries_on(failed.reason) {
                 break;
             }
-            if from == pool {
+            // a retry into a pool that already failed this request (the same pool, or one
+            // met again in the second sweep) spends the budget
+            if ctx.failures.iter().any(|(p, ..)| p == pool) {
                 if !shared
                     .retry_budget
                     .try_retry(retry.budget_ratio, retry.budget_floor)
@@ -142,6 +144,11 @@ pub async fn forward(
                 .with_label_values(&[from, pool, failed.reason_name()])
                 .inc();
         }
+        // a worker whose ejection just ended takes one probe at a time
+        let Some(_probe) = worker.health.probe() else {
+            ctx.tried.push(worker.id.clone());
+            continue;
+        };
         ctx.attempts += 1;
         ctx.tried.push(worker.id.clone());
         let in_flight = InFlight::new(Arc::clone(&worker));

@@ -18,6 +18,8 @@ pub struct Health {
     ejected_until_ms: AtomicU64,
     /// Ejected since its last success: once the ejection ends, one failure ejects again.
     probation: AtomicBool,
+    /// A probe (the first request after an ejection ended) is in flight.
+    probing: AtomicBool,
     /// The last active health check failed (static workers only).
     down: AtomicBool,
 }
@@ -81,10 +83,34 @@ impl Health {
         self.is_down() || self.is_ejected()
     }
 
+    /// Leave to send a request: always, unless the worker is on probation after an ejection,
+    /// where one request at a time probes it (the others look elsewhere: `None`). The
+    /// guard ends the probe when the attempt ends.
+    pub fn probe(&self) -> Option<Probe<'_>> {
+        if !self.probation.load(Ordering::Relaxed) || self.is_ejected() {
+            return Some(Probe(None));
+        }
+        self.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| Probe(Some(&self.probing)))
+    }
+
     /// Ends the current ejection now (tests: what the passing of time does).
     #[cfg(test)]
     pub fn end_ejection(&self) {
         self.ejected_until_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An attempt's leave from [`Health::probe`]; a probe ends when it is dropped.
+pub struct Probe<'a>(Option<&'a AtomicBool>);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -114,6 +140,12 @@ mod tests {
         }
         h.end_ejection();
         assert!(!h.is_excluded(), "half-open: the probe may go");
+        {
+            let probe = h.probe();
+            assert!(probe.is_some());
+            assert!(h.probe().is_none(), "one probe at a time");
+        }
+        assert!(h.probe().is_some(), "the probe ended");
         assert!(h.record_failure(), "a failed probe ejects at once");
         let second = h.ejected_until_ms.load(Ordering::Relaxed) - now_ms();
         assert!(
