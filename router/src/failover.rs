@@ -10,8 +10,9 @@
 //!    preemption wave the dead spot pool is passed over and requests go straight to
 //!    on-demand (Envoy's priority levels). Only when no pool of the route has a healthy
 //!    worker does a second sweep reach the unhealthy ones.
-//! 2. **Within a pool, retries spend the retry budget** ([`RetryBudget`]: a ratio of
-//!    requests plus a floor), which stops a sick tier from multiplying its own load.
+//! 2. **Retries within a pool spend the retry budget** ([`RetryBudget`]: a ratio of
+//!    requests plus a floor) — any retry into a pool that already failed this request,
+//!    the second sweep included — which stops a sick tier from multiplying its own load.
 //! 3. **Moving to the next pool does not.** Tier failover is what the route is for: when
 //!    the budget refuses another try in the same pool, the loop moves on to the next pool
 //!    instead of failing the request. `retry.max_attempts` bounds the attempts in all.
