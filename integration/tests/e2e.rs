@@ -617,10 +617,14 @@ async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
     let r = env.chat(&chat_body("tiny", 30, 4, false)).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
-    assert!(
-        env.log("router.log").contains("SIGHUP: reloading rules"),
-        "the router handled SIGHUP"
-    );
+    // (log lines are written by a background thread: give it a moment)
+    eventually(Duration::from_secs(5), "the SIGHUP log line", || async {
+        env.log("router.log")
+            .contains("SIGHUP: reloading rules")
+            .then_some(())
+    })
+    .await
+    .expect("the router handled SIGHUP");
     let metrics = env.metrics().await.unwrap();
     assert!(
         metrics.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#),

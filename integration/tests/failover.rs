@@ -531,3 +531,97 @@ async fn a_worker_dying_mid_json_answer_fails_over_invisibly() {
     let v: Value = r.json().await.unwrap();
     assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
 }
+
+/// One id follows a request: the client's `x-request-id` is echoed, reaches the worker
+/// (its answer is named after it) and keys the router's JSON access line, which tells the
+/// whole story of a failover: the failed spot attempt and why, the worker that answered.
+/// A client that sends no id gets one made up, the same in all three places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_ties_answer_worker_and_json_access_line() {
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
+    env.faults(0, json!({ "fail_next": 1 })).await.unwrap();
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.proxy))
+        .header("x-request-id", "client-id-42")
+        .json(&chat_body("tiny", 1500, 4, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+    assert_eq!(header(&r, "x-request-id"), "client-id-42");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], "chatcmpl-client-id-42", "the worker got the id");
+
+    // no id sent, and an unusable one: made up, 32 hex digits
+    for sent in [None, Some("has space")] {
+        let mut req = env
+            .http
+            .post(format!("{}/v1/chat/completions", env.proxy))
+            .json(&chat_body("tiny", 1500, 4, false));
+        if let Some(s) = sent {
+            req = req.header("x-request-id", s);
+        }
+        let r = req.send().await.unwrap();
+        let id = header(&r, "x-request-id");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["id"], format!("chatcmpl-{id}"));
+    }
+    // the router's own answers carry it too
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.proxy))
+        .header("x-request-id", "bad-json-1")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-request-id"), "bad-json-1");
+
+    // the access line: JSON (stderr is not a terminal), found by the id
+    let line = integration::eventually(Duration::from_secs(5), "the access line", || async {
+        env.log("router.log")
+            .lines()
+            .find(|l| l.contains("\"client-id-42\""))
+            .map(str::to_string)
+    })
+    .await
+    .unwrap();
+    let a: Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(a["message"], "request", "{a}");
+    assert_eq!(a["request_id"], "client-id-42");
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["model"], "tiny");
+    assert_eq!(a["pool"], "l40s-ondemand");
+    assert!(
+        a["worker"].as_str().unwrap().starts_with("l40s-ondemand"),
+        "{a}"
+    );
+    assert_eq!(a["attempts"], 2);
+    let failures = a["failures"].as_str().unwrap();
+    assert!(
+        failures.starts_with("l40s-spot/") && failures.ends_with(":preempted"),
+        "{a}"
+    );
+    assert!(a["prompt_tokens"].as_u64().unwrap() > 1024, "{a}");
+    assert!(a["completion_tokens"].as_u64().unwrap() > 0, "{a}");
+    assert!(
+        a["ttft_ms"].as_f64().unwrap() <= a["ms"].as_f64().unwrap(),
+        "{a}"
+    );
+    assert!(a["cost_usd"].as_f64().unwrap() > 0.0, "{a}");
+    let bad = integration::eventually(Duration::from_secs(5), "the 400's access line", || async {
+        env.log("router.log")
+            .lines()
+            .find(|l| l.contains("\"bad-json-1\""))
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(bad["status"], 400, "{bad}");
+}

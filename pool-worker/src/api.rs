@@ -443,24 +443,45 @@ fn label(simulated: bool, mut r: Response) -> Response {
     r
 }
 
-async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    answer(s, Kind::Chat, body).await
+async fn chat(
+    State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(s, Kind::Chat, request_id(&headers), body).await
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    answer(s, Kind::Completion, body).await
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(s, Kind::Completion, request_id(&headers), body).await
+}
+
+/// The caller's `x-request-id` (the router always sends one) when it is 1–128 visible
+/// ASCII characters: the answer's `id` is named after it, as vLLM does, so one id follows
+/// the request from the client through the router's log to the worker's answer.
+fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers.get("x-request-id")?.to_str().ok()?;
+    ((1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic())).then(|| v.to_string())
 }
 
 /// The answer or the OpenAI-shaped error, labelled when it comes from the sim backend.
-async fn answer(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
+async fn answer(s: Arc<AppState>, kind: Kind, request_id: Option<String>, body: Bytes) -> Response {
     let sim = s.engine.model.simulated;
-    let r = serve(s, kind, body)
+    let r = serve(s, kind, request_id, body)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     label(sim, r)
 }
 
-async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, WorkerError> {
+async fn serve(
+    s: Arc<AppState>,
+    kind: Kind,
+    request_id: Option<String>,
+    body: Bytes,
+) -> Result<Response, WorkerError> {
     if s.draining.load(Ordering::Relaxed) {
         return Err(WorkerError::Unavailable("draining"));
     }
@@ -520,7 +541,7 @@ async fn serve(s: Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, Wo
         } else {
             "cmpl"
         },
-        uuid::Uuid::new_v4().simple()
+        request_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
     );
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -139,6 +139,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             .inc();
     }
     s.metrics.body_bytes.set(s.body_budget.in_use() as i64);
+    let dropped = crate::logging::dropped_lines();
+    let counted = s.metrics.log_lines_dropped.get();
+    s.metrics
+        .log_lines_dropped
+        .inc_by(dropped.saturating_sub(counted));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

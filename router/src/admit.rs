@@ -13,6 +13,8 @@ use crate::state::Shared;
 /// back with this router's name in it has looped (a worker address that is a router's own
 /// listener, routers pointing at each other) and is refused instead of multiplying.
 pub const HOP_HEADER: &str = "x-switchyard-hop";
+/// The request id header, accepted from the client, echoed, and sent to the worker.
+pub const REQUEST_ID: &str = "x-request-id";
 /// Routers a request may pass through.
 const MAX_HOPS: usize = 8;
 
@@ -37,6 +39,7 @@ pub async fn admit(
         session.set_keepalive(Some(shared.config.keepalive_timeout.as_secs().max(1)));
     }
     session.set_write_timeout(Some(shared.config.send_timeout));
+    ctx.request_id = crate::ctx::request_id(session.req_header().headers.get(REQUEST_ID));
     let (header_bytes, method, path) = {
         let head = session.req_header();
         let bytes: usize = head

@@ -13,13 +13,13 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use routing_rules::RetryOn;
 
-use crate::admit::HOP_HEADER;
+use crate::admit::{HOP_HEADER, REQUEST_ID};
 use crate::error::AttemptError;
 use crate::registry::Worker;
 use crate::state::Config;
 
 /// Request headers passed on to the worker as the client sent them.
-const PASSED_ON: [&str; 3] = ["accept", "x-request-id", "traceparent"];
+const PASSED_ON: [&str; 2] = ["accept", "traceparent"];
 
 /// The peer for `worker`, with the router's timeouts.
 pub fn peer(config: &Config, worker: &Worker) -> HttpPeer {
@@ -38,6 +38,8 @@ pub struct Outgoing<'a> {
     pub client: &'a RequestHeader,
     /// The hop header's value: the client's, with this router's id added.
     pub hops: &'a str,
+    /// The request's id (`x-request-id`).
+    pub request_id: &'a str,
 }
 
 /// Sends the request; succeeds only with a response header that is an answer (not 429,
@@ -128,11 +130,12 @@ async fn connection(
 }
 
 fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
-    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(5 + PASSED_ON.len()))?;
+    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(6 + PASSED_ON.len()))?;
     req.insert_header("host", peer._address.to_string())?;
     req.insert_header("content-type", "application/json")?;
     req.insert_header("content-length", out.body.len().to_string())?;
     req.insert_header(HOP_HEADER, out.hops)?;
+    req.insert_header(REQUEST_ID, out.request_id)?;
     for name in PASSED_ON {
         if let Some(v) = out.client.headers.get(name) {
             req.insert_header(name, v.clone())?;

@@ -13,6 +13,9 @@ use crate::classify::Classified;
 
 pub struct RequestCtx {
     pub started: Instant,
+    /// The request's id: the client's `x-request-id` when it sent a usable one, else one
+    /// made here. Echoed to the client, sent to the worker, in the access line.
+    pub request_id: String,
     /// Set once the path names an inference endpoint (requests to other paths are not
     /// counted in the request metrics).
     pub endpoint: Option<Endpoint>,
@@ -34,6 +37,8 @@ pub struct RequestCtx {
     pub failures: Vec<(Arc<str>, String, &'static str)>,
     /// The status the client got (499: the client left before an answer could be sent).
     pub status: u16,
+    /// When the first answer byte was relayed to the client, from `started`.
+    pub ttft: Option<std::time::Duration>,
     /// Completion tokens the worker reported in its answer's `usage`.
     pub completion_tokens: Option<u64>,
     /// Each attempt's pool and share of its worker's time (seconds), for cost.
@@ -45,6 +50,7 @@ impl RequestCtx {
     pub fn new(active: &Arc<AtomicUsize>) -> Self {
         Self {
             started: Instant::now(),
+            request_id: String::new(),
             endpoint: None,
             path: String::new(),
             classified: Classified::default(),
@@ -55,6 +61,7 @@ impl RequestCtx {
             tried: Vec::new(),
             failures: Vec::new(),
             status: 0,
+            ttft: None,
             completion_tokens: None,
             worker_seconds: Vec::new(),
             _active: Active::new(active),
@@ -65,6 +72,19 @@ impl RequestCtx {
     pub fn model(&self) -> &str {
         &self.classified.features.model
     }
+}
+
+/// The id for a request: the client's `x-request-id` when it is 1–128 visible ASCII
+/// characters (it then ties the client's own logs to ours), else 32 random hex digits.
+pub fn request_id(client: Option<&http::HeaderValue>) -> String {
+    if let Some(v) = client
+        && (1..=128).contains(&v.len())
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        && let Ok(s) = v.to_str()
+    {
+        return s.to_string();
+    }
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// Counts a request in `Shared::active_requests` while it lives.

@@ -160,6 +160,7 @@ pub async fn forward(
             body: &body,
             client: session.req_header(),
             hops: &hops,
+            request_id: &ctx.request_id,
         };
         let answered = tokio::time::timeout_at(
             deadline,
@@ -252,7 +253,8 @@ pub async fn forward(
 }
 
 /// The hop header to send: the client's (another router's) with this router's id added.
-fn hops(session: &Session, own: &str) -> String {
+/// (Borrowed, without an allocation, when the client sent none: the common case.)
+fn hops<'a>(session: &Session, own: &'a str) -> std::borrow::Cow<'a, str> {
     let prior = session
         .req_header()
         .headers
@@ -262,9 +264,9 @@ fn hops(session: &Session, own: &str) -> String {
         .collect::<Vec<_>>()
         .join(",");
     if prior.is_empty() {
-        own.to_string()
+        own.into()
     } else {
-        format!("{prior},{own}")
+        format!("{prior},{own}").into()
     }
 }
 

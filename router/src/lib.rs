@@ -22,9 +22,11 @@
 //! [`grpc`] (worker registration) over [`registry`] (leases, health, snapshots), [`health`]
 //! (active checks of static workers), [`admin`] (the admin API), [`state`] (what all of
 //! them share) and [`reload`] (what a new rule set changes beyond the rules).
+//! [`logging`] writes every log line (JSON, off the event loop).
 
 pub mod admin;
 pub mod admit;
+pub mod allocator;
 pub mod attempt;
 pub mod body;
 pub mod budget;
@@ -35,6 +37,7 @@ pub mod failover;
 pub mod grpc;
 pub mod health;
 pub mod log;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

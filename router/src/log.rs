@@ -21,15 +21,22 @@ pub fn tenant_label<'a>(rules: &'a CompiledRules, tenant: Option<&str>) -> &'a s
         .map_or("other", String::as_str)
 }
 
+/// Records the request's metrics and writes its access line: one JSON object (with
+/// `--log-format json`, the default off a terminal) whose `message` is `request`. Fields:
+/// `request_id`, `status`, `model`, `tenant` (the key's derived id, never the key), `rule`,
+/// `pool` and `worker` that answered, `attempts`, `failures` (`pool/worker:reason`, space
+/// separated), `prompt_tokens` and whether `exact`, `completion_tokens`, `ttft_ms`, `ms`,
+/// `cost_usd` (every attempt's share), `error`.
 pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
     let m = &shared.metrics;
     let pool = ctx.pool.as_deref().unwrap_or("none");
     let rule = ctx.decision.as_ref().map(|d| &*d.rule).unwrap_or("none");
     let elapsed = ctx.started.elapsed();
     let features = &ctx.classified.features;
+    let mut cost_usd = 0.0;
     if ctx.endpoint.is_some() {
         m.requests
-            .with_label_values(&[pool, rule, &ctx.status.to_string()])
+            .with_label_values(&[pool, rule, status_label(ctx.status)])
             .inc();
         m.duration
             .with_label_values(&[pool])
@@ -49,30 +56,58 @@ pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
             let tenant = tenant_label(&rules.rules, features.tenant.as_deref());
             for (p, secs) in &ctx.worker_seconds {
                 if let Some(price) = rules.rules.pool(p).map(|p| p.cost_per_hour) {
-                    m.cost
-                        .with_label_values(&[p, tenant])
-                        .inc_by(price * secs / 3600.0);
+                    let usd = price * secs / 3600.0;
+                    cost_usd += usd;
+                    m.cost.with_label_values(&[p, tenant]).inc_by(usd);
                 }
             }
         }
     }
-    let failures: Vec<String> = ctx
-        .failures
-        .iter()
-        .map(|(pool, worker, reason)| format!("{pool}/{worker}:{reason}"))
-        .collect();
+    let worker = if ctx.pool.is_some() {
+        ctx.tried.last().map(String::as_str)
+    } else {
+        None
+    };
     tracing::info!(
+        request_id = ctx.request_id,
         status = ctx.status,
         model = crate::error::echo(ctx.model()),
-        tenant = features.tenant.as_deref().unwrap_or("-"),
+        tenant = features.tenant.as_deref(),
         rule,
         pool,
+        worker,
         attempts = ctx.attempts,
-        failures = failures.join(" "),
+        failures = %Failures(&ctx.failures),
         prompt_tokens = features.prompt_tokens,
         exact = ctx.classified.exact,
+        completion_tokens = ctx.completion_tokens,
+        ttft_ms = ctx.ttft.map(|t| t.as_secs_f64() * 1000.0),
         ms = elapsed.as_secs_f64() * 1000.0,
-        error = e.map(|e| e.to_string()).unwrap_or_default(),
+        cost_usd,
+        error = e.map(tracing::field::display),
         "request"
     );
+}
+
+/// The status as a label value, formatted once per process, not per request.
+fn status_label(status: u16) -> &'static str {
+    static LABELS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..600).map(|s: u16| s.to_string()).collect());
+    LABELS
+        .get(usize::from(status))
+        .map_or("other", String::as_str)
+}
+
+/// A request's failed attempts, `pool/worker:reason` space separated, formatted only when
+/// the line is written.
+struct Failures<'a>(&'a [(std::sync::Arc<str>, String, &'static str)]);
+
+impl std::fmt::Display for Failures<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (pool, worker, reason)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{pool}/{worker}:{reason}")?;
+        }
+        Ok(())
+    }
 }

@@ -2,6 +2,10 @@
 
 mod demo;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +28,16 @@ use routing_rules::RulesStore;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines: `json` (one object per line; the access line's message is `request`),
+    /// `text`, or `auto` (text on a terminal, else JSON).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    log_format: router::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,13 +182,11 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    #[cfg(feature = "mimalloc")]
+    router::allocator::tune();
+    let cli = Cli::parse();
+    router::logging::init(cli.log_format);
+    match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
@@ -190,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             }
             Err(e) => {
                 eprintln!("{}: {e}", file.display());
-                std::process::exit(1);
+                router::logging::exit(1);
             }
         },
         Command::Rules(RulesCmd::Schema) => {
@@ -421,7 +433,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("control plane runtime: {e}");
-                    std::process::exit(1);
+                    router::logging::exit(1);
                 }
             };
             rt.block_on(async move {
@@ -432,7 +444,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     (Ok(g), Ok(a)) => (g, a),
                     (Err(e), _) | (_, Err(e)) => {
                         tracing::error!("control plane listeners: {e}");
-                        std::process::exit(1);
+                        router::logging::exit(1);
                     }
                 };
                 // imported leases start their TTL now, however long the hand-over took
@@ -468,7 +480,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         Ok(b) => b,
                         Err(e) => {
                             tracing::error!("registry TLS: {e}");
-                            std::process::exit(1);
+                            router::logging::exit(1);
                         }
                     };
                 }
@@ -591,6 +603,10 @@ async fn exit_when_idle(
                 );
             }
             ExecutionPhase::ShutdownStarted if graceful => break,
+            // pingora exits the process next: write out the queued lines first
+            ExecutionPhase::ShutdownRuntimes | ExecutionPhase::Terminated => {
+                router::logging::flush()
+            }
             _ => {}
         }
     }
@@ -600,7 +616,7 @@ async fn exit_when_idle(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::info!("no request in flight: exiting");
-    std::process::exit(0);
+    router::logging::exit(0);
 }
 
 /// Binds `addr`, retrying while the process being replaced still holds it.

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// Classification time (parse + token count).
     pub classify: HistogramVec,
+    /// `classify`'s two series, resolved once: `[exact="false", exact="true"]`.
+    pub classify_by_exactness: [prometheus::Histogram; 2],
     /// Cost attributed to requests, by pool and tenant (USD; price per hour × the request's
     /// share of its worker's time, see `registry::ShareClock`).
     pub cost: prometheus::CounterVec,
@@ -40,6 +42,9 @@ pub struct Metrics {
     pub body_bytes: IntGauge,
     /// Active health checks of static workers that failed, by pool.
     pub health_check_failures: IntCounterVec,
+    /// Log lines dropped because the log writer fell behind (brought up to date at scrape
+    /// time from [`crate::logging::dropped_lines`]).
+    pub log_lines_dropped: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -164,6 +169,11 @@ impl Metrics {
             ),
             &["pool"],
         )?;
+        let log_lines_dropped = prometheus::IntCounter::new(
+            "switchyard_router_log_lines_dropped_total",
+            "Log lines (access lines included) dropped because the log writer fell behind.",
+        )?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(completion_tokens.clone()))?;
         registry.register(Box::new(body_bytes.clone()))?;
@@ -186,6 +196,10 @@ impl Metrics {
             retries,
             ttfb,
             duration,
+            classify_by_exactness: [
+                classify.with_label_values(&["false"]),
+                classify.with_label_values(&["true"]),
+            ],
             classify,
             cost,
             reloads,
@@ -198,6 +212,7 @@ impl Metrics {
             completion_tokens,
             body_bytes,
             health_check_failures,
+            log_lines_dropped,
         })
     }
 

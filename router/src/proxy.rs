@@ -149,14 +149,7 @@ impl SwitchyardProxy {
             return respond::error(session, ctx, &e).await;
         }
         ctx.classified = classifier.count(parsed).await;
-        shared
-            .metrics
-            .classify
-            .with_label_values(&[if ctx.classified.exact {
-                "true"
-            } else {
-                "false"
-            }])
+        shared.metrics.classify_by_exactness[usize::from(ctx.classified.exact)]
             .observe(t0.elapsed().as_secs_f64());
         // the prompt alone cannot fit the model: no worker could take it
         if let Some(m) = rules.rules.model(ctx.model())

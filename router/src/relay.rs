@@ -133,6 +133,7 @@ pub async fn relay(
         mut held,
     } = answer;
     let mut resp = client_header(&header)?;
+    resp.insert_header(crate::admit::REQUEST_ID, ctx.request_id.as_str())?;
     let sse = is_sse(&header);
     // A JSON answer comes whole when the generation ends: the wait is bounded by the
     // total deadline below, not by the first-byte timeout.
@@ -181,11 +182,13 @@ pub async fn relay(
                 if std::mem::take(&mut first) {
                     // What the client waited for its first token (or whole answer, when
                     // not streaming): classification and failover included.
+                    let ttft = ctx.started.elapsed();
+                    ctx.ttft = Some(ttft);
                     shared
                         .metrics
                         .ttft
                         .with_label_values(&[&*pool])
-                        .observe(ctx.started.elapsed().as_secs_f64());
+                        .observe(ttft.as_secs_f64());
                 }
                 continue;
             }

@@ -18,6 +18,9 @@ pub async fn json(
     ctx.status = status;
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
     h.insert_header("content-type", "application/json")?;
+    if !ctx.request_id.is_empty() {
+        h.insert_header(crate::admit::REQUEST_ID, ctx.request_id.as_str())?;
+    }
     h.insert_header("content-length", body.len().to_string())?;
     for (k, v) in extra {
         h.insert_header(*k, v.as_str())?;
