@@ -4,8 +4,10 @@ each a plain forwarder to the same mock OpenAI upstream (benches/src/bin/mock-op
 
     python3 benches/load.py [--rounds 3] [--duration 5] [--only nginx,switchyard] [--quick]
 
-Systems: direct (no proxy), nginx, haproxy (Debian), Switchyard, sglang-router and the
-LiteLLM proxy (PyPI, installed into benches/.venv). Load comes from oha (installed with
+Systems: direct (no proxy), nginx, haproxy (Debian), pingora (a bare forwarder built from
+Switchyard's pingora version: benches/src/bin/pingora-forwarder.rs), Switchyard with its
+defaults (JSON access log on) and with the access log off (switchyard-nolog), vllm-router,
+sglang-router and the LiteLLM proxy (PyPI, installed into benches/.venv). Load comes from oha (installed with
 `cargo install oha` into benches/.tools when missing). The system under test is pinned to
 core 0, the mock and the load generator to core 1; rounds are interleaved so machine noise
 hits every system alike, and figures are reported as ratios against direct and nginx.
@@ -27,6 +29,9 @@ import argparse, asyncio, datetime, json, os, re, shutil, signal, socket, subpro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, "benches", ".venv")
 TOOLS = os.path.join(ROOT, "benches", ".tools")
+# The router as shipped: `--profile release-lto` (fat LTO, one codegen unit; 1.2× the
+# requests per CPU-second of `--release`), and every other binary built the same way.
+BIN = os.path.join(ROOT, "target", "release-lto")
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 BODY = json.dumps({"model": "mock", "max_tokens": 64,
                    "messages": [{"role": "user", "content": "Tell me about tiered routing. " * 30}]})
@@ -35,7 +40,9 @@ STREAM_BODY = json.dumps({"model": "mock", "max_tokens": 64, "stream": True,
 BIG_BODY = json.dumps({"model": "mock", "max_tokens": 16,
                        "messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 9000}]})
 SSE_CHUNKS = 16
-ALL = ["direct", "nginx", "haproxy", "switchyard", "sglang-router", "litellm"]
+ALL = ["direct", "nginx", "haproxy", "pingora", "switchyard", "switchyard-nolog", "vllm-router", "sglang-router", "litellm"]
+# the baselines every Switchyard figure is also given as a ratio to
+BASELINES = ["pingora", "nginx"]
 # --fleet: Switchyard with 1 and with 1,000 registered (simulated, heartbeating) workers
 FLEET = ["switchyard-1w", "switchyard-1000w"]
 
@@ -64,9 +71,10 @@ def install(only):
     if not os.path.exists(py):
         sh(f"{sys.executable} -m venv {VENV}")
     pkgs = ["matplotlib"] + (["sglang-router"] if "sglang-router" in only else []) \
+        + (["vllm-router"] if "vllm-router" in only else []) \
         + (["litellm[proxy]"] if "litellm" in only else [])
     missing = subprocess.run([py, "-c", "import importlib.util,sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)",
-                              *[{"matplotlib": "matplotlib", "sglang-router": "sglang_router", "litellm[proxy]": "litellm"}[p] for p in pkgs]])
+                              *[{"matplotlib": "matplotlib", "sglang-router": "sglang_router", "vllm-router": "vllm_router", "litellm[proxy]": "litellm"}[p] for p in pkgs]])
     if missing.returncode:
         sh(f"{py} -m pip install -q {' '.join(repr(p) for p in pkgs)}")
 
@@ -139,18 +147,23 @@ def rss_mb(pid):
 
 
 class Fleet:
-    def __init__(self, only, tmp):
+    def __init__(self, only, tmp, variants=None):
         self.tmp, self.procs, self.systems = tmp, [], {}
+        self.variants = variants or {}
         self.mock_port = free_port()
-        self.spawn("mock", [f"{ROOT}/target/release/mock-openai", "--listen", f"127.0.0.1:{self.mock_port}",
+        self.spawn("mock", [f"{BIN}/mock-openai", "--listen", f"127.0.0.1:{self.mock_port}",
                             "--chunks", str(SSE_CHUNKS), "--itl-ms", "2"], core=1)
         wait_http(self.mock_port, BODY)
         self.systems["direct"] = (self.mock_port, None)
         for name in only:
-            if name != "direct":
+            if name == "direct":
+                continue
+            if name in self.variants:
+                port = self.start_switchyard(name, binary=self.variants[name])
+            else:
                 port = getattr(self, "start_" + name.replace("-", "_"))()
-                wait_http(port, BODY)
-                log(f"{name} up on {port}")
+            wait_http(port, BODY)
+            log(f"{name} up on {port}")
 
     def spawn(self, name, argv, core=0, env=None):
         p = subprocess.Popen(["taskset", "-c", str(core), *argv], stdout=subprocess.DEVNULL,
@@ -209,14 +222,29 @@ backend be
         self.systems["haproxy"] = (port, p.pid)
         return port
 
-    def start_switchyard(self, name="switchyard", registered=0):
+    def start_pingora(self):
+        return self.add("pingora", [f"{BIN}/pingora-forwarder", "--listen", "127.0.0.1:{PORT}",
+                                    "--upstream", f"127.0.0.1:{self.mock_port}", "--threads", "1"])
+
+    def start_switchyard_nolog(self):
+        return self.start_switchyard("switchyard-nolog", env={"RUST_LOG": "warn"})
+
+    def start_vllm_router(self):
+        return self.add("vllm-router", [os.path.join(VENV, "bin", "vllm-router"), "--host", "127.0.0.1",
+                                        "--port", "{PORT}", "--worker-urls", f"http://127.0.0.1:{self.mock_port}",
+                                        "--policy", "round_robin", "--log-level", "warning"])
+
+    def start_switchyard(self, name="switchyard", registered=0, env=None, binary=None):
         """With `registered` > 0 the pool has no static worker: fleet-sim registers that many
         simulated workers over gRPC (all pointing at the mock) and heartbeats them."""
         model = ""
         if os.path.exists(MODEL):
             model = f"models:\n  mock:\n    tokenizer: {{ gguf: {MODEL} }}\n    context_window: 1048576\n"
         workers = "" if registered else f', workers: ["127.0.0.1:{self.mock_port}"]'
-        rules = self.write(f"{name}.yaml", f"""version: 1
+        # the rules in a directory of their own: the router watches the rules file's
+        # directory, and the logs written next to it would wake the watcher on every line
+        os.makedirs(os.path.join(self.tmp, f"rules-{name}"), exist_ok=True)
+        rules = self.write(f"rules-{name}/rules.yaml", f"""version: 1
 {model}pools:
   mock: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2{workers} }}
 rules:
@@ -227,13 +255,13 @@ rules:
     route: [mock]
 """)
         grpc = free_port()
-        port = self.add(name, [f"{ROOT}/target/release/switchyard", "serve", "--rules", rules,
+        port = self.add(name, [binary or f"{BIN}/switchyard", "serve", "--rules", rules,
                                "--listen", "127.0.0.1:{PORT}", "--grpc", f"127.0.0.1:{grpc}",
                                "--admin", f"127.0.0.1:{free_port()}", "--threads", "1", "--no-debug-headers"],
-                        env={"RUST_LOG": "warn"})
+                        env=env)
         if registered:
             time.sleep(0.5)
-            self.spawn(f"{name}-fleet", [f"{ROOT}/target/release/fleet-sim", "--router", f"http://127.0.0.1:{grpc}",
+            self.spawn(f"{name}-fleet", [f"{BIN}/fleet-sim", "--router", f"http://127.0.0.1:{grpc}",
                                          "--address", f"127.0.0.1:{self.mock_port}", "--workers", str(registered)], core=1)
         return port
 
@@ -387,20 +415,24 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s, short sweep")
     ap.add_argument("--fleet", action="store_true", help="add Switchyard with 1 and 1,000 registered workers")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY",
+                    help="also run this switchyard binary as system switchyard-NAME (another build, allocator, commit)")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.sweep_duration = 1, 2, 2
-    only = ["direct"] + [s for s in a.only.split(",") if s in ALL + FLEET and s != "direct"]
+    variants = {"switchyard-" + v.split("=", 1)[0]: os.path.abspath(v.split("=", 1)[1]) for v in a.variant}
+    only = ["direct"] + [s for s in a.only.split(",") if s in ALL + FLEET and s != "direct"] + list(variants)
     if a.fleet:
         only += [s for s in FLEET if s not in only]
     install(only)
     if not a.skip_build:
-        sh("cargo build --release -p router -p benches --bins", cwd=ROOT)
+        sh("cargo build --profile release-lto -p router -p benches --bins", cwd=ROOT)
+    log(f"CPU: {cpu_model()} ({isa()})")
     tmp = tempfile.mkdtemp()
     fleet = None
     res = {n: {"c1": [], "c32": [], "ttfc": [], "big": []} for n in only}
     try:
-        fleet = Fleet(only, tmp)
+        fleet = Fleet(only, tmp, variants)
         time.sleep(1)
         idle = {n: rss_mb(pid) for n, (_, pid) in fleet.systems.items() if pid}
         for r in range(a.rounds):
@@ -454,6 +486,12 @@ def main():
     plot(out, summary, only, res)
 
 
+def isa():
+    with open("/proc/cpuinfo") as f:
+        flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    return "AVX-512" + ("/VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+
+
 def cpu_model():
     with open("/proc/cpuinfo") as f:
         return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
@@ -462,7 +500,7 @@ def cpu_model():
 def report(summary, only, a, stamp):
     f0 = lambda v: f"{v:.0f}"
     md = [f"# Load harness, {stamp}", "",
-          f"{a.rounds} interleaved rounds × {a.duration} s; system under test on core 0, mock and oha on core 1; {cpu_model()}.", "",
+          f"{a.rounds} interleaved rounds × {a.duration} s; system under test on core 0, mock and oha on core 1; {cpu_model()} ({isa()}).", "",
           "| system | added p50 / p99 µs (c=1) | RPS c=32 | req per CPU-s | max RPS p99≤1/5/10 ms | added first chunk p50 / p99 µs | 256 streams complete / lost chunks | 400 KB prompt added p50 µs | RSS idle / load / after MB | failed |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n in only:
@@ -478,6 +516,20 @@ def report(summary, only, a, stamp):
             f"{f0(s['big_p50_us'])} (abs)" if direct else f0(s["added_big_p50_us"]),
             "—" if direct else f"{s['rss_idle_mb']:.1f} / {s['rss_load_mb']:.1f} / {s['rss_after_mb']:.1f}",
             str(s["failed"])]) + " |")
+    ratio = lambda x, y: f"{x / y:.2f}×" if y else "n/a"
+    base = [b for b in BASELINES if b in summary]
+    ours = [n for n in only if n.startswith("switchyard")]
+    if base and ours:
+        md += ["", "Every system as a ratio to the baselines (added latency: lower is better; req per CPU-s: higher is better):", "",
+               "| system | " + " | ".join(f"added p50 / {b} | req per CPU-s / {b} | added first chunk / {b}" for b in base) + " |",
+               "| --- |" + " --- | --- | --- |" * len(base)]
+        for n in only:
+            if n == "direct":
+                continue
+            s = summary[n]
+            md.append(f"| {n} | " + " | ".join(
+                f"{ratio(s['added_p50_us'], summary[b]['added_p50_us'])} | {ratio(s['req_per_cpu_s'], summary[b]['req_per_cpu_s'])} | "
+                f"{ratio(s['added_ttfc_p50_us'], summary[b]['added_ttfc_p50_us'])}" for b in base) + " |")
     if "switchyard" in summary:
         sy = summary["switchyard"]
         md += ["", "Ratios (Switchyard / peer; added latency: lower is better, throughput: higher is better):", ""]
@@ -485,7 +537,6 @@ def report(summary, only, a, stamp):
             if n in ["direct", "switchyard"] + FLEET:
                 continue
             s = summary[n]
-            ratio = lambda x, y: f"{x / y:.2f}×" if y else "n/a"
             md.append(f"- vs {n}: added p50 {ratio(sy['added_p50_us'], s['added_p50_us'])}, added p99 {ratio(sy['added_p99_us'], s['added_p99_us'])}, "
                       f"req per CPU-s {ratio(sy['req_per_cpu_s'], s['req_per_cpu_s'])}, max RPS at p99≤5 ms {ratio(sy['p99_le_5ms'], s['p99_le_5ms'])}, "
                       f"idle RSS {ratio(sy['rss_idle_mb'], s['rss_idle_mb'])}")
