@@ -625,11 +625,14 @@ async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
     })
     .await
     .expect("the router handled SIGHUP");
-    let metrics = env.metrics().await.unwrap();
-    assert!(
-        metrics.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#),
-        "{metrics}"
-    );
+    // a request's metrics are recorded once its answer is sent: poll for them
+    let metrics = eventually(Duration::from_secs(5), "the request's metrics", || async {
+        let m = env.metrics().await.ok()?;
+        m.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#)
+            .then_some(m)
+    })
+    .await
+    .unwrap();
     assert!(
         metrics.contains(r#"switchyard_router_workers{pool="cpu",state="live"} 1"#),
         "{metrics}"

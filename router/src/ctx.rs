@@ -43,6 +43,8 @@ pub struct RequestCtx {
     pub completion_tokens: Option<u64>,
     /// Each attempt's pool and share of its worker's time (seconds), for cost.
     pub worker_seconds: Vec<(Arc<str>, f64)>,
+    /// The tenant's admission: holds its place among the tenant's requests in flight.
+    pub admitted: Option<crate::tenants::Admitted>,
     _active: Active,
 }
 
@@ -64,6 +66,7 @@ impl RequestCtx {
             ttft: None,
             completion_tokens: None,
             worker_seconds: Vec::new(),
+            admitted: None,
             _active: Active::new(active),
         }
     }

@@ -82,6 +82,28 @@ pub enum ProxyError {
     /// router's own listener, or two routers pointing at each other).
     #[error("the request looped back to the router")]
     Loop,
+    /// `auth: required` and the request's key is missing or belongs to no tenant.
+    #[error(
+        "Incorrect or missing API key: this router requires a tenant's key (Authorization: Bearer KEY)"
+    )]
+    InvalidApiKey,
+    /// A tenant limit is reached: `what` is `requests`, `tokens` or `concurrent requests`.
+    #[error("Rate limit reached for tenant `{tenant}` on {what}: limit {limit}. Please try again in {}s.", retry_after.as_secs().max(1))]
+    RateLimited {
+        tenant: String,
+        what: &'static str,
+        limit: u32,
+        retry_after: std::time::Duration,
+    },
+    /// One request's prompt is more than the tenant's tokens per minute: it can never pass.
+    #[error(
+        "Request too large for tenant `{tenant}`: {tokens} prompt tokens, limit {limit} tokens per minute"
+    )]
+    TooLargeForTenant {
+        tenant: String,
+        tokens: u64,
+        limit: u32,
+    },
 }
 
 impl ProxyError {
@@ -96,6 +118,8 @@ impl ProxyError {
             Self::Loop => 508,
             Self::GatewayTimeout => 504,
             Self::NoCapacity { .. } | Self::BodyBudget { .. } => 503,
+            Self::InvalidApiKey => 401,
+            Self::RateLimited { .. } | Self::TooLargeForTenant { .. } => 429,
         }
     }
 
@@ -116,12 +140,25 @@ impl ProxyError {
             Self::BodyBudget { .. } => ("server_error", "router_overloaded"),
             Self::Loop => ("server_error", "loop_detected"),
             Self::GatewayTimeout => ("server_error", "timeout"),
+            Self::InvalidApiKey => ("invalid_request_error", "invalid_api_key"),
+            Self::RateLimited { what: "tokens", .. } | Self::TooLargeForTenant { .. } => {
+                ("tokens", "rate_limit_exceeded")
+            }
+            Self::RateLimited { .. } => ("requests", "rate_limit_exceeded"),
         }
     }
 
     /// `Retry-After` seconds, for errors a client should retry later.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::NoCapacity { .. } | Self::BodyBudget { .. }).then_some(1)
+        match self {
+            Self::NoCapacity { .. } | Self::BodyBudget { .. } => Some(1),
+            // whole seconds, rounded up: a client that waits this long gets through
+            Self::RateLimited { retry_after, .. } => {
+                let ms = retry_after.as_millis().max(1);
+                Some(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX))
+            }
+            _ => None,
+        }
     }
 
     pub fn body(&self) -> Bytes {

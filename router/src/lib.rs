@@ -46,3 +46,4 @@ pub mod reload;
 pub mod respond;
 pub mod select;
 pub mod state;
+pub mod tenants;

@@ -5,13 +5,17 @@ use routing_rules::CompiledRules;
 use crate::ctx::RequestCtx;
 use crate::state::Shared;
 
-/// The `tenant` label for a request: a tenant the rules name, `anonymous` without an API
-/// key, `other` for any other key. Labels take only values the operator configured, so
-/// a client sending random keys cannot grow `/metrics` without bound.
+/// The `tenant` label for a request: a configured tenant, a tenant a rule names,
+/// `anonymous` without an API key, `other` for any other key. Labels take only values the
+/// operator configured, so a client sending random keys cannot grow `/metrics` without
+/// bound.
 pub fn tenant_label<'a>(rules: &'a CompiledRules, tenant: Option<&str>) -> &'a str {
     let Some(t) = tenant else {
         return "anonymous";
     };
+    if let Some(configured) = rules.tenant(t) {
+        return &configured.name;
+    }
     rules
         .rules()
         .iter()

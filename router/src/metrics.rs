@@ -45,6 +45,10 @@ pub struct Metrics {
     /// Log lines dropped because the log writer fell behind (brought up to date at scrape
     /// time from [`crate::logging::dropped_lines`]).
     pub log_lines_dropped: prometheus::IntCounter,
+    /// Requests refused for their tenant, by tenant (configured names, `other`) and
+    /// reason (`invalid_api_key`, `requests_per_minute`, `tokens_per_minute`,
+    /// `max_concurrent`).
+    pub tenant_rejected: IntCounterVec,
 }
 
 impl Metrics {
@@ -174,6 +178,14 @@ impl Metrics {
             "Log lines (access lines included) dropped because the log writer fell behind.",
         )?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
+        let tenant_rejected = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_tenant_rejections_total",
+                "Requests refused for their tenant: a bad key, or over a limit.",
+            ),
+            &["tenant", "reason"],
+        )?;
+        registry.register(Box::new(tenant_rejected.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(completion_tokens.clone()))?;
         registry.register(Box::new(body_bytes.clone()))?;
@@ -213,7 +225,15 @@ impl Metrics {
             body_bytes,
             health_check_failures,
             log_lines_dropped,
+            tenant_rejected,
         })
+    }
+
+    /// Counts a refusal for `tenant` (a configured tenant's name, or `other`).
+    pub fn tenant_rejections(&self, tenant: &str, reason: &str) {
+        self.tenant_rejected
+            .with_label_values(&[tenant, reason])
+            .inc();
     }
 
     /// Prometheus text exposition.

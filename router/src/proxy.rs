@@ -117,6 +117,25 @@ impl SwitchyardProxy {
         let Some(endpoint) = admit::admit(shared, session, ctx).await? else {
             return Ok(());
         };
+        // `auth: required`: a key no tenant holds is refused before its body is read
+        {
+            let rules = shared.rules.load();
+            if rules.rules.auth() == routing_rules::Auth::Required {
+                let tenant = crate::tenants::tenant_of(
+                    &rules.rules,
+                    session
+                        .req_header()
+                        .headers
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok()),
+                );
+                if tenant.is_none_or(|t| rules.rules.tenant(&t).is_none()) {
+                    drop(rules);
+                    shared.metrics.tenant_rejections("other", "invalid_api_key");
+                    return respond::error(session, ctx, &ProxyError::InvalidApiKey).await;
+                }
+            }
+        }
         // 2. body: whole, capped, reserved in the body budget
         let body = match body::read(shared, session).await? {
             Ok(b) => b,
@@ -160,6 +179,35 @@ impl SwitchyardProxy {
                 at_least: ctx.classified.prompt_tokens_lower,
             };
             return respond::error(session, ctx, &e).await;
+        }
+        // the tenant's limits: in flight, prompt tokens and requests per minute
+        if let Some(tenant) = ctx
+            .classified
+            .features
+            .tenant
+            .as_deref()
+            .and_then(|t| rules.rules.tenant(t))
+        {
+            match shared
+                .limiters
+                .admit(tenant, ctx.classified.features.prompt_tokens)
+            {
+                Ok(admitted) => ctx.admitted = Some(admitted),
+                Err(refused) => {
+                    let reason = match &refused.error {
+                        ProxyError::RateLimited { what: "tokens", .. }
+                        | ProxyError::TooLargeForTenant { .. } => "tokens_per_minute",
+                        ProxyError::RateLimited {
+                            what: "requests", ..
+                        } => "requests_per_minute",
+                        _ => "max_concurrent",
+                    };
+                    shared.metrics.tenant_rejections(&tenant.name, reason);
+                    drop(rules);
+                    return respond::error_with(session, ctx, &refused.error, refused.headers)
+                        .await;
+                }
+            }
         }
         // 4. route: the first rule that matches gives the ordered target pools
         let decision = rules.rules.route(&ctx.classified.features);

@@ -86,6 +86,8 @@ pub struct Shared {
     pub config: Config,
     /// This process's name in the hop header ([`crate::admit::HOP_HEADER`]).
     pub hop_id: String,
+    /// Tenants' limiters (kept across rule reloads).
+    pub limiters: crate::tenants::Limiters,
 }
 
 impl Shared {
@@ -107,6 +109,7 @@ impl Shared {
             active_requests: Arc::default(),
             config,
             hop_id: format!("sy-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            limiters: crate::tenants::Limiters::default(),
         });
         s.apply_rules();
         s

@@ -1,7 +1,8 @@
 //! Spec → validated → compiled. Every problem is collected; a file compiles whole or not at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +11,14 @@ use globset::{Glob, GlobSetBuilder};
 use serde_saphyr::{Location, Spanned};
 
 use crate::compiled::{
-    CompiledRules, Conditions, Model, Pool, Range, RetryPolicy, Rule, TokenizerRef,
+    CompiledRules, Conditions, KeyDigest, Limits, Model, Pool, Range, RetryPolicy, Rule, Tenant,
+    TokenizerRef, key_digest,
 };
 use crate::features::ModalitySet;
 use crate::problem::{Problem, RulesError};
-use crate::spec::{Capacity, RangeSpec, RetrySpec, RulesSpec, TokenizerSpec, WhenSpec};
+use crate::spec::{
+    Auth, Capacity, KeySpec, RangeSpec, RetrySpec, RulesSpec, TokenizerSpec, WhenSpec,
+};
 
 /// Largest rules file accepted.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -281,6 +285,20 @@ impl Compiler {
             }
         };
 
+        let (tenants, keys) = self.tenants(&spec, base_dir);
+        for (i, r) in rules.iter().enumerate() {
+            for t in r.2.when.tenant.iter().flatten() {
+                // `key-…` names a key's derived id; anything else must be configured
+                if !t.starts_with("key-") && !tenants.iter().any(|c: &Tenant| &*c.name == t) {
+                    let loc = r.0;
+                    self.problem(
+                        format!("rules[{i}].when.tenant"),
+                        loc.as_ref(),
+                        format!("unknown tenant `{t}`: declare it under `tenants`, or name a key's id (`key-…`)"),
+                    );
+                }
+            }
+        }
         let rules: Vec<Rule> = rules.into_iter().map(|(_, _, r)| r).collect();
         let mut context_cuts = BTreeSet::new();
         let mut prompt_cuts = BTreeSet::new();
@@ -310,7 +328,145 @@ impl Compiler {
             context_cuts: context_cuts.into_iter().collect(),
             prompt_cuts: prompt_cuts.into_iter().collect(),
             header_names: header_names.into_iter().collect(),
+            auth: spec.auth,
+            tenants,
+            keys,
         }
+    }
+
+    /// The tenants and their keys' digests. Keys read from the environment or a file are
+    /// hashed at once; the key itself is kept nowhere.
+    fn tenants(
+        &mut self,
+        spec: &RulesSpec,
+        base_dir: &Path,
+    ) -> (Vec<Tenant>, HashMap<KeyDigest, usize>) {
+        let mut tenants = Vec::new();
+        let mut keys: HashMap<KeyDigest, usize> = HashMap::new();
+        if spec.auth == Auth::Required && spec.tenants.is_empty() {
+            self.problem(
+                "auth",
+                None,
+                "`auth: required` with no tenants would refuse every request",
+            );
+        }
+        for (name, t) in &spec.tenants {
+            let path = format!("tenants.{name}");
+            let loc = Some(&t.referenced);
+            let t = &t.value;
+            if !valid_name(name)
+                || name.starts_with("key-")
+                || name == "anonymous"
+                || name == "other"
+            {
+                self.problem(
+                    &path,
+                    loc,
+                    "tenant names use letters, digits, '-', '_' and '.', and are not `anonymous`, `other` or `key-…`",
+                );
+            }
+            if t.keys.is_empty() {
+                self.problem(
+                    format!("{path}.keys"),
+                    loc,
+                    "a tenant needs at least one key",
+                );
+            }
+            let index = tenants.len();
+            for (k, key) in t.keys.iter().enumerate() {
+                let kpath = format!("{path}.keys[{k}]");
+                let digest = match key {
+                    KeySpec::Sha256(hex) => match parse_hex_digest(hex) {
+                        Some(d) => d,
+                        None => {
+                            self.problem(
+                                &kpath,
+                                loc,
+                                "sha256 must be 64 hex digits (the key's SHA-256)",
+                            );
+                            continue;
+                        }
+                    },
+                    KeySpec::Env(var) => match std::env::var(var) {
+                        Ok(v) if !v.trim().is_empty() => key_digest(v.trim()),
+                        _ => {
+                            self.problem(
+                                &kpath,
+                                loc,
+                                format!("environment variable `{var}` is not set (or empty)"),
+                            );
+                            continue;
+                        }
+                    },
+                    KeySpec::File(file) => {
+                        let p = base_dir.join(file);
+                        match std::fs::read_to_string(&p) {
+                            Ok(v) if !v.trim().is_empty() && v.len() <= 4096 => {
+                                key_digest(v.trim())
+                            }
+                            Ok(_) => {
+                                self.problem(
+                                    &kpath,
+                                    loc,
+                                    format!(
+                                        "key file {} is empty or longer than 4 KiB",
+                                        p.display()
+                                    ),
+                                );
+                                continue;
+                            }
+                            Err(e) => {
+                                self.problem(
+                                    &kpath,
+                                    loc,
+                                    format!("cannot read key file {}: {e}", p.display()),
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
+                if let Some(other) = keys.insert(digest, index)
+                    && other != index
+                {
+                    let other_name = tenants
+                        .get(other)
+                        .map_or("?", |t: &Tenant| &t.name)
+                        .to_string();
+                    self.problem(
+                        &kpath,
+                        loc,
+                        format!("this key is also tenant `{other_name}`'s"),
+                    );
+                }
+            }
+            let positive = |c: &mut Self, field: &str, v: Option<u32>| -> Option<NonZeroU32> {
+                let v = v?;
+                let n = NonZeroU32::new(v);
+                if n.is_none() {
+                    c.problem(
+                        format!("{path}.limits.{field}"),
+                        loc,
+                        "must be at least 1 (leave it out for no limit)",
+                    );
+                }
+                n
+            };
+            let limits = Limits {
+                requests_per_minute: positive(
+                    self,
+                    "requests_per_minute",
+                    t.limits.requests_per_minute,
+                ),
+                tokens_per_minute: positive(self, "tokens_per_minute", t.limits.tokens_per_minute),
+                max_concurrent: positive(self, "max_concurrent", t.limits.max_concurrent),
+            };
+            tenants.push(Tenant {
+                name: Arc::from(name.as_str()),
+                limits,
+            });
+        }
+        (tenants, keys)
     }
 
     fn pools(&mut self, spec: &RulesSpec) -> Vec<Pool> {
@@ -625,4 +781,18 @@ fn valid_host_port(s: &str) -> bool {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
         None => false,
     }
+}
+
+/// A SHA-256 digest written as 64 hex digits.
+fn parse_hex_digest(hex: &str) -> Option<KeyDigest> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }

@@ -9,7 +9,31 @@ use globset::GlobSet;
 use serde::Serialize;
 
 use crate::features::{ModalitySet, RequestFeatures};
-use crate::spec::{Capacity, Endpoint, RetryOn, SelectPolicy};
+use crate::spec::{Auth, Capacity, Endpoint, RetryOn, SelectPolicy};
+
+/// A configured tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tenant {
+    pub name: Arc<str>,
+    pub limits: Limits,
+}
+
+/// A tenant's limits (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub requests_per_minute: Option<std::num::NonZeroU32>,
+    pub tokens_per_minute: Option<std::num::NonZeroU32>,
+    pub max_concurrent: Option<std::num::NonZeroU32>,
+}
+
+/// The SHA-256 of an API key: what the rules hold and look keys up by.
+pub type KeyDigest = [u8; 32];
+
+/// The digest of `key`.
+pub fn key_digest(key: &str) -> KeyDigest {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
 
 /// A pool as the rules define it.
 #[derive(Debug, Clone, Serialize)]
@@ -353,6 +377,10 @@ pub struct CompiledRules {
     pub(crate) context_cuts: Vec<u64>,
     pub(crate) prompt_cuts: Vec<u64>,
     pub(crate) header_names: Vec<String>,
+    pub(crate) auth: Auth,
+    pub(crate) tenants: Vec<Tenant>,
+    /// Key digest → index in `tenants`.
+    pub(crate) keys: std::collections::HashMap<KeyDigest, usize>,
 }
 
 impl CompiledRules {
@@ -400,6 +428,20 @@ impl CompiledRules {
     }
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+    /// Whether requests need a configured tenant's key.
+    pub fn auth(&self) -> Auth {
+        self.auth
+    }
+    pub fn tenants(&self) -> &[Tenant] {
+        &self.tenants
+    }
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| &*t.name == name)
+    }
+    /// The tenant an API key belongs to, by the key's digest.
+    pub fn tenant_by_key(&self, digest: &KeyDigest) -> Option<&Tenant> {
+        self.keys.get(digest).and_then(|&i| self.tenants.get(i))
     }
 
     /// Context-token values where the decision can change: for a cut `c`, requests with

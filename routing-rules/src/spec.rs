@@ -49,6 +49,64 @@ pub struct RulesSpec {
     #[serde(default)]
     #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
+    /// Whether a request needs a configured tenant's key (`required`: anything else gets
+    /// 401 `invalid_api_key`) or not (`optional`, the default: a request without one is
+    /// its own tenant, named after its key's hash, or `anonymous` without a key).
+    #[serde(default)]
+    pub auth: Auth,
+    /// Tenants by name: their API keys (never the key itself: its SHA-256, or where to
+    /// read it) and limits.
+    #[serde(default)]
+    #[schemars(
+        with = "BTreeMap<String, TenantSpec>",
+        extend("propertyNames" = { "pattern": "^[A-Za-z0-9._-]+$" })
+    )]
+    pub tenants: BTreeMap<String, Spanned<TenantSpec>>,
+}
+
+/// Whether requests need a configured tenant's key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Auth {
+    #[default]
+    Optional,
+    Required,
+}
+
+/// A tenant: who it is (its keys) and what it may use (its limits).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    #[schemars(length(min = 1))]
+    pub keys: Vec<KeySpec>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+/// One API key, without the key in the file: its SHA-256 (hex), or the environment
+/// variable or file (a mounted secret) it is read from when the rules load.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum KeySpec {
+    Sha256(#[schemars(pattern("^[0-9a-fA-F]{64}$"))] String),
+    Env(String),
+    File(String),
+}
+
+/// A tenant's limits; each is off when absent. Over one, a request gets 429 with
+/// `Retry-After` and OpenAI's `x-ratelimit-*` headers.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Requests admitted per minute (a token bucket: the whole minute's worth may come at once).
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt tokens admitted per minute (the classifier's count: exact, or its bound).
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u32>,
+    /// Requests in flight at once.
+    #[schemars(range(min = 1))]
+    pub max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

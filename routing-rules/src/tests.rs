@@ -427,3 +427,101 @@ fn anchor_scan_handles_long_lines() {
     assert!(p.contains("(line 8, column 100006)"), "{p}");
     assert!(p.contains("anchors and aliases"), "{p}");
 }
+
+#[test]
+fn tenants_compile_to_key_digests_and_every_problem_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.key"), "key-from-file\n").unwrap();
+    let digest_hex: String = key_digest("key-a")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let yaml = format!(
+        r#"version: 1
+auth: required
+pools: {{ cpu: {{ class: cpu, capacity: on_demand, cost_per_hour: 0.2 }} }}
+tenants:
+  team-a:
+    keys: [{{ sha256: "{digest_hex}" }}]
+    limits: {{ requests_per_minute: 60, tokens_per_minute: 10000, max_concurrent: 4 }}
+  team-b:
+    keys: [{{ file: b.key }}]
+rules:
+  - name: critical
+    when: {{ tenant: [team-b, key-0011223344556677] }}
+    route: [cpu]
+  - name: all
+    route: [cpu]
+"#
+    );
+    let rules = compile(&yaml, dir.path()).unwrap();
+    assert_eq!(rules.auth(), Auth::Required);
+    let a = rules.tenant_by_key(&key_digest("key-a")).unwrap();
+    assert_eq!(&*a.name, "team-a");
+    assert_eq!(a.limits.requests_per_minute.map(|n| n.get()), Some(60));
+    assert_eq!(a.limits.max_concurrent.map(|n| n.get()), Some(4));
+    assert_eq!(
+        &*rules
+            .tenant_by_key(&key_digest("key-from-file"))
+            .unwrap()
+            .name,
+        "team-b"
+    );
+    assert!(rules.tenant_by_key(&key_digest("key-b")).is_none());
+
+    let bad = r#"version: 1
+auth: required
+pools: { cpu: { class: cpu, capacity: on_demand, cost_per_hour: 0.2 } }
+tenants:
+  team-a:
+    keys: [{ sha256: "abc" }, { env: SWITCHYARD_TEST_SURELY_UNSET }, { file: missing.key }]
+    limits: { requests_per_minute: 0 }
+  anonymous:
+    keys: [{ sha256: "0000000000000000000000000000000000000000000000000000000000000000" }]
+  team-c:
+    keys: [{ sha256: "0000000000000000000000000000000000000000000000000000000000000000" }]
+rules:
+  - name: x
+    when: { tenant: [nobody] }
+    route: [cpu]
+  - name: all
+    route: [cpu]
+"#;
+    let p = problems(bad).join("\n");
+    for (path, message) in [
+        (
+            "tenants.team-a.keys[0] (line",
+            "sha256 must be 64 hex digits",
+        ),
+        (
+            "tenants.team-a.keys[1] (line",
+            "environment variable `SWITCHYARD_TEST_SURELY_UNSET` is not set",
+        ),
+        ("tenants.team-a.keys[2] (line", "cannot read key file"),
+        (
+            "tenants.team-a.limits.requests_per_minute (line",
+            "must be at least 1",
+        ),
+        (
+            "tenants.anonymous (line",
+            "are not `anonymous`, `other` or `key-…`",
+        ),
+        (
+            "tenants.team-c.keys[0] (line",
+            "this key is also tenant `anonymous`'s",
+        ),
+        ("rules[0].when.tenant (line", "unknown tenant `nobody`"),
+    ] {
+        assert!(
+            p.lines()
+                .any(|l| l.starts_with(path) && l.contains(message)),
+            "missing {path} {message:?} in:\n{p}"
+        );
+    }
+    let none = "version: 1\nauth: required\npools: { cpu: { class: cpu, capacity: on_demand, cost_per_hour: 0.2 } }\nrules: [{ name: all, route: [cpu] }]\n";
+    assert!(
+        problems(none)
+            .join("\n")
+            .contains("`auth: required` with no tenants")
+    );
+}

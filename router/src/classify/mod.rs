@@ -19,7 +19,7 @@ use routing_rules::{CompiledRules, Endpoint, RequestFeatures, RouteDecision};
 use serde_json::Value;
 
 pub use count::{Counter, Counters, PIECE_BYTES, count_tokens, load_counters, min_pretokens};
-pub use parse::{Parsed, endpoint_of, parse, tenant_of};
+pub use parse::{Parsed, endpoint_of, parse};
 
 use crate::error::ProxyError;
 
@@ -61,7 +61,8 @@ impl Classifier<'_> {
     /// rule tests. (The proxy parses large bodies off the event loop, then calls this.)
     pub fn read_head(&self, parsed: &mut Parsed, head: &HeaderMap) {
         let f = &mut parsed.features;
-        f.tenant = tenant_of(
+        f.tenant = crate::tenants::tenant_of(
+            self.rules,
             head.get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok()),
         );

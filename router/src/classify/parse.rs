@@ -25,25 +25,6 @@ pub struct Parsed {
     pub prompt_tokens_lower: u64,
 }
 
-/// Tenant id derived from the API key: `key-` and the first 64 bits of its SHA-256, never
-/// the key. Stable across builds and toolchains (a rule naming a tenant keeps matching),
-/// and not forgeable: finding another key with the same id takes ~2^64 hashes.
-pub fn tenant_of(authorization: Option<&str>) -> Option<String> {
-    use sha2::Digest;
-    use std::fmt::Write;
-    let key = authorization?.strip_prefix("Bearer ")?.trim();
-    if key.is_empty() {
-        return None;
-    }
-    let digest = sha2::Sha256::digest(key.as_bytes());
-    let mut id = String::with_capacity(20);
-    id.push_str("key-");
-    for b in &digest[..8] {
-        let _ = write!(id, "{b:02x}");
-    }
-    Some(id)
-}
-
 /// One parse of `body`, straight into what classification needs: no `serde_json::Value`
 /// tree is built. Fields the router does not read (sampling parameters, tools, a
 /// message's role, image URLs...) are skipped as they are scanned, so the only memory a

@@ -1,0 +1,116 @@
+//! Tenants through the real router: keys (only their hashes in the rules), `auth: required`,
+//! per-tenant limits with OpenAI's 429 and rate-limit headers, bounded labels.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header};
+use serde_json::Value;
+use sha2::Digest;
+
+fn sha256_hex(key: &str) -> String {
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn rules() -> String {
+    format!(
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n",
+        sha256_hex("secret-key-a"),
+        sha256_hex("secret-key-b"),
+        sha256_hex("secret-key-b2"),
+    )
+}
+
+async fn send(env: &integration::Running, key: Option<&str>) -> reqwest::Response {
+    let mut req = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.proxy))
+        .json(&chat_body("tiny", 30, 4, false));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_auth_and_per_tenant_request_limits() {
+    let env = TestEnv::new()
+        .rules(&rules())
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+
+    // no key, and a key no tenant holds: 401 invalid_api_key, as OpenAI answers it
+    for key in [None, Some("not-a-tenant")] {
+        let r = send(&env, key).await;
+        assert_eq!(r.status(), 401, "{key:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+
+    // team-a: two requests a minute, the third is refused with what the SDKs back off on
+    for _ in 0..2 {
+        let r = send(&env, Some("secret-key-a")).await;
+        assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+    }
+    let r = send(&env, Some("secret-key-a")).await;
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!(
+        (1..=30).contains(&retry_after),
+        "one request refills in 30 s: {retry_after}"
+    );
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+    assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+    assert_eq!(v["error"]["type"], "requests", "{v}");
+
+    // team-b, with either of its keys, is not touched by team-a's limit
+    for key in [
+        "secret-key-b",
+        "secret-key-b2",
+        "secret-key-b",
+        "secret-key-b2",
+    ] {
+        let r = send(&env, Some(key)).await;
+        assert_eq!(r.status(), 200);
+    }
+
+    // labels are tenant names, refusals are counted by reason; no key appears anywhere
+    let m = env.metrics().await.unwrap();
+    assert!(
+        m.contains(r#"switchyard_router_tenant_rejections_total{reason="requests_per_minute",tenant="team-a"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchyard_router_tenant_rejections_total{reason="invalid_api_key",tenant="other"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchyard_router_cost_usd_total{pool="cpu",tenant="team-b"}"#),
+        "{m}"
+    );
+    // (log lines are written by a background thread)
+    let log = integration::eventually(
+        std::time::Duration::from_secs(5),
+        "an access line naming the tenant",
+        || async {
+            let log = env.log("router.log");
+            (log.contains("\"tenant\":\"team-a\"") && log.contains("\"tenant\":\"team-b\""))
+                .then_some(log)
+        },
+    )
+    .await
+    .unwrap();
+    for secret in ["secret-key-a", "secret-key-b", "not-a-tenant"] {
+        assert!(
+            !log.contains(secret) && !m.contains(secret),
+            "{secret} leaked"
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Tenants: who sent a request, and whether its tenant's limits let it in.
+//!
+//! A request's tenant comes from its API key (`Authorization: Bearer KEY`), looked up by the
+//! key's SHA-256 among the tenants the rules declare. A key no tenant holds is its own
+//! tenant, `key-` and the first 64 bits of its digest (with `auth: required` it gets 401
+//! `invalid_api_key` instead); no key at all is `anonymous`.
+//!
+//! Limits, per configured tenant, checked once the prompt is counted and before anything
+//! is forwarded: requests in flight, prompt tokens per minute and requests per minute
+//! (GCRA token buckets from `governor`: a full minute's worth may come at once, then the
+//! bucket refills evenly). Over a limit the request gets 429 with `Retry-After` and
+//! OpenAI's `x-ratelimit-*` headers, so the official SDKs back off by themselves. The
+//! limiters live across rule reloads; a tenant whose limits change starts a fresh bucket.
+//! Limits are this router's own: replicas do not share them yet.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use routing_rules::{CompiledRules, Limits, Tenant, key_digest};
+
+use crate::error::ProxyError;
+
+/// The tenant a request's `Authorization` header names: a configured tenant's name, the
+/// key's derived id (`key-` + 16 hex digits of its SHA-256: stable across builds, never
+/// the key), or `None` without a key.
+pub fn tenant_of(rules: &CompiledRules, authorization: Option<&str>) -> Option<String> {
+    let key = authorization?.strip_prefix("Bearer ")?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let digest = key_digest(key);
+    if let Some(t) = rules.tenant_by_key(&digest) {
+        return Some(t.name.to_string());
+    }
+    use std::fmt::Write;
+    let mut id = String::with_capacity(20);
+    id.push_str("key-");
+    for b in &digest[..8] {
+        let _ = write!(id, "{b:02x}");
+    }
+    Some(id)
+}
+
+/// One tenant's limiters.
+struct State {
+    limits: Limits,
+    requests: Option<DefaultDirectRateLimiter>,
+    tokens: Option<DefaultDirectRateLimiter>,
+    in_flight: AtomicU32,
+}
+
+impl State {
+    fn new(limits: Limits) -> Self {
+        let bucket = |per_minute: Option<NonZeroU32>| {
+            per_minute.map(|n| RateLimiter::direct(Quota::per_minute(n)))
+        };
+        Self {
+            limits,
+            requests: bucket(limits.requests_per_minute),
+            tokens: bucket(limits.tokens_per_minute),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+}
+
+/// Every configured tenant's limiters.
+#[derive(Default)]
+pub struct Limiters {
+    by_tenant: Mutex<HashMap<Arc<str>, Arc<State>>>,
+}
+
+/// A request let in: counted in its tenant's requests in flight until dropped.
+pub struct Admitted(Arc<State>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A refusal: the error, and the headers that go with it.
+pub struct Refused {
+    pub error: ProxyError,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Limiters {
+    fn state(&self, tenant: &Tenant) -> Arc<State> {
+        let mut map = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&tenant.name) {
+            Some(s) if s.limits == tenant.limits => Arc::clone(s),
+            _ => {
+                let s = Arc::new(State::new(tenant.limits));
+                map.insert(Arc::clone(&tenant.name), Arc::clone(&s));
+                s
+            }
+        }
+    }
+
+    /// Lets a request of `prompt_tokens` in, or says why not. Checked in order: requests in
+    /// flight (nothing spent), prompt tokens, requests. A request refused for requests has
+    /// spent its tokens (governor cannot give them back).
+    pub fn admit(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<Admitted, Refused> {
+        let state = self.state(tenant);
+        let name = || tenant.name.to_string();
+        if let Some(max) = state.limits.max_concurrent {
+            let took = state
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max.get()).then_some(n + 1)
+                });
+            if took.is_err() {
+                return Err(Refused {
+                    error: ProxyError::RateLimited {
+                        tenant: name(),
+                        what: "concurrent requests",
+                        limit: max.get(),
+                        retry_after: Duration::from_secs(1),
+                    },
+                    headers: Vec::new(),
+                });
+            }
+        } else {
+            state.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        // from here on, a refusal gives the in-flight slot back
+        let admitted = Admitted(Arc::clone(&state));
+        let now = DefaultClock::default().now();
+        if let (Some(bucket), Some(limit)) = (&state.tokens, state.limits.tokens_per_minute) {
+            let n = u32::try_from(prompt_tokens.max(1)).unwrap_or(u32::MAX);
+            let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+            match bucket.check_n(n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(now);
+                    return Err(refused(name(), "tokens", limit, wait));
+                }
+                Err(_) => {
+                    return Err(Refused {
+                        error: ProxyError::TooLargeForTenant {
+                            tenant: name(),
+                            tokens: prompt_tokens,
+                            limit: limit.get(),
+                        },
+                        headers: ratelimit_headers("tokens", limit, Duration::ZERO),
+                    });
+                }
+            }
+        }
+        if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute)
+            && let Err(not_until) = bucket.check()
+        {
+            let wait = not_until.wait_time_from(now);
+            return Err(refused(name(), "requests", limit, wait));
+        }
+        Ok(admitted)
+    }
+}
+
+fn refused(tenant: String, what: &'static str, limit: NonZeroU32, wait: Duration) -> Refused {
+    Refused {
+        error: ProxyError::RateLimited {
+            tenant,
+            what,
+            limit: limit.get(),
+            retry_after: wait,
+        },
+        headers: ratelimit_headers(what, limit, wait),
+    }
+}
+
+/// OpenAI's rate-limit headers for `requests` or `tokens`: the limit, nothing remaining,
+/// and when it resets (`"1.5s"`).
+fn ratelimit_headers(what: &str, limit: NonZeroU32, wait: Duration) -> Vec<(&'static str, String)> {
+    let (l, r, t) = if what == "tokens" {
+        (
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        )
+    } else {
+        (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        )
+    };
+    vec![
+        (l, limit.get().to_string()),
+        (r, "0".to_string()),
+        (t, format!("{:.3}s", wait.as_secs_f64())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(rpm: Option<u32>, tpm: Option<u32>, conc: Option<u32>) -> Tenant {
+        Tenant {
+            name: Arc::from("a"),
+            limits: Limits {
+                requests_per_minute: rpm.and_then(NonZeroU32::new),
+                tokens_per_minute: tpm.and_then(NonZeroU32::new),
+                max_concurrent: conc.and_then(NonZeroU32::new),
+            },
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_allows_the_burst_then_refuses_with_a_wait() {
+        let l = Limiters::default();
+        let t = tenant(Some(3), None, None);
+        for _ in 0..3 {
+            assert!(l.admit(&t, 10).is_ok());
+        }
+        let r = l.admit(&t, 10).err().expect("the fourth is refused");
+        assert_eq!(r.error.status(), 429);
+        // one request's worth refills in 20 s
+        let wait = r.error.retry_after().expect("retry-after");
+        assert!((1..=20).contains(&wait), "{wait}");
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, v)| *k == "x-ratelimit-limit-requests" && v == "3")
+        );
+    }
+
+    #[test]
+    fn tokens_per_minute_counts_prompt_tokens_and_refuses_a_prompt_larger_than_the_minute() {
+        let l = Limiters::default();
+        let t = tenant(None, Some(1000), None);
+        assert!(l.admit(&t, 600).is_ok());
+        let r = l.admit(&t, 600).err().expect("1200 > 1000");
+        assert!(r.error.to_string().contains("on tokens"), "{}", r.error);
+        let r = l.admit(&t, 5000).err().expect("never fits");
+        assert!(matches!(r.error, ProxyError::TooLargeForTenant { .. }));
+    }
+
+    #[test]
+    fn concurrency_is_released_when_a_request_ends_and_changed_limits_start_fresh() {
+        let l = Limiters::default();
+        let t = tenant(None, None, Some(2));
+        let a = l.admit(&t, 1).ok();
+        let b = l.admit(&t, 1).ok();
+        assert!(a.is_some() && b.is_some());
+        assert!(l.admit(&t, 1).is_err());
+        drop(a);
+        assert!(l.admit(&t, 1).is_ok());
+        // a reload that changes the limit: a fresh state
+        let wider = tenant(None, None, Some(5));
+        assert!(l.admit(&wider, 1).is_ok());
+    }
+}
