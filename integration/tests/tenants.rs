@@ -15,10 +15,11 @@ fn sha256_hex(key: &str) -> String {
 
 fn rules() -> String {
     format!(
-        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n",
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n",
         sha256_hex("secret-key-a"),
         sha256_hex("secret-key-b"),
         sha256_hex("secret-key-b2"),
+        sha256_hex("secret-key-c"),
     )
 }
 
@@ -81,6 +82,20 @@ async fn keys_auth_and_per_tenant_request_limits() {
         assert_eq!(r.status(), 200);
     }
 
+    // team-c: a prompt larger than a minute's tokens can never pass
+    let r = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.proxy))
+        .bearer_auth("secret-key-c")
+        .json(&chat_body("tiny", 1500, 4, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "50");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "tokens", "{v}");
+
     // labels are tenant names, refusals are counted by reason; no key appears anywhere
     let m = env.metrics().await.unwrap();
     assert!(
@@ -89,6 +104,10 @@ async fn keys_auth_and_per_tenant_request_limits() {
     );
     assert!(
         m.contains(r#"switchyard_router_tenant_rejections_total{reason="invalid_api_key",tenant="other"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchyard_router_tenant_rejections_total{reason="tokens_per_minute",tenant="team-c"} 1"#),
         "{m}"
     );
     assert!(

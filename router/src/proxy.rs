@@ -117,24 +117,39 @@ impl SwitchyardProxy {
         let Some(endpoint) = admit::admit(shared, session, ctx).await? else {
             return Ok(());
         };
-        // `auth: required`: a key no tenant holds is refused before its body is read
-        {
+        // the tenant, before the body is read: `auth: required` refuses a key no tenant
+        // holds; a configured tenant's requests in flight and per minute are checked
+        let refused = {
             let rules = shared.rules.load();
-            if rules.rules.auth() == routing_rules::Auth::Required {
-                let tenant = crate::tenants::tenant_of(
-                    &rules.rules,
-                    session
-                        .req_header()
-                        .headers
-                        .get(http::header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok()),
-                );
-                if tenant.is_none_or(|t| rules.rules.tenant(&t).is_none()) {
-                    drop(rules);
-                    shared.metrics.tenant_rejections("other", "invalid_api_key");
-                    return respond::error(session, ctx, &ProxyError::InvalidApiKey).await;
-                }
+            let key = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let tenant = crate::tenants::tenant_of(&rules.rules, key);
+            match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
+                Some(t) => match shared.limiters.admit_request(t) {
+                    Ok(admitted) => {
+                        ctx.admitted = Some(admitted);
+                        None
+                    }
+                    Err(r) => Some((t.name.to_string(), r)),
+                },
+                None if rules.rules.auth() == routing_rules::Auth::Required => Some((
+                    "other".to_string(),
+                    crate::tenants::Refused {
+                        error: ProxyError::InvalidApiKey,
+                        headers: Vec::new(),
+                    },
+                )),
+                None => None,
             }
+        };
+        if let Some((label, r)) = refused {
+            shared
+                .metrics
+                .tenant_rejections(&label, crate::tenants::reason(&r.error));
+            return respond::error_with(session, ctx, &r.error, r.headers).await;
         }
         // 2. body: whole, capped, reserved in the body budget
         let body = match body::read(shared, session).await? {
@@ -180,34 +195,22 @@ impl SwitchyardProxy {
             };
             return respond::error(session, ctx, &e).await;
         }
-        // the tenant's limits: in flight, prompt tokens and requests per minute
+        // the tenant's prompt tokens per minute, now that they are counted
         if let Some(tenant) = ctx
             .classified
             .features
             .tenant
             .as_deref()
             .and_then(|t| rules.rules.tenant(t))
-        {
-            match shared
+            && let Err(refused) = shared
                 .limiters
-                .admit(tenant, ctx.classified.features.prompt_tokens)
-            {
-                Ok(admitted) => ctx.admitted = Some(admitted),
-                Err(refused) => {
-                    let reason = match &refused.error {
-                        ProxyError::RateLimited { what: "tokens", .. }
-                        | ProxyError::TooLargeForTenant { .. } => "tokens_per_minute",
-                        ProxyError::RateLimited {
-                            what: "requests", ..
-                        } => "requests_per_minute",
-                        _ => "max_concurrent",
-                    };
-                    shared.metrics.tenant_rejections(&tenant.name, reason);
-                    drop(rules);
-                    return respond::error_with(session, ctx, &refused.error, refused.headers)
-                        .await;
-                }
-            }
+                .admit_tokens(tenant, ctx.classified.features.prompt_tokens)
+        {
+            shared
+                .metrics
+                .tenant_rejections(&tenant.name, crate::tenants::reason(&refused.error));
+            drop(rules);
+            return respond::error_with(session, ctx, &refused.error, refused.headers).await;
         }
         // 4. route: the first rule that matches gives the ordered target pools
         let decision = rules.rules.route(&ctx.classified.features);

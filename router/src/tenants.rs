@@ -5,8 +5,8 @@
 //! tenant, `key-` and the first 64 bits of its digest (with `auth: required` it gets 401
 //! `invalid_api_key` instead); no key at all is `anonymous`.
 //!
-//! Limits, per configured tenant, checked once the prompt is counted and before anything
-//! is forwarded: requests in flight, prompt tokens per minute and requests per minute
+//! Limits, per configured tenant: requests in flight and requests per minute before the
+//! body is read, prompt tokens per minute once the prompt is counted
 //! (GCRA token buckets from `governor`: a full minute's worth may come at once, then the
 //! bucket refills evenly). Over a limit the request gets 429 with `Retry-After` and
 //! OpenAI's `x-ratelimit-*` headers, so the official SDKs back off by themselves. The
@@ -102,12 +102,10 @@ impl Limiters {
         }
     }
 
-    /// Lets a request of `prompt_tokens` in, or says why not. Checked in order: requests in
-    /// flight (nothing spent), prompt tokens, requests. A request refused for requests has
-    /// spent its tokens (governor cannot give them back).
-    pub fn admit(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<Admitted, Refused> {
+    /// Lets a request in, or says why not, before its body is read: its tenant's requests
+    /// in flight (nothing spent when refused), then requests per minute.
+    pub fn admit_request(&self, tenant: &Tenant) -> Result<Admitted, Refused> {
         let state = self.state(tenant);
-        let name = || tenant.name.to_string();
         if let Some(max) = state.limits.max_concurrent {
             let took = state
                 .in_flight
@@ -117,7 +115,7 @@ impl Limiters {
             if took.is_err() {
                 return Err(Refused {
                     error: ProxyError::RateLimited {
-                        tenant: name(),
+                        tenant: tenant.name.to_string(),
                         what: "concurrent requests",
                         limit: max.get(),
                         retry_after: Duration::from_secs(1),
@@ -130,35 +128,53 @@ impl Limiters {
         }
         // from here on, a refusal gives the in-flight slot back
         let admitted = Admitted(Arc::clone(&state));
-        let now = DefaultClock::default().now();
-        if let (Some(bucket), Some(limit)) = (&state.tokens, state.limits.tokens_per_minute) {
-            let n = u32::try_from(prompt_tokens.max(1)).unwrap_or(u32::MAX);
-            let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-            match bucket.check_n(n) {
-                Ok(Ok(())) => {}
-                Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(now);
-                    return Err(refused(name(), "tokens", limit, wait));
-                }
-                Err(_) => {
-                    return Err(Refused {
-                        error: ProxyError::TooLargeForTenant {
-                            tenant: name(),
-                            tokens: prompt_tokens,
-                            limit: limit.get(),
-                        },
-                        headers: ratelimit_headers("tokens", limit, Duration::ZERO),
-                    });
-                }
-            }
-        }
         if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute)
             && let Err(not_until) = bucket.check()
         {
-            let wait = not_until.wait_time_from(now);
-            return Err(refused(name(), "requests", limit, wait));
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(refused(tenant.name.to_string(), "requests", limit, wait));
         }
         Ok(admitted)
+    }
+
+    /// Spends `prompt_tokens` of the tenant's tokens per minute, once the prompt is
+    /// counted, or says why not (a request refused here has spent its request).
+    pub fn admit_tokens(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<(), Refused> {
+        let state = self.state(tenant);
+        let (Some(bucket), Some(limit)) = (&state.tokens, state.limits.tokens_per_minute) else {
+            return Ok(());
+        };
+        let n = u32::try_from(prompt_tokens.max(1)).unwrap_or(u32::MAX);
+        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        match bucket.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(refused(tenant.name.to_string(), "tokens", limit, wait))
+            }
+            Err(_) => Err(Refused {
+                error: ProxyError::TooLargeForTenant {
+                    tenant: tenant.name.to_string(),
+                    tokens: prompt_tokens,
+                    limit: limit.get(),
+                },
+                headers: ratelimit_headers("tokens", limit, Duration::ZERO),
+            }),
+        }
+    }
+}
+
+/// The metric's `reason` for a refusal.
+pub fn reason(e: &ProxyError) -> &'static str {
+    match e {
+        ProxyError::RateLimited { what: "tokens", .. } | ProxyError::TooLargeForTenant { .. } => {
+            "tokens_per_minute"
+        }
+        ProxyError::RateLimited {
+            what: "requests", ..
+        } => "requests_per_minute",
+        ProxyError::RateLimited { .. } => "max_concurrent",
+        _ => "invalid_api_key",
     }
 }
 
@@ -217,9 +233,9 @@ mod tests {
         let l = Limiters::default();
         let t = tenant(Some(3), None, None);
         for _ in 0..3 {
-            assert!(l.admit(&t, 10).is_ok());
+            assert!(l.admit_request(&t).is_ok());
         }
-        let r = l.admit(&t, 10).err().expect("the fourth is refused");
+        let r = l.admit_request(&t).err().expect("the fourth is refused");
         assert_eq!(r.error.status(), 429);
         // one request's worth refills in 20 s
         let wait = r.error.retry_after().expect("retry-after");
@@ -235,10 +251,10 @@ mod tests {
     fn tokens_per_minute_counts_prompt_tokens_and_refuses_a_prompt_larger_than_the_minute() {
         let l = Limiters::default();
         let t = tenant(None, Some(1000), None);
-        assert!(l.admit(&t, 600).is_ok());
-        let r = l.admit(&t, 600).err().expect("1200 > 1000");
+        assert!(l.admit_tokens(&t, 600).is_ok());
+        let r = l.admit_tokens(&t, 600).expect_err("1200 > 1000");
         assert!(r.error.to_string().contains("on tokens"), "{}", r.error);
-        let r = l.admit(&t, 5000).err().expect("never fits");
+        let r = l.admit_tokens(&t, 5000).expect_err("never fits");
         assert!(matches!(r.error, ProxyError::TooLargeForTenant { .. }));
     }
 
@@ -246,14 +262,14 @@ mod tests {
     fn concurrency_is_released_when_a_request_ends_and_changed_limits_start_fresh() {
         let l = Limiters::default();
         let t = tenant(None, None, Some(2));
-        let a = l.admit(&t, 1).ok();
-        let b = l.admit(&t, 1).ok();
+        let a = l.admit_request(&t).ok();
+        let b = l.admit_request(&t).ok();
         assert!(a.is_some() && b.is_some());
-        assert!(l.admit(&t, 1).is_err());
+        assert!(l.admit_request(&t).is_err());
         drop(a);
-        assert!(l.admit(&t, 1).is_ok());
+        assert!(l.admit_request(&t).is_ok());
         // a reload that changes the limit: a fresh state
         let wider = tenant(None, None, Some(5));
-        assert!(l.admit(&wider, 1).is_ok());
+        assert!(l.admit_request(&wider).is_ok());
     }
 }
