@@ -15,11 +15,12 @@ fn sha256_hex(key: &str) -> String {
 
 fn rules() -> String {
     format!(
-        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n",
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n",
         sha256_hex("secret-key-a"),
         sha256_hex("secret-key-b"),
         sha256_hex("secret-key-b2"),
         sha256_hex("secret-key-c"),
+        sha256_hex("secret-key-fast"),
     )
 }
 
@@ -132,4 +133,44 @@ async fn keys_auth_and_per_tenant_request_limits() {
             "{secret} leaked"
         );
     }
+}
+
+/// The official OpenAI Python SDK against the router (`integration/sdk/tenants.py`, in the
+/// venv `scripts/test.sh` makes): `AuthenticationError` for a key no tenant holds,
+/// `RateLimitError` over a limit, and the SDK's own retries honour `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_sees_auth_and_rate_limit_errors_and_backs_off() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "no {}: run scripts/test.sh (it installs the openai package there)",
+        python.display()
+    );
+    let env = TestEnv::new()
+        .rules(&rules())
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(python)
+        .arg(root.join("sdk/tenants.py"))
+        .arg(&env.proxy)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.log("router.log")
+    );
+    assert!(
+        stdout.contains("AuthenticationError invalid_api_key"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("RateLimitError after"), "{stdout}");
+    assert!(stdout.contains("retried by the SDK: succeeded"), "{stdout}");
+    println!("{stdout}");
 }
