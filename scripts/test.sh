@@ -4,7 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The official OpenAI Python SDK, for the tests that use it as the client (PyPI).
 if [ ! -x integration/.venv/bin/python ] || ! integration/.venv/bin/python -c "import openai" 2>/dev/null; then
-  python3 -m venv integration/.venv
+  if ! python3 -m venv integration/.venv 2>/dev/null; then
+    # Debian's python3 keeps venv in its own package
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq python3-venv >/dev/null
+    rm -rf integration/.venv && python3 -m venv integration/.venv
+  fi
   integration/.venv/bin/pip install --quiet "openai>=1.50"
 fi
 cargo build --workspace --bins
