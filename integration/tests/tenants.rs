@@ -15,12 +15,13 @@ fn sha256_hex(key: &str) -> String {
 
 fn rules() -> String {
     format!(
-        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n",
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n  team-d:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ budget_usd_per_day: 0.0000001 }}\n",
         sha256_hex("secret-key-a"),
         sha256_hex("secret-key-b"),
         sha256_hex("secret-key-b2"),
         sha256_hex("secret-key-c"),
         sha256_hex("secret-key-fast"),
+        sha256_hex("secret-key-d"),
     )
 }
 
@@ -96,6 +97,25 @@ async fn keys_auth_and_per_tenant_request_limits() {
     assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "50");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "tokens", "{v}");
+
+    // team-d: a budget of $0.0000001 a day; the first request's cost spends it (charged
+    // once the answer is sent), then 429 insufficient_quota until midnight UTC
+    let r = send(&env, Some("secret-key-d")).await;
+    assert_eq!(r.status(), 200);
+    let refused = integration::eventually(
+        std::time::Duration::from_secs(5),
+        "the budget to run out",
+        || async {
+            let r = send(&env, Some("secret-key-d")).await;
+            (r.status() == 429).then_some(r)
+        },
+    )
+    .await
+    .unwrap();
+    let retry_after: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
 
     // labels are tenant names, refusals are counted by reason; no key appears anywhere
     let m = env.metrics().await.unwrap();

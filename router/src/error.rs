@@ -104,6 +104,13 @@ pub enum ProxyError {
         tokens: u64,
         limit: u32,
     },
+    /// The tenant spent its daily budget.
+    #[error("Tenant `{tenant}` has spent its budget of ${budget_usd} for today (UTC); it resets in {}s", retry_after.as_secs())]
+    QuotaExceeded {
+        tenant: String,
+        budget_usd: f64,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -119,7 +126,9 @@ impl ProxyError {
             Self::GatewayTimeout => 504,
             Self::NoCapacity { .. } | Self::BodyBudget { .. } => 503,
             Self::InvalidApiKey => 401,
-            Self::RateLimited { .. } | Self::TooLargeForTenant { .. } => 429,
+            Self::RateLimited { .. }
+            | Self::TooLargeForTenant { .. }
+            | Self::QuotaExceeded { .. } => 429,
         }
     }
 
@@ -145,6 +154,7 @@ impl ProxyError {
                 ("tokens", "rate_limit_exceeded")
             }
             Self::RateLimited { .. } => ("requests", "rate_limit_exceeded"),
+            Self::QuotaExceeded { .. } => ("insufficient_quota", "insufficient_quota"),
         }
     }
 
@@ -153,7 +163,7 @@ impl ProxyError {
         match self {
             Self::NoCapacity { .. } | Self::BodyBudget { .. } => Some(1),
             // whole seconds, rounded up: a client that waits this long gets through
-            Self::RateLimited { retry_after, .. } => {
+            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
                 let ms = retry_after.as_millis().max(1);
                 Some(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX))
             }

@@ -65,6 +65,10 @@ pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
                     m.cost.with_label_values(&[p, tenant]).inc_by(usd);
                 }
             }
+            // a configured tenant's daily budget is charged what this request cost
+            if ctx.admitted.is_some() {
+                shared.limiters.charge(tenant, cost_usd);
+            }
         }
     }
     let worker = if ctx.pool.is_some() {

@@ -11,11 +11,14 @@
 //! bucket refills evenly). Over a limit the request gets 429 with `Retry-After` and
 //! OpenAI's `x-ratelimit-*` headers, so the official SDKs back off by themselves. The
 //! limiters live across rule reloads; a tenant whose limits change starts a fresh bucket.
+//! A daily budget (dollars per UTC day) is charged each request's cost as it ends
+//! ([`Limiters::charge`], from the cost accounting) and refuses new requests with 429
+//! `insufficient_quota` once spent.
 //! Limits are this router's own: replicas do not share them yet.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +55,18 @@ struct State {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
     in_flight: AtomicU32,
+    /// Spent today (`day`, days since the epoch, UTC), in billionths of a dollar.
+    spent_nano_usd: AtomicU64,
+    day: AtomicU64,
+}
+
+/// Today, as days since the epoch (UTC), and the time left until tomorrow.
+fn today() -> (u64, Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    (now / 86_400, Duration::from_secs(86_400 - now % 86_400))
 }
 
 impl State {
@@ -64,7 +79,17 @@ impl State {
             requests: bucket(limits.requests_per_minute),
             tokens: bucket(limits.tokens_per_minute),
             in_flight: AtomicU32::new(0),
+            spent_nano_usd: AtomicU64::new(0),
+            day: AtomicU64::new(today().0),
         }
+    }
+
+    /// What was spent today (a new day starts from zero).
+    fn spent_today(&self, day: u64) -> &AtomicU64 {
+        if self.day.swap(day, Ordering::Relaxed) != day {
+            self.spent_nano_usd.store(0, Ordering::Relaxed);
+        }
+        &self.spent_nano_usd
     }
 }
 
@@ -106,6 +131,19 @@ impl Limiters {
     /// in flight (nothing spent when refused), then requests per minute.
     pub fn admit_request(&self, tenant: &Tenant) -> Result<Admitted, Refused> {
         let state = self.state(tenant);
+        if let Some(budget) = state.limits.budget_nano_usd_per_day {
+            let (day, left) = today();
+            if state.spent_today(day).load(Ordering::Relaxed) >= budget.get() {
+                return Err(Refused {
+                    error: ProxyError::QuotaExceeded {
+                        tenant: tenant.name.to_string(),
+                        budget_usd: budget.get() as f64 / 1e9,
+                        retry_after: left,
+                    },
+                    headers: Vec::new(),
+                });
+            }
+        }
         if let Some(max) = state.limits.max_concurrent {
             let took = state
                 .in_flight
@@ -135,6 +173,22 @@ impl Limiters {
             return Err(refused(tenant.name.to_string(), "requests", limit, wait));
         }
         Ok(admitted)
+    }
+
+    /// Charges a finished request's cost to its tenant's budget for today.
+    pub fn charge(&self, tenant: &str, usd: f64) {
+        let state = {
+            let map = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(tenant).cloned()
+        };
+        if let Some(s) = state
+            && s.limits.budget_nano_usd_per_day.is_some()
+            && usd.is_finite()
+            && usd > 0.0
+        {
+            let nano = (usd * 1e9).ceil() as u64;
+            s.spent_today(today().0).fetch_add(nano, Ordering::Relaxed);
+        }
     }
 
     /// Spends `prompt_tokens` of the tenant's tokens per minute, once the prompt is
@@ -174,6 +228,7 @@ pub fn reason(e: &ProxyError) -> &'static str {
             what: "requests", ..
         } => "requests_per_minute",
         ProxyError::RateLimited { .. } => "max_concurrent",
+        ProxyError::QuotaExceeded { .. } => "budget",
         _ => "invalid_api_key",
     }
 }
@@ -224,6 +279,7 @@ mod tests {
                 requests_per_minute: rpm.and_then(NonZeroU32::new),
                 tokens_per_minute: tpm.and_then(NonZeroU32::new),
                 max_concurrent: conc.and_then(NonZeroU32::new),
+                budget_nano_usd_per_day: None,
             },
         }
     }
@@ -271,5 +327,21 @@ mod tests {
         // a reload that changes the limit: a fresh state
         let wider = tenant(None, None, Some(5));
         assert!(l.admit_request(&wider).is_ok());
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_until_tomorrow() {
+        let l = Limiters::default();
+        let mut t = tenant(None, None, None);
+        t.limits.budget_nano_usd_per_day = std::num::NonZeroU64::new(10_000_000); // $0.01
+        assert!(l.admit_request(&t).is_ok());
+        l.charge("a", 0.004);
+        assert!(l.admit_request(&t).is_ok(), "$0.004 of $0.01 spent");
+        l.charge("a", 0.007);
+        let r = l.admit_request(&t).err().expect("$0.011 spent");
+        assert!(matches!(r.error, ProxyError::QuotaExceeded { .. }));
+        let wait = r.error.retry_after().expect("until midnight");
+        assert!((1..=86_400).contains(&wait), "{wait}");
+        assert_eq!(reason(&r.error), "budget");
     }
 }

@@ -452,7 +452,22 @@ impl Compiler {
                 }
                 n
             };
+            let budget = t.limits.budget_usd_per_day.and_then(|usd| {
+                let nano = usd * 1e9;
+                let n = (usd.is_finite() && nano >= 1.0 && nano < u64::MAX as f64)
+                    .then(|| std::num::NonZeroU64::new(nano.round() as u64))
+                    .flatten();
+                if n.is_none() {
+                    self.problem(
+                        format!("{path}.limits.budget_usd_per_day"),
+                        loc,
+                        "must be a positive number of dollars (at least 0.000000001)",
+                    );
+                }
+                n
+            });
             let limits = Limits {
+                budget_nano_usd_per_day: budget,
                 requests_per_minute: positive(
                     self,
                     "requests_per_minute",

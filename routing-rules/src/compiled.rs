@@ -24,6 +24,8 @@ pub struct Limits {
     pub requests_per_minute: Option<std::num::NonZeroU32>,
     pub tokens_per_minute: Option<std::num::NonZeroU32>,
     pub max_concurrent: Option<std::num::NonZeroU32>,
+    /// Spend per UTC day, in billionths of a dollar.
+    pub budget_nano_usd_per_day: Option<std::num::NonZeroU64>,
 }
 
 /// The SHA-256 of an API key: what the rules hold and look keys up by.

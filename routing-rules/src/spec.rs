@@ -107,6 +107,11 @@ pub struct LimitsSpec {
     /// Requests in flight at once.
     #[schemars(range(min = 1))]
     pub max_concurrent: Option<u32>,
+    /// Dollars the tenant may spend per UTC day, by the router's cost accounting (pool price
+    /// × each request's share of its worker's time). Once spent: 429 `insufficient_quota`
+    /// until midnight UTC.
+    #[schemars(range(min = 0.000000001))]
+    pub budget_usd_per_day: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
