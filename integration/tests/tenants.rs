@@ -117,6 +117,45 @@ async fn keys_auth_and_per_tenant_request_limits() {
     let v: Value = refused.json().await.unwrap();
     assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
 
+    // what the operator sees: every tenant's limits and use now
+    let t: Value = integration::eventually(
+        std::time::Duration::from_secs(5),
+        "nothing in flight",
+        || async {
+            let t: Value = env
+                .admin_get("/admin/tenants")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            t["tenants"]
+                .as_array()?
+                .iter()
+                .all(|x| x["in_flight"] == 0)
+                .then_some(t)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(t["auth"], "required", "{t}");
+    let by_name = |n: &str| {
+        t["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_name("team-a")["limits"]["requests_per_minute"], 2, "{t}");
+    assert!(
+        by_name("team-d")["spent_today_usd"].as_f64().unwrap() > 1e-7,
+        "{t}"
+    );
+    assert!(t.to_string().find("secret").is_none(), "no key in {t}");
+
     // labels are tenant names, refusals are counted by reason; no key appears anywhere
     let m = env.metrics().await.unwrap();
     assert!(

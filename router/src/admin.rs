@@ -34,6 +34,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/admin/rules/reload", post(reload))
         .route("/admin/explain", post(explain))
         .route("/admin/registry/leases", get(leases))
+        .route("/admin/tenants", get(tenants))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
@@ -149,6 +150,31 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// Every configured tenant: its limits and, where it has sent requests, what it uses now.
+async fn tenants(State(s): State<Arc<Shared>>) -> Response {
+    let rules = s.rules.load();
+    let list: Vec<_> = rules
+        .rules
+        .tenants()
+        .iter()
+        .map(|t| {
+            let usage = s.limiters.usage(&t.name);
+            json!({
+                "name": &*t.name,
+                "limits": {
+                    "requests_per_minute": t.limits.requests_per_minute,
+                    "tokens_per_minute": t.limits.tokens_per_minute,
+                    "max_concurrent": t.limits.max_concurrent,
+                    "budget_usd_per_day": t.limits.budget_nano_usd_per_day.map(|n| n.get() as f64 / 1e9),
+                },
+                "in_flight": usage.map_or(0, |u| u.in_flight),
+                "spent_today_usd": usage.map_or(0.0, |u| u.spent_today_usd),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "auth": rules.rules.auth(), "tenants": list })).into_response()
 }
 
 async fn workers(State(s): State<Arc<Shared>>) -> Response {

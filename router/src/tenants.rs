@@ -108,6 +108,14 @@ impl Drop for Admitted {
     }
 }
 
+/// A tenant's use of its limits now (`GET /admin/tenants`).
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub in_flight: u32,
+    /// Counted for tenants with a budget only.
+    pub spent_today_usd: f64,
+}
+
 /// A refusal: the error, and the headers that go with it.
 pub struct Refused {
     pub error: ProxyError,
@@ -173,6 +181,16 @@ impl Limiters {
             return Err(refused(tenant.name.to_string(), "requests", limit, wait));
         }
         Ok(admitted)
+    }
+
+    /// What `tenant` uses now, if it has sent a request since the router started.
+    pub fn usage(&self, tenant: &str) -> Option<Usage> {
+        let map = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.get(tenant)?;
+        Some(Usage {
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            spent_today_usd: s.spent_today(today().0).load(Ordering::Relaxed) as f64 / 1e9,
+        })
     }
 
     /// Charges a finished request's cost to its tenant's budget for today.

@@ -65,7 +65,7 @@ pub struct RulesSpec {
 }
 
 /// Whether requests need a configured tenant's key.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Auth {
     #[default]
