@@ -25,6 +25,16 @@ fn rules() -> String {
     )
 }
 
+/// The router on [`rules`] with one `cpu` worker.
+async fn start() -> integration::Running {
+    TestEnv::new()
+        .rules(&rules())
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap()
+}
+
 async fn send(env: &integration::Running, key: Option<&str>) -> reqwest::Response {
     let mut req = env
         .http
@@ -38,12 +48,7 @@ async fn send(env: &integration::Running, key: Option<&str>) -> reqwest::Respons
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_auth_and_per_tenant_request_limits() {
-    let env = TestEnv::new()
-        .rules(&rules())
-        .worker(WorkerSpec::new("cpu"))
-        .start()
-        .await
-        .unwrap();
+    let env = start().await;
 
     // no key, and a key no tenant holds: 401 invalid_api_key, as OpenAI answers it
     for key in [None, Some("not-a-tenant")] {
@@ -206,12 +211,7 @@ async fn the_openai_sdk_sees_auth_and_rate_limit_errors_and_backs_off() {
         "no {}: run scripts/test.sh (it installs the openai package there)",
         python.display()
     );
-    let env = TestEnv::new()
-        .rules(&rules())
-        .worker(WorkerSpec::new("cpu"))
-        .start()
-        .await
-        .unwrap();
+    let env = start().await;
     let out = tokio::process::Command::new(python)
         .arg(root.join("sdk/tenants.py"))
         .arg(&env.proxy)

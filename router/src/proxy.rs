@@ -119,7 +119,7 @@ impl SwitchyardProxy {
         };
         // the tenant, before the body is read: `auth: required` refuses a key no tenant
         // holds; a configured tenant's requests in flight and per minute are checked
-        let refused = {
+        let (tenant, refused) = {
             let rules = shared.rules.load();
             let key = session
                 .req_header()
@@ -127,7 +127,7 @@ impl SwitchyardProxy {
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             let tenant = crate::tenants::tenant_of(&rules.rules, key);
-            match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
+            let refused = match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
                 Some(t) => match shared.limiters.admit_request(t) {
                     Ok(admitted) => {
                         ctx.admitted = Some(admitted);
@@ -143,7 +143,8 @@ impl SwitchyardProxy {
                     },
                 )),
                 None => None,
-            }
+            };
+            (tenant, refused)
         };
         if let Some((label, r)) = refused {
             shared
@@ -169,7 +170,7 @@ impl SwitchyardProxy {
             Ok(p) => p,
             Err(e) => return respond::error(session, ctx, &e).await,
         };
-        classifier.read_head(&mut parsed, &session.req_header().headers);
+        classifier.read_head_with_tenant(&mut parsed, &session.req_header().headers, tenant);
         let model = &parsed.features.model;
         if rules.rules.model(model).is_none()
             && !shared

@@ -60,12 +60,24 @@ impl Classifier<'_> {
     /// The head's part of step 1: the tenant (from `authorization`) and every header a
     /// rule tests. (The proxy parses large bodies off the event loop, then calls this.)
     pub fn read_head(&self, parsed: &mut Parsed, head: &HeaderMap) {
-        let f = &mut parsed.features;
-        f.tenant = crate::tenants::tenant_of(
+        let tenant = crate::tenants::tenant_of(
             self.rules,
             head.get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok()),
         );
+        self.read_head_with_tenant(parsed, head, tenant);
+    }
+
+    /// [`Self::read_head`] with the tenant already known (the proxy identifies it before
+    /// the body is read, and does not hash the key twice).
+    pub fn read_head_with_tenant(
+        &self,
+        parsed: &mut Parsed,
+        head: &HeaderMap,
+        tenant: Option<String>,
+    ) {
+        let f = &mut parsed.features;
+        f.tenant = tenant;
         for name in self.rules.header_names() {
             if let Some(v) = head.get(name.as_str()).and_then(|v| v.to_str().ok()) {
                 f.headers.push((name.clone(), v.to_string()));
