@@ -454,6 +454,20 @@ impl Running {
             .await?)
     }
 
+    /// `/metrics` once `ready` holds (polled for up to 5 s; the last scrape either way).
+    /// A request's own series are recorded as it is logged, just after its answer is sent,
+    /// so a test that reads them right after the answer polls.
+    pub async fn metrics_until(&self, ready: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await?;
+            if ready(&m) || Instant::now() >= deadline {
+                return Ok(m);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// POSTs a chat request through the router.
     pub async fn chat(&self, body: &Value) -> Result<reqwest::Response> {
         Ok(self

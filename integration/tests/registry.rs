@@ -427,14 +427,16 @@ async fn worker_ids_cannot_be_hijacked_and_the_router_never_routes_to_itself() {
     let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
     assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
     assert!(started.elapsed() < Duration::from_secs(5));
-    let m = env.metrics().await.unwrap();
-    let looped: f64 = m
-        .lines()
-        .filter(|l| {
-            l.starts_with("switchyard_router_requests_total{") && l.contains("status=\"508\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let looped_in = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("switchyard_router_requests_total{") && l.contains("status=\"508\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let m = env.metrics_until(|m| looped_in(m) >= 1.0).await.unwrap();
+    let looped = looped_in(&m);
     assert!(
         (1.0..=3.0).contains(&looped),
         "each attempt came back once and was refused: {looped}\n{m}"
