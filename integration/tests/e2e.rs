@@ -107,6 +107,32 @@ async fn streams_pass_through_as_sse() {
         v["choices"][0]["message"]["content"].as_str().unwrap(),
         content
     );
+
+    // The client set no stream_options: the router asked the worker for usage, counted the
+    // completion tokens, and the client's stream has no usage frame (every event above had
+    // a choice).
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        events[..events.len() - 1]
+            .iter()
+            .all(|e| !e.contains(r#""choices":[]"#) && !e.contains("\"usage\"")),
+        "{text}"
+    );
+    let series = r#"switchyard_router_completion_tokens_total{model="tiny",pool="cpu"}"#;
+    let m = env.metrics_until(|m| m.contains(series)).await.unwrap();
+    assert!(m.contains(&format!("{series} {completion}")), "{m}");
+
+    // a client that asks for usage gets it, as the worker sends it
+    let mut body = chat_body("tiny", 30, 12, true);
+    body["stream_options"] = serde_json::json!({ "include_usage": true });
+    let text = env.chat(&body).await.unwrap().text().await.unwrap();
+    let usage: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ")?).ok())
+        .filter(|v| v["choices"] == serde_json::json!([]))
+        .collect();
+    assert_eq!(usage.len(), 1, "{text}");
+    assert_eq!(usage[0]["usage"]["completion_tokens"], completion, "{text}");
 }
 
 /// Blanks the per-response `"id":"…"` and `"created":N` values; everything else is compared
@@ -628,7 +654,7 @@ async fn admin_api_explains_lists_pools_reports_readiness_and_reloads() {
     // a request's metrics are recorded once its answer is sent: poll for them
     let metrics = eventually(Duration::from_secs(5), "the request's metrics", || async {
         let m = env.metrics().await.ok()?;
-        m.contains(r#"switchyard_router_prompt_tokens_total{pool="cpu"}"#)
+        m.contains(r#"switchyard_router_prompt_tokens_total{model="tiny",pool="cpu"}"#)
             .then_some(m)
     })
     .await

@@ -134,7 +134,7 @@ async fn concurrent_requests_split_their_workers_cost_and_report_tokens_and_ttft
             let m = env.metrics().await.ok()?;
             let logged = metric(
                 &m,
-                r#"switchyard_router_completion_tokens_total{pool="cpu"}"#,
+                r#"switchyard_router_completion_tokens_total{model="tiny",pool="cpu"}"#,
             )?;
             (logged == completion as f64).then_some(())
         },
@@ -143,16 +143,19 @@ async fn concurrent_requests_split_their_workers_cost_and_report_tokens_and_ttft
     let m = env.metrics().await.unwrap();
     let reported = metric(
         &m,
-        r#"switchyard_router_completion_tokens_total{pool="cpu"}"#,
+        r#"switchyard_router_completion_tokens_total{model="tiny",pool="cpu"}"#,
     );
     assert_eq!(reported, Some(completion as f64), "{m}");
-    let ttft = metric(&m, r#"switchyard_router_ttft_seconds_count{pool="cpu"}"#);
+    let ttft = metric(
+        &m,
+        r#"switchyard_router_ttft_seconds_count{context="0-1k",model="tiny",pool="cpu"}"#,
+    );
     assert_eq!(ttft, Some(3.0), "{m}");
     // The worker was busy for at most `wall` seconds; three requests overlapping each
     // charged their whole duration would add up to ~3 × that.
     let cost = metric(
         &m,
-        r#"switchyard_router_cost_usd_total{pool="cpu",tenant="anonymous"}"#,
+        r#"switchyard_router_cost_usd_total{model="tiny",pool="cpu",tenant="anonymous"}"#,
     )
     .unwrap();
     let busy = cost / 0.20 * 3600.0;
@@ -352,7 +355,10 @@ async fn a_body_that_does_not_arrive_in_time_gets_408_and_holds_nothing() {
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "request_timeout", "{v}");
-    let m = env.metrics().await.unwrap();
+    let m = env
+        .metrics_until(|m| metric(m, "switchyard_router_buffered_body_bytes ") == Some(0.0))
+        .await
+        .unwrap();
     assert_eq!(
         metric(&m, "switchyard_router_buffered_body_bytes "),
         Some(0.0),
@@ -437,7 +443,10 @@ async fn an_upgrade_hands_over_without_losing_a_request() {
     let r = env.chat(&chat_body("tiny", 10, 1, false)).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-switchyard-attempts"), "1");
-    let metrics = env.metrics().await.unwrap();
+    let metrics = env
+        .metrics_until(|m| metric(m, "switchyard_router_requests_total{").is_some())
+        .await
+        .unwrap();
     assert!(
         metric(&metrics, "switchyard_router_requests_total{").is_some(),
         "the new process served requests:\n{metrics}"

@@ -176,7 +176,7 @@ async fn keys_auth_and_per_tenant_request_limits() {
         "{m}"
     );
     assert!(
-        m.contains(r#"switchyard_router_cost_usd_total{pool="cpu",tenant="team-b"}"#),
+        m.contains(r#"switchyard_router_cost_usd_total{model="tiny",pool="cpu",tenant="team-b"}"#),
         "{m}"
     );
     // (log lines are written by a background thread)

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -19,11 +19,24 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use model_meta::ChatMessage;
+use opentelemetry::KeyValue;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, Event, GenParams, Job, Prompt, Usage};
 use crate::error::{WorkerError, error_body, openai_error};
+use crate::trace::WorkerTrace;
+
+/// What an answer's task holds until the answer ends: its place in `AppState::active`, and
+/// its trace (ended with the answer).
+type Held = (Active, Option<WorkerTrace>);
+
+/// Ends a held trace: with the usage when the answer completed, else with why it did not.
+fn end_trace(trace: &mut Option<WorkerTrace>, usage: Option<&Usage>, error: Option<&str>) {
+    if let Some(t) = trace.take() {
+        t.finish(usage, error);
+    }
+}
 
 /// Faults the worker injects on request, for failover tests. Only routed when enabled.
 #[derive(Debug, Default)]
@@ -59,6 +72,8 @@ pub struct AppState {
     /// Besides loopback callers (a spot-interruption watcher on the host), `POST
     /// /admin/preempt` is accepted from callers presenting this token (the registry token).
     pub admin_token: Option<String>,
+    /// The tracer, when tracing is on ([`crate::trace`]).
+    pub otel: Option<proto::otel::Otel>,
 }
 
 /// Counts a request in `AppState::active` until dropped.
@@ -448,7 +463,7 @@ async fn chat(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(s, Kind::Chat, request_id(&headers), body).await
+    answer(s, Kind::Chat, &headers, body).await
 }
 
 async fn completions(
@@ -456,7 +471,7 @@ async fn completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(s, Kind::Completion, request_id(&headers), body).await
+    answer(s, Kind::Completion, &headers, body).await
 }
 
 /// The caller's `x-request-id` (the router always sends one) when it is 1–128 visible
@@ -468,11 +483,33 @@ fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
 }
 
 /// The answer or the OpenAI-shaped error, labelled when it comes from the sim backend.
-async fn answer(s: Arc<AppState>, kind: Kind, request_id: Option<String>, body: Bytes) -> Response {
+async fn answer(
+    s: Arc<AppState>,
+    kind: Kind,
+    headers: &axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let sim = s.engine.model.simulated;
-    let r = serve(s, kind, request_id, body)
+    let mut trace = s.otel.as_ref().map(|o| {
+        let name = match kind {
+            Kind::Chat => "POST /v1/chat/completions",
+            Kind::Completion => "POST /v1/completions",
+        };
+        let t = WorkerTrace::start(o, headers, name, &s.engine.model.name);
+        t.attribute(KeyValue::new(
+            "switchyard.request_id",
+            request_id(headers).unwrap_or_default(),
+        ));
+        t
+    });
+    let r = serve(s, kind, request_id(headers), body, &mut trace)
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+        .unwrap_or_else(|e| {
+            if let Some(t) = trace.take() {
+                t.finish(None, Some(&e.to_string()));
+            }
+            e.into_response()
+        });
     label(sim, r)
 }
 
@@ -481,6 +518,7 @@ async fn serve(
     kind: Kind,
     request_id: Option<String>,
     body: Bytes,
+    trace: &mut Option<WorkerTrace>,
 ) -> Result<Response, WorkerError> {
     if s.draining.load(Ordering::Relaxed) {
         return Err(WorkerError::Unavailable("draining"));
@@ -499,9 +537,19 @@ async fn serve(
     // the async runtime: a multi-megabyte prompt takes seconds to tokenize, and `/health`
     // and the registration heartbeat run on the same runtime.
     let model = Arc::clone(&s.engine.model);
+    let t_tokenize = Instant::now();
     let prompt = tokio::task::spawn_blocking(move || model.tokenize(p.prompt))
         .await
         .map_err(|e| WorkerError::Engine(format!("tokenization stopped: {e}")))??;
+    if let Some(t) = trace {
+        let n = i64::try_from(prompt.len()).unwrap_or(i64::MAX);
+        t.stage(
+            "tokenize",
+            t_tokenize,
+            Instant::now(),
+            vec![KeyValue::new("gen_ai.usage.input_tokens", n)],
+        );
+    }
     // What the context window leaves after the prompt bounds the answer (`tokenize` refused
     // a prompt that fills the window), so a huge `max_tokens` cannot run away.
     let room = s.engine.model.max_context.saturating_sub(prompt.len());
@@ -553,6 +601,7 @@ async fn serve(
         model: s.engine.model.name.clone(),
         kind,
     };
+    let trace = trace.take();
     if p.stream {
         Ok(stream_response(
             meta,
@@ -560,10 +609,10 @@ async fn serve(
             rx,
             p.include_usage,
             drop_after,
-            active,
+            (active, trace),
         ))
     } else {
-        Ok(json_response(meta, first, rx, drop_after, active))
+        Ok(json_response(meta, first, rx, drop_after, (active, trace)))
     }
 }
 
@@ -621,17 +670,22 @@ fn json_response(
     first: Event,
     mut rx: mpsc::UnboundedReceiver<Event>,
     drop_after: u32,
-    active: Active,
+    held: Held,
 ) -> Response {
     let (tx, out) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     tokio::spawn(async move {
-        let _active = active;
+        let (_active, mut trace) = held;
         let mut text = String::new();
         let mut pieces = 0u32;
         let mut ev = Some(first);
         loop {
             match ev {
                 Some(Event::Text(_)) if drop_after > 0 && pieces == drop_after => {
+                    end_trace(
+                        &mut trace,
+                        None,
+                        Some("fault injection: connection dropped"),
+                    );
                     let err = std::io::Error::other("fault injection: connection dropped");
                     let _ = tx.send(Err(err)).await;
                     return;
@@ -641,17 +695,20 @@ fn json_response(
                     text.push_str(&t);
                 }
                 Some(Event::Done(u)) => {
+                    end_trace(&mut trace, Some(&u), None);
                     let body = meta.full(&text, u).to_string();
                     let _ = tx.send(Ok(Bytes::from(body))).await;
                     return;
                 }
                 Some(Event::Failed(e)) => {
                     tracing::warn!("generation failed after the commit point: {e}");
+                    end_trace(&mut trace, None, Some(&e));
                     let _ = tx.send(Err(std::io::Error::other(e))).await;
                     return;
                 }
                 None => {
                     tracing::warn!("the engine dropped a request after the commit point");
+                    end_trace(&mut trace, None, Some("engine dropped the request"));
                     let err = std::io::Error::other("engine dropped the request");
                     let _ = tx.send(Err(err)).await;
                     return;
@@ -659,7 +716,11 @@ fn json_response(
             }
             ev = tokio::select! {
                 e = rx.recv() => e,
-                () = tx.closed() => return, // client gone; dropping rx stops the engine
+                () = tx.closed() => {
+                    // client gone; dropping rx stops the engine
+                    end_trace(&mut trace, None, Some("the client left"));
+                    return;
+                }
             };
         }
     });
@@ -676,11 +737,11 @@ fn stream_response(
     mut rx: mpsc::UnboundedReceiver<Event>,
     include_usage: bool,
     drop_after: u32,
-    active: Active,
+    held: Held,
 ) -> Response {
     let (tx, out) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
-        let _active = active;
+        let (_active, mut trace) = held;
         let mut content_chunks = 0u32;
         let mut frames = Vec::new();
         if meta.kind == Kind::Chat {
@@ -699,6 +760,11 @@ fn stream_response(
                         // `drop_after` content chunks. The error aborts the connection at
                         // once, dropping whatever the transport has not written yet, so the
                         // chunks already sent get time to go out first.
+                        end_trace(
+                            &mut trace,
+                            None,
+                            Some("fault injection: connection dropped"),
+                        );
                         let err = std::io::Error::other("fault injection: connection dropped");
                         for f in frames.drain(..) {
                             let _ = tx.send(Ok(f)).await;
@@ -711,16 +777,20 @@ fn stream_response(
                     frames.push(meta.chunk(Some(json!({ "content": t })), Some(&t), None));
                 }
                 Event::Done(u) => {
+                    end_trace(&mut trace, Some(&u), None);
                     frames.push(meta.chunk(None, None, Some(finish(&u))));
                     if include_usage {
                         frames.push(meta.frame(json!({
-                            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                            "id": meta.id,
+                            "object": if meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                            "created": meta.created,
                             "model": meta.model, "choices": [], "usage": u,
                         })));
                     }
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Event::Failed(err) => {
+                    end_trace(&mut trace, None, Some(&err));
                     frames.push(meta.frame(error_body(
                         "server_error",
                         "inference_failed",
@@ -732,12 +802,17 @@ fn stream_response(
             }
             for f in frames.drain(..) {
                 if tx.send(Ok(f)).await.is_err() {
-                    return; // client gone; dropping rx stops the engine
+                    // client gone; dropping rx stops the engine
+                    end_trace(&mut trace, None, Some("the client left"));
+                    return;
                 }
             }
             ev = tokio::select! {
                 e = rx.recv() => e,
-                () = tx.closed() => return, // client gone; dropping rx stops the engine
+                () = tx.closed() => {
+                    end_trace(&mut trace, None, Some("the client left"));
+                    return;
+                }
             };
         }
     });

@@ -25,6 +25,7 @@ pub mod llama;
 pub mod metrics;
 pub mod q8;
 pub mod registration;
+pub mod trace;
 
 /// Makes candle's CPU thread count a constant: re-executes this program once with
 /// `RAYON_NUM_THREADS` set (to the cores this process may use) unless it is set already.

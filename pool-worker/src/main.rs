@@ -85,6 +85,12 @@ struct Args {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// OpenTelemetry traces: the OTLP/HTTP collector's base URL (spans go to
+    /// `<url>/v1/traces`). OpenTelemetry's own variables work too
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, …);
+    /// without either, tracing is off.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 #[tokio::main]
@@ -151,6 +157,8 @@ async fn main() -> anyhow::Result<()> {
             .max_body_bytes
             .unwrap_or_else(|| pool_worker::api::default_max_body_bytes(engine.model.max_context)),
         admin_token: args.token.clone(),
+        otel: proto::otel::Otel::from_env("switchyard-worker", args.otlp_endpoint.as_deref())
+            .map_err(anyhow::Error::msg)?,
     });
     let listener = listen(args.listen).with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -225,12 +233,17 @@ async fn main() -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let traced = Arc::clone(&state);
     axum::serve(
         listener,
         pool_worker::api::router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await?;
+    // the spans of the last answers
+    if let Some(otel) = &traced.otel {
+        tokio::task::block_in_place(|| otel.shutdown());
+    }
     Ok(())
 }
 

@@ -10,3 +10,5 @@ pub mod registry {
 }
 
 pub use registry::v1::*;
+
+pub mod otel;

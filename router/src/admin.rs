@@ -35,6 +35,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/admin/explain", post(explain))
         .route("/admin/registry/leases", get(leases))
         .route("/admin/tenants", get(tenants))
+        .route("/admin/cost", get(cost))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
@@ -175,6 +176,58 @@ async fn tenants(State(s): State<Arc<Shared>>) -> Response {
         })
         .collect();
     axum::Json(json!({ "auth": rules.rules.auth(), "tenants": list })).into_response()
+}
+
+/// `GET /admin/cost?window=60&by=tenant,model,pool&baseline=h100-ondemand`: what the
+/// traffic of the last `window` minutes (default 60, at most a day) cost, grouped `by`
+/// (default: all three), against running it all on `baseline` (default: the dearest
+/// on-demand pool). See [`crate::cost`].
+async fn cost(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let bad = |m: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "error": { "message": m, "type": "invalid_request_error" } })),
+        )
+            .into_response()
+    };
+    let window = match q.get("window").map(|w| w.parse::<u64>()) {
+        None => 60,
+        Some(Ok(w)) if (1..=24 * 60).contains(&w) => w,
+        Some(_) => return bad("`window` is minutes, 1 to 1440".into()),
+    };
+    let by = match crate::cost::By::parse(q.get("by").map_or("tenant,model,pool", String::as_str)) {
+        Ok(by) => by,
+        Err(e) => return bad(e),
+    };
+    let rules = s.rules.load();
+    let pools = rules.rules.pools();
+    let baseline = match q.get("baseline") {
+        Some(name) => match pools.iter().find(|p| &*p.name == name.as_str()) {
+            Some(p) => p,
+            None => return bad(format!("no pool `{name}` in the rules")),
+        },
+        None => match pools
+            .iter()
+            .filter(|p| p.capacity == routing_rules::Capacity::OnDemand)
+            .max_by(|a, b| a.cost_per_hour.total_cmp(&b.cost_per_hour))
+        {
+            Some(p) => p,
+            None => return bad("no on-demand pool to compare with: name one as `baseline`".into()),
+        },
+    };
+    let totals = s
+        .ledger
+        .since(crate::cost::minute_now().saturating_sub(window - 1));
+    let report = crate::cost::report(
+        &totals,
+        window,
+        by,
+        (&baseline.name, baseline.cost_per_hour),
+    );
+    axum::Json(report).into_response()
 }
 
 async fn workers(State(s): State<Arc<Shared>>) -> Response {

@@ -40,6 +40,8 @@ pub struct Outgoing<'a> {
     pub hops: &'a str,
     /// The request's id (`x-request-id`).
     pub request_id: &'a str,
+    /// The attempt's trace context, when traced (else the client's is passed on).
+    pub traceparent: Option<&'a str>,
 }
 
 /// Sends the request; succeeds only with a response header that is an answer (not 429,
@@ -140,6 +142,9 @@ fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
         if let Some(v) = out.client.headers.get(name) {
             req.insert_header(name, v.clone())?;
         }
+    }
+    if let Some(tp) = out.traceparent {
+        req.insert_header("traceparent", tp)?;
     }
     Ok(req)
 }

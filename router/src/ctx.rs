@@ -41,10 +41,15 @@ pub struct RequestCtx {
     pub ttft: Option<std::time::Duration>,
     /// Completion tokens the worker reported in its answer's `usage`.
     pub completion_tokens: Option<u64>,
+    /// Whether the router asked the worker for a usage frame the client did not ask for
+    /// (taken out of the stream again, see [`crate::usage`]).
+    pub usage_asked: bool,
     /// Each attempt's pool and share of its worker's time (seconds), for cost.
     pub worker_seconds: Vec<(Arc<str>, f64)>,
     /// The tenant's admission: holds its place among the tenant's requests in flight.
     pub admitted: Option<crate::tenants::Admitted>,
+    /// The request's trace, when tracing is on.
+    pub trace: Option<Box<crate::trace::RequestTrace>>,
     _active: Active,
 }
 
@@ -65,8 +70,10 @@ impl RequestCtx {
             status: 0,
             ttft: None,
             completion_tokens: None,
+            usage_asked: false,
             worker_seconds: Vec::new(),
             admitted: None,
+            trace: None,
             _active: Active::new(active),
         }
     }

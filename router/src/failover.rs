@@ -132,6 +132,11 @@ pub async fn forward(
                     .retry_budget
                     .try_retry(retry.budget_ratio, retry.budget_floor)
                 {
+                    shared
+                        .metrics
+                        .retry_budget_exhausted
+                        .with_label_values(&[pool])
+                        .inc();
                     next_pool += 1; // the budget bounds retries within a tier, not failover
                     continue;
                 }
@@ -155,12 +160,17 @@ pub async fn forward(
         let in_flight = InFlight::new(Arc::clone(&worker));
         let peer = attempt::peer(&shared.config, &worker);
         let t0 = Instant::now();
+        let traceparent = ctx
+            .trace
+            .as_mut()
+            .map(|t| t.start_attempt(pool, &worker.id, ctx.attempts));
         let out = Outgoing {
             path: &ctx.path,
             body: &body,
             client: session.req_header(),
             hops: &hops,
             request_id: &ctx.request_id,
+            traceparent: traceparent.as_deref(),
         };
         let answered = tokio::time::timeout_at(
             deadline,
@@ -191,6 +201,9 @@ pub async fn forward(
                         "the router's total timeout passed",
                     )),
                     relay::Next::ClientGone(e) => {
+                        if let Some(t) = ctx.trace.as_mut() {
+                            t.end_attempt(Some("client_gone"));
+                        }
                         ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
                         ctx.status = 499;
                         up.shutdown().await;
@@ -211,6 +224,9 @@ pub async fn forward(
                     .observe(t0.elapsed().as_secs_f64());
                 ctx.pool = Some(pool.clone());
                 ctx.status = resp.status.as_u16();
+                if let Some(t) = ctx.trace.as_mut() {
+                    t.answered();
+                }
                 // The commit point: no failover after this. The body and its reservation
                 // go now, not when a long stream ends.
                 drop((body, held));
@@ -222,10 +238,16 @@ pub async fn forward(
                 };
                 let relayed = relay::relay(proxy, session, ctx, decision, answer).await;
                 ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                if let Some(t) = ctx.trace.as_mut() {
+                    t.relayed(ctx.completion_tokens);
+                }
                 return relayed;
             }
             Err(failed) => {
                 ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                if let Some(t) = ctx.trace.as_mut() {
+                    t.end_attempt(Some(failed.reason_name()));
+                }
                 if failed.against_worker() && worker.health.record_failure() {
                     tracing::warn!(worker = %worker.id, %pool, "worker ejected");
                     shared.metrics.ejections.with_label_values(&[pool]).inc();

@@ -13,7 +13,7 @@
 //! | failover | [`failover`] | the attempt loop: tiers, retry budget, outcomes |
 //! | select | [`select`] | eligibility and the selection policies (one file each) |
 //! | attempt | [`attempt`] | one request to one worker, up to its response header |
-//! | relay | [`relay`] | the answer streamed back; usage counted |
+//! | relay | [`relay`] | the answer streamed back; usage counted ([`usage`]) |
 //! | respond | [`respond`] | answers the router gives itself ([`error`] holds the error model) |
 //! | log | [`log`] | metrics ([`metrics`]) and the access line |
 //!
@@ -22,7 +22,8 @@
 //! [`grpc`] (worker registration) over [`registry`] (leases, health, snapshots), [`health`]
 //! (active checks of static workers), [`admin`] (the admin API), [`state`] (what all of
 //! them share) and [`reload`] (what a new rule set changes beyond the rules).
-//! [`logging`] writes every log line (JSON, off the event loop).
+//! [`logging`] writes every log line (JSON, off the event loop); [`trace`] each request's
+//! OpenTelemetry spans.
 
 pub mod admin;
 pub mod admit;
@@ -31,6 +32,7 @@ pub mod attempt;
 pub mod body;
 pub mod budget;
 pub mod classify;
+pub mod cost;
 pub mod ctx;
 pub mod error;
 pub mod failover;
@@ -47,3 +49,5 @@ pub mod respond;
 pub mod select;
 pub mod state;
 pub mod tenants;
+pub mod trace;
+pub mod usage;

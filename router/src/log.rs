@@ -25,13 +25,26 @@ pub fn tenant_label<'a>(rules: &'a CompiledRules, tenant: Option<&str>) -> &'a s
         .map_or("other", String::as_str)
 }
 
+/// The `model` label for a request: a model the rules declare, else `other` (a model only
+/// some worker serves, or none): like tenants, labels take only configured values.
+pub fn model_label<'a>(rules: &'a CompiledRules, model: &str) -> &'a str {
+    rules.model(model).map_or("other", |m| m.name.as_str())
+}
+
 /// Records the request's metrics and writes its access line: one JSON object (with
 /// `--log-format json`, the default off a terminal) whose `message` is `request`. Fields:
 /// `request_id`, `status`, `model`, `tenant` (the key's derived id, never the key), `rule`,
 /// `pool` and `worker` that answered, `attempts`, `failures` (`pool/worker:reason`, space
 /// separated), `prompt_tokens` and whether `exact`, `completion_tokens`, `ttft_ms`, `ms`,
 /// `cost_usd` (every attempt's share), `error`.
-pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
+///
+/// Returns the request's cost in dollars; `trace_id` is the request's trace, when traced.
+pub fn record(
+    shared: &Shared,
+    ctx: &RequestCtx,
+    e: Option<&pingora::Error>,
+    trace_id: Option<&str>,
+) -> f64 {
     let m = &shared.metrics;
     let pool = ctx.pool.as_deref().unwrap_or("none");
     let rule = ctx.decision.as_ref().map(|d| &*d.rule).unwrap_or("none");
@@ -39,30 +52,54 @@ pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
     let features = &ctx.classified.features;
     let mut cost_usd = 0.0;
     if ctx.endpoint.is_some() {
+        let rules = shared.rules.load();
+        let model = model_label(&rules.rules, ctx.model());
+        let context = crate::metrics::Metrics::context_bucket(features.prompt_tokens);
         m.requests
-            .with_label_values(&[pool, rule, status_label(ctx.status)])
+            .with_label_values(&[pool, rule, model, status_label(ctx.status)])
             .inc();
         m.duration
-            .with_label_values(&[pool])
+            .with_label_values(&[pool, model, context])
             .observe(elapsed.as_secs_f64());
+        if let Some(ttft) = ctx.ttft {
+            m.ttft
+                .with_label_values(&[pool, model, context])
+                .observe(ttft.as_secs_f64());
+        }
         if ctx.pool.is_some() {
             m.prompt_tokens
-                .with_label_values(&[pool])
+                .with_label_values(&[pool, model])
                 .inc_by(features.prompt_tokens);
             if let Some(n) = ctx.completion_tokens {
-                m.completion_tokens.with_label_values(&[pool]).inc_by(n);
+                m.completion_tokens
+                    .with_label_values(&[pool, model])
+                    .inc_by(n);
             }
         }
         // Every attempt's pool is charged its share of the worker's time, failed attempts
         // included: the worker spent it.
+        let tenant = tenant_label(&rules.rules, features.tenant.as_deref());
+        let price = |p: &str| rules.rules.pool(p).map(|p| p.cost_per_hour);
+        if ctx.pool.is_some() || !ctx.worker_seconds.is_empty() {
+            shared.ledger.record(
+                crate::cost::minute_now(),
+                &crate::cost::Charge {
+                    tenant,
+                    model,
+                    answered_by: ctx.pool.as_deref(),
+                    prompt_tokens: features.prompt_tokens,
+                    completion_tokens: ctx.completion_tokens.unwrap_or(0),
+                    attempts: &ctx.worker_seconds,
+                },
+                price,
+            );
+        }
         if !ctx.worker_seconds.is_empty() {
-            let rules = shared.rules.load();
-            let tenant = tenant_label(&rules.rules, features.tenant.as_deref());
             for (p, secs) in &ctx.worker_seconds {
-                if let Some(price) = rules.rules.pool(p).map(|p| p.cost_per_hour) {
-                    let usd = price * secs / 3600.0;
+                if let Some(price) = price(p) {
+                    let usd = crate::cost::worker_cost(price, *secs);
                     cost_usd += usd;
-                    m.cost.with_label_values(&[p, tenant]).inc_by(usd);
+                    m.cost.with_label_values(&[p, tenant, model]).inc_by(usd);
                 }
             }
             // a configured tenant's daily budget is charged what this request cost
@@ -93,8 +130,10 @@ pub fn record(shared: &Shared, ctx: &RequestCtx, e: Option<&pingora::Error>) {
         ms = elapsed.as_secs_f64() * 1000.0,
         cost_usd,
         error = e.map(tracing::field::display),
+        trace_id,
         "request"
     );
+    cost_usd
 }
 
 /// The status as a label value, formatted once per process, not per request.

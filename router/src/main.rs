@@ -49,6 +49,32 @@ enum Command {
     /// Work with rules files.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// What each tenant / model / pool cost a running router over the last minutes, and
+    /// what the same traffic would have cost all on one pool (default: the dearest
+    /// on-demand one), from the router's own accounting (`GET /admin/cost`).
+    Cost(CostArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CostArgs {
+    /// The router's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+    /// The admin API's token (also SWITCHYARD_ADMIN_TOKEN).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Minutes to look back (1 to 1440).
+    #[arg(long, default_value_t = 60)]
+    window: u64,
+    /// Group by any of tenant, model, pool (comma-separated).
+    #[arg(long, default_value = "tenant,model,pool")]
+    by: String,
+    /// The pool to compare with [default: the dearest on-demand pool].
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +205,12 @@ struct ServeArgs {
     /// [default: /tmp/switchyard-upgrade-<proxy port>.sock].
     #[arg(long)]
     upgrade_sock: Option<PathBuf>,
+    /// OpenTelemetry traces: the OTLP/HTTP collector's base URL (spans go to
+    /// `<url>/v1/traces`). OpenTelemetry's own variables work too
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, …);
+    /// without either, tracing is off.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -189,6 +221,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Cost(args) => cost(&args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
             Ok(r) => {
                 println!(
@@ -320,11 +353,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
          reloads, explain and the lease hand-over are not open to the network",
         args.addrs.admin
     );
+    let otel = proto::otel::Otel::from_env("switchyard-router", args.otlp_endpoint.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if otel.is_some() {
+        tracing::info!("tracing on: spans go out over OTLP");
+    }
     let shared = Shared::new(
         Arc::clone(&rules),
         Arc::clone(&registry),
         Arc::clone(&metrics),
         config,
+        otel,
     );
     if args.registry_token.is_none() {
         tracing::warn!("no --registry-token: only workers on loopback may register");
@@ -616,6 +655,9 @@ async fn exit_when_idle(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::info!("no request in flight: exiting");
+    if let Some(otel) = &shared.otel {
+        otel.shutdown();
+    }
     router::logging::exit(0);
 }
 
@@ -660,6 +702,44 @@ fn fetch_leases(
         let leases = req.send().await?.error_for_status()?.json().await?;
         Ok(leases)
     })
+}
+
+/// `switchyard cost`: the running router's cost report, as a table or JSON.
+fn cost(args: &CostArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body: serde_json::Value = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut query = vec![("window", args.window.to_string()), ("by", args.by.clone())];
+        if let Some(b) = &args.baseline {
+            query.push(("baseline", b.clone()));
+        }
+        let mut req = client
+            .get(format!("http://{}/admin/cost", args.admin))
+            .query(&query);
+        if let Some(t) = &args.admin_token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await?;
+        if !status.is_success() {
+            let message = body["error"]["message"].as_str().unwrap_or("no message");
+            anyhow::bail!("{}: {status}: {message}", args.admin);
+        }
+        anyhow::Ok(body)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        let report: router::cost::Report = serde_json::from_value(body)?;
+        print!("{}", router::cost::table(&report));
+    }
+    Ok(())
 }
 
 fn tokio_stream_from(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

@@ -6,19 +6,19 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
-    /// Requests answered, by pool, rule and status code.
+    /// Requests answered, by pool, rule, model and status code.
     pub requests: IntCounterVec,
     /// Retries, by the pool that failed, the pool retried on, and the reason.
     pub retries: IntCounterVec,
     /// Time to the first response byte from a worker, by pool.
     pub ttfb: HistogramVec,
-    /// Whole request time, by pool.
+    /// Whole request time, by pool, model and context bucket ([`context_bucket`]).
     pub duration: HistogramVec,
     /// Classification time (parse + token count).
     pub classify: HistogramVec,
     /// `classify`'s two series, resolved once: `[exact="false", exact="true"]`.
     pub classify_by_exactness: [prometheus::Histogram; 2],
-    /// Cost attributed to requests, by pool and tenant (USD; price per hour × the request's
+    /// Cost attributed to requests, by pool, tenant and model (USD; price per hour × the request's
     /// share of its worker's time, see `registry::ShareClock`).
     pub cost: prometheus::CounterVec,
     /// Rules reloads by outcome (applied, rejected).
@@ -28,15 +28,16 @@ pub struct Metrics {
     pub registrations: IntCounterVec,
     /// Workers ejected after consecutive failures, by pool.
     pub ejections: IntCounterVec,
-    /// Prompt tokens of requests a pool answered (exact or the classifier's lower bound).
+    /// Prompt tokens of requests a pool answered (exact or the classifier's lower bound), by
+    /// pool and model.
     pub prompt_tokens: IntCounterVec,
     /// Workers by pool and state (`live`, `draining`, `unhealthy`, `ejected`), set at
     /// scrape time.
     pub workers: prometheus::IntGaugeVec,
     /// Time from a request's arrival to its first response byte relayed to the client, by
-    /// pool: the first token of a stream, as the client sees it.
+    /// pool, model and context bucket: the first token of a stream, as the client sees it.
     pub ttft: HistogramVec,
-    /// Completion tokens the workers reported in `usage`, by pool.
+    /// Completion tokens the workers reported in `usage`, by pool and model.
     pub completion_tokens: IntCounterVec,
     /// Request-body bytes held right now against the global budget (set at scrape time).
     pub body_bytes: IntGauge,
@@ -49,6 +50,9 @@ pub struct Metrics {
     /// reason (`invalid_api_key`, `requests_per_minute`, `tokens_per_minute`,
     /// `max_concurrent`).
     pub tenant_rejected: IntCounterVec,
+    /// Retries into a pool that the retry budget refused (the request moved on to the next
+    /// pool, or failed), by pool.
+    pub retry_budget_exhausted: IntCounterVec,
 }
 
 impl Metrics {
@@ -61,9 +65,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "switchyard_router_requests_total",
-                "Requests answered, by pool, rule and status.",
+                "Requests answered, by pool, rule, model and status.",
             ),
-            &["pool", "rule", "status"],
+            &["pool", "rule", "model", "status"],
         )?;
         let retries = IntCounterVec::new(
             Opts::new(
@@ -83,10 +87,10 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_router_request_duration_seconds",
-                "Whole request time, by pool.",
+                "Whole request time, by pool, model and context (prompt tokens: 0-1k, 1k-4k, 4k-16k, 16k-64k, 64k+).",
             )
             .buckets(latency),
-            &["pool"],
+            &["pool", "model", "context"],
         )?;
         let classify = HistogramVec::new(
             HistogramOpts::new(
@@ -101,9 +105,9 @@ impl Metrics {
         let cost = prometheus::CounterVec::new(
             Opts::new(
                 "switchyard_router_cost_usd_total",
-                "Pool cost attributed to requests (price per hour × the request's share of its worker's time), by pool and tenant.",
+                "Pool cost attributed to requests (price per hour × the request's share of its worker's time), by pool, tenant and model.",
             ),
-            &["pool", "tenant"],
+            &["pool", "tenant", "model"],
         )?;
         let reloads = IntCounterVec::new(
             Opts::new(
@@ -133,9 +137,9 @@ impl Metrics {
         let prompt_tokens = IntCounterVec::new(
             Opts::new(
                 "switchyard_router_prompt_tokens_total",
-                "Prompt tokens of answered requests (exact, or the classifier's lower bound), by pool.",
+                "Prompt tokens of answered requests (exact, or the classifier's lower bound), by pool and model.",
             ),
-            &["pool"],
+            &["pool", "model"],
         )?;
         let workers = prometheus::IntGaugeVec::new(
             Opts::new(
@@ -147,20 +151,20 @@ impl Metrics {
         let ttft = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_router_ttft_seconds",
-                "Time from arrival to the first response byte sent to the client (a stream's first token), by pool.",
+                "Time from arrival to the first response byte sent to the client (a stream's first token), by pool, model and context (prompt tokens).",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0, 60.0,
             ]),
-            &["pool"],
+            &["pool", "model", "context"],
         )?;
         let completion_tokens = IntCounterVec::new(
             Opts::new(
                 "switchyard_router_completion_tokens_total",
-                "Completion tokens the worker reported in the answer's usage (every non-streaming answer; streams that ask for include_usage), by pool.",
+                "Completion tokens the workers reported in the answers' usage (streams included: the router asks for usage), by pool and model.",
             ),
-            &["pool"],
+            &["pool", "model"],
         )?;
         let body_bytes = IntGauge::new(
             "switchyard_router_buffered_body_bytes",
@@ -186,6 +190,14 @@ impl Metrics {
             &["tenant", "reason"],
         )?;
         registry.register(Box::new(tenant_rejected.clone()))?;
+        let retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_retry_budget_exhausted_total",
+                "Retries the retry budget refused, by the pool they would have gone to.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(retry_budget_exhausted.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(completion_tokens.clone()))?;
         registry.register(Box::new(body_bytes.clone()))?;
@@ -226,6 +238,7 @@ impl Metrics {
             health_check_failures,
             log_lines_dropped,
             tenant_rejected,
+            retry_budget_exhausted,
         })
     }
 
@@ -234,6 +247,18 @@ impl Metrics {
         self.tenant_rejected
             .with_label_values(&[tenant, reason])
             .inc();
+    }
+
+    /// The `context` label for a prompt of `tokens`: five buckets, so latency can be read by
+    /// context length (a 50k-token prompt's prefill is not a 500-token one's).
+    pub fn context_bucket(tokens: u64) -> &'static str {
+        match tokens {
+            0..1024 => "0-1k",
+            1024..4096 => "1k-4k",
+            4096..16384 => "4k-16k",
+            16384..65536 => "16k-64k",
+            _ => "64k+",
+        }
     }
 
     /// Prometheus text exposition.

@@ -82,7 +82,16 @@ impl ProxyHttp for SwitchyardProxy {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        log::record(&self.shared, ctx, e);
+        let trace = ctx.trace.take();
+        let cost_usd = log::record(
+            &self.shared,
+            ctx,
+            e,
+            trace.as_ref().map(|t| t.trace_id()).as_deref(),
+        );
+        if let Some(t) = trace {
+            crate::trace::finish(*t, &self.shared, ctx, cost_usd, e);
+        }
     }
 }
 
@@ -113,6 +122,16 @@ impl SwitchyardProxy {
     /// The lifecycle of one request.
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let shared = &self.shared;
+        if let Some(otel) = &shared.otel {
+            let head = session.req_header();
+            let t = crate::trace::RequestTrace::start(
+                otel,
+                &head.headers,
+                head.method.as_str(),
+                head.uri.path(),
+            );
+            ctx.trace = Some(Box::new(t));
+        }
         // 1. admit: header limit, loop guard, endpoint (`GET /v1/models` answered here)
         let Some(endpoint) = admit::admit(shared, session, ctx).await? else {
             return Ok(());
@@ -153,7 +172,7 @@ impl SwitchyardProxy {
             return respond::error_with(session, ctx, &r.error, r.headers).await;
         }
         // 2. body: whole, capped, reserved in the body budget
-        let body = match body::read(shared, session).await? {
+        let mut body = match body::read(shared, session).await? {
             Ok(b) => b,
             Err(e) => return respond::error(session, ctx, &e).await,
         };
@@ -183,9 +202,27 @@ impl SwitchyardProxy {
             ctx.classified.features = parsed.features;
             return respond::error(session, ctx, &e).await;
         }
+        // a stream the client did not ask usage of still reports it, to the router
+        let ask_usage = parsed.features.stream
+            && !parsed.stream_options
+            && endpoint != routing_rules::Endpoint::Embeddings;
         ctx.classified = classifier.count(parsed).await;
         shared.metrics.classify_by_exactness[usize::from(ctx.classified.exact)]
             .observe(t0.elapsed().as_secs_f64());
+        if let Some(t) = &ctx.trace {
+            let c = &ctx.classified;
+            t.stage(
+                "classify",
+                t0,
+                vec![
+                    opentelemetry::KeyValue::new(
+                        "gen_ai.usage.input_tokens",
+                        i64::try_from(c.features.prompt_tokens).unwrap_or(i64::MAX),
+                    ),
+                    opentelemetry::KeyValue::new("switchyard.tokens_exact", c.exact),
+                ],
+            );
+        }
         // the prompt alone cannot fit the model: no worker could take it
         if let Some(m) = rules.rules.model(ctx.model())
             && ctx.classified.prompt_tokens_lower > u64::from(m.context_window)
@@ -214,8 +251,24 @@ impl SwitchyardProxy {
             return respond::error_with(session, ctx, &refused.error, refused.headers).await;
         }
         // 4. route: the first rule that matches gives the ordered target pools
+        let t_route = Instant::now();
         let decision = rules.rules.route(&ctx.classified.features);
         drop(rules);
+        if let Some(t) = &ctx.trace {
+            let targets: Vec<&str> = decision.targets.iter().map(|p| &**p).collect();
+            t.stage(
+                "route",
+                t_route,
+                vec![
+                    opentelemetry::KeyValue::new("switchyard.rule", decision.rule.to_string()),
+                    opentelemetry::KeyValue::new("switchyard.targets", targets.join(",")),
+                ],
+            );
+        }
+        if ask_usage && let Some(asked) = crate::usage::ask_for_usage(&body.0) {
+            body.0 = asked;
+            ctx.usage_asked = true;
+        }
         ctx.body = Some(body);
         // 5. select, attempt, fail over; 6. relay the answer
         let forwarded = failover::forward(self, session, ctx, &decision).await;

@@ -15,6 +15,7 @@ use routing_rules::RouteDecision;
 use crate::ctx::RequestCtx;
 use crate::error::openai_body;
 use crate::proxy::SwitchyardProxy;
+use crate::usage::{HideUsage, UsageScan};
 
 /// A worker's answer: header read, and for a JSON answer its first body read (`held`:
 /// `Some(None)` when the body already ended).
@@ -164,6 +165,8 @@ pub async fn relay(
     .inspect_err(|_| ctx.status = 499)?;
     let pool = ctx.pool.clone().unwrap_or_else(|| "none".into());
     let mut usage = UsageScan::default();
+    // the usage frame the router asked for is not the client's
+    let mut hide = (ctx.usage_asked && sse).then(HideUsage::default);
     let mut first = true;
     let mut watch = true;
     loop {
@@ -174,6 +177,13 @@ pub async fn relay(
         let (message, code, status) = match next {
             Next::Chunk(Some(chunk)) => {
                 usage.feed(&chunk);
+                let chunk = match hide.as_mut() {
+                    Some(h) => match h.filter(chunk) {
+                        Some(c) => c,
+                        None => continue,
+                    },
+                    None => chunk,
+                };
                 tokio::time::timeout_at(deadline, session.write_response_body(Some(chunk), false))
                     .await
                     .map_err(|_| stalled())
@@ -182,18 +192,22 @@ pub async fn relay(
                 if std::mem::take(&mut first) {
                     // What the client waited for its first token (or whole answer, when
                     // not streaming): classification and failover included.
-                    let ttft = ctx.started.elapsed();
-                    ctx.ttft = Some(ttft);
-                    shared
-                        .metrics
-                        .ttft
-                        .with_label_values(&[&*pool])
-                        .observe(ttft.as_secs_f64());
+                    ctx.ttft = Some(ctx.started.elapsed());
                 }
                 continue;
             }
             Next::Chunk(None) => {
                 ctx.completion_tokens = usage.completion_tokens;
+                if let Some(rest) = hide.as_mut().and_then(HideUsage::finish) {
+                    tokio::time::timeout_at(
+                        deadline,
+                        session.write_response_body(Some(rest), false),
+                    )
+                    .await
+                    .map_err(|_| stalled())
+                    .and_then(|r| r)
+                    .inspect_err(|_| ctx.status = 499)?;
+                }
                 break;
             }
             Next::ClientGone(e) => {
@@ -253,131 +267,4 @@ pub async fn relay(
             .await;
     }
     Ok(())
-}
-
-/// Finds `"completion_tokens": N` in a relayed answer (the last one wins: a stream's usage
-/// chunk comes last), across chunk boundaries, without buffering the answer.
-#[derive(Default)]
-struct UsageScan {
-    /// The end of the previous chunk, for a key split across two chunks.
-    tail: Vec<u8>,
-    completion_tokens: Option<u64>,
-}
-
-impl UsageScan {
-    const KEY: &'static [u8] = b"\"completion_tokens\":";
-    const KEEP: usize = 48;
-
-    fn feed(&mut self, chunk: &[u8]) {
-        if !self.tail.is_empty() {
-            let mut seam = std::mem::take(&mut self.tail);
-            seam.extend_from_slice(&chunk[..chunk.len().min(Self::KEEP)]);
-            if let Some(n) = Self::find(&seam) {
-                self.completion_tokens = Some(n);
-            }
-            seam.truncate(seam.len() - chunk.len().min(Self::KEEP));
-            self.tail = seam;
-        }
-        if let Some(n) = Self::find(chunk) {
-            self.completion_tokens = Some(n);
-        }
-        // keep the last KEEP bytes of (tail + chunk): a key may span several small chunks
-        if chunk.len() >= Self::KEEP {
-            self.tail.clear();
-        }
-        self.tail
-            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
-        let excess = self.tail.len().saturating_sub(Self::KEEP);
-        self.tail.drain(..excess);
-    }
-
-    /// The last complete `"completion_tokens": N` in `buf`.
-    fn find(buf: &[u8]) -> Option<u64> {
-        let mut found = None;
-        for at in memchr::memmem::find_iter(buf, Self::KEY) {
-            let rest = &buf[at + Self::KEY.len()..];
-            let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
-            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-            // a number cut by the end of the buffer is read again from the seam
-            if digits > 0 && digits < rest.len() {
-                found = std::str::from_utf8(&rest[..digits])
-                    .ok()
-                    .and_then(|d| d.parse().ok());
-            }
-        }
-        found
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::UsageScan;
-
-    #[test]
-    fn completion_tokens_are_found_in_one_chunk_and_across_chunks() {
-        let answer = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":345,"total_tokens":357}}"#;
-        for split in 0..answer.len() {
-            let mut u = UsageScan::default();
-            u.feed(&answer[..split]);
-            u.feed(&answer[split..]);
-            assert_eq!(u.completion_tokens, Some(345), "split at {split}");
-        }
-        for size in 1..12 {
-            let mut u = UsageScan::default();
-            for c in answer.chunks(size) {
-                u.feed(c);
-            }
-            assert_eq!(u.completion_tokens, Some(345), "{size}-byte chunks");
-        }
-        let mut u = UsageScan::default();
-        u.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
-        assert_eq!(u.completion_tokens, None, "no usage, no count");
-        u.feed(b"data: {\"usage\":{\"completion_tokens\": 7}}\n\ndata: [DONE]\n\n");
-        assert_eq!(u.completion_tokens, Some(7));
-    }
-}
-
-#[cfg(test)]
-mod props {
-    use proptest::prelude::*;
-
-    use super::UsageScan;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-
-        /// However an answer is cut into chunks, its completion tokens are found.
-        #[test]
-        fn usage_is_found_across_any_chunking(
-            n in 0u64..10_000_000,
-            pad in "[a-z ,:{}\"]{0,200}",
-            cuts in proptest::collection::vec(1usize..40, 1..20),
-        ) {
-            let answer = format!(r#"{{"id":"x","text":"{pad}","usage":{{"prompt_tokens":3,"completion_tokens":{n},"total_tokens":9}}}}"#);
-            let bytes = answer.as_bytes();
-            let mut u = UsageScan::default();
-            let mut at = 0;
-            for c in cuts.iter().cycle() {
-                if at >= bytes.len() {
-                    break;
-                }
-                let end = (at + c).min(bytes.len());
-                u.feed(&bytes[at..end]);
-                at = end;
-            }
-            prop_assert_eq!(u.completion_tokens, Some(n));
-        }
-
-        /// Arbitrary bytes never panic the scanner, and it never keeps more than its seam.
-        #[test]
-        fn arbitrary_bytes_are_scanned_in_bounded_memory(
-            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..30),
-        ) {
-            let mut u = UsageScan::default();
-            for c in &chunks {
-                u.feed(c);
-                prop_assert!(u.tail.len() <= UsageScan::KEEP);
-            }
-        }
-    }
 }

@@ -88,6 +88,10 @@ pub struct Shared {
     pub hop_id: String,
     /// Tenants' limiters (kept across rule reloads).
     pub limiters: crate::tenants::Limiters,
+    /// The tracer, when tracing is on ([`crate::trace`]).
+    pub otel: Option<proto::otel::Otel>,
+    /// What each tenant, model and pool cost, by minute, over the last day.
+    pub ledger: crate::cost::Ledger,
 }
 
 impl Shared {
@@ -96,6 +100,7 @@ impl Shared {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         config: Config,
+        otel: Option<proto::otel::Otel>,
     ) -> Arc<Self> {
         let s = Arc::new(Self {
             rules,
@@ -110,6 +115,8 @@ impl Shared {
             config,
             hop_id: format!("sy-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
             limiters: crate::tenants::Limiters::default(),
+            otel,
+            ledger: crate::cost::Ledger::default(),
         });
         s.apply_rules();
         s

@@ -71,6 +71,17 @@ pub struct Usage {
     /// "stop" or "length".
     #[serde(skip)]
     pub finish_length: bool,
+    /// When each phase began, for the request's trace.
+    #[serde(skip)]
+    pub timing: Timing,
+}
+
+/// When a request's phases began: queued, taken into a batch (prefill), first token.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    pub queued: Option<std::time::Instant>,
+    pub admitted: Option<std::time::Instant>,
+    pub first_token: Option<std::time::Instant>,
 }
 
 pub struct Job {

@@ -312,6 +312,11 @@ impl Actor {
             completion_tokens: n,
             total_tokens: seq.prompt.len() + n,
             finish_length,
+            timing: super::Timing {
+                queued: Some(seq.queued_at),
+                admitted: Some(seq.started),
+                first_token: seq.first_token_at,
+            },
         }));
     }
 }

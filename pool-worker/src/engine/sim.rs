@@ -82,6 +82,11 @@ pub(super) fn run_sim(
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
                     finish_length: n == budget,
+                    timing: super::Timing {
+                        queued: Some(queued_at),
+                        admitted: Some(started),
+                        first_token: Some(first_token_at),
+                    },
                 }));
                 m.in_flight.dec();
             });

@@ -21,6 +21,9 @@ pub struct Parsed {
     pub images: u64,
     pub audios: u64,
     pub requested_max_tokens: Option<u64>,
+    /// Whether the body sets `stream_options` (the client chose what a stream reports;
+    /// otherwise the router may ask the worker for usage, see `usage::ask_for_usage`).
+    pub stream_options: bool,
     /// A lower bound on the prompt's tokens, set by counting (the exact count when exact).
     pub prompt_tokens_lower: u64,
 }
@@ -47,6 +50,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
         max_completion_tokens,
         max_tokens,
         stream,
+        stream_options,
     } = doc.0;
     if !object {
         return Err(ProxyError::BadRequest(
@@ -148,6 +152,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ProxyError> {
         images,
         audios,
         requested_max_tokens,
+        stream_options,
         prompt_tokens_lower: 0,
     })
 }
@@ -227,6 +232,8 @@ mod typed {
         pub max_tokens: Option<Option<u64>>,
         /// `stream`, when a boolean.
         pub stream: Option<bool>,
+        /// Whether `stream_options` is present (any value).
+        pub stream_options: bool,
     }
 
     /// Reads the body for one endpoint (which fields hold its texts).
@@ -270,6 +277,10 @@ mod typed {
                     }
                     "max_tokens" => doc.max_tokens = Some(map.next_value::<U64>()?.0),
                     "stream" => doc.stream = map.next_value::<Bool>()?.0,
+                    "stream_options" => {
+                        map.next_value::<IgnoredAny>()?;
+                        doc.stream_options = true;
+                    }
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -617,6 +628,7 @@ mod reference {
             .or_else(|| obj.get("max_tokens"))
             .and_then(Value::as_u64);
         let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream_options = obj.contains_key("stream_options");
         Ok(Parsed {
             features: RequestFeatures {
                 endpoint: Some(endpoint),
@@ -630,6 +642,7 @@ mod reference {
             images,
             audios,
             requested_max_tokens,
+            stream_options,
             prompt_tokens_lower: 0,
         })
     }
@@ -667,6 +680,7 @@ mod props {
                         Just("input".to_string()),
                         Just("max_tokens".to_string()),
                         Just("stream".to_string()),
+                        Just("stream_options".to_string()),
                         "[a-z]{1,6}",
                     ],
                     inner,
@@ -686,6 +700,7 @@ mod props {
         u64,
         u64,
         Option<u64>,
+        bool,
     );
 
     /// What a parse says, comparable: the fields classification reads, or the error's
@@ -703,6 +718,7 @@ mod props {
                 p.images,
                 p.audios,
                 p.requested_max_tokens,
+                p.stream_options,
             )
         })
         .map_err(|e| (e.status(), e.to_string()))
