@@ -12,12 +12,18 @@ if [ ! -x integration/.venv/bin/python ] || ! integration/.venv/bin/python -c "i
   fi
   integration/.venv/bin/pip install --quiet "openai>=1.50"
 fi
-# A real Prometheus (and promtool) for the observability tests (Debian's package).
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+# Real services for the tests that are about them (Debian's packages): Prometheus (and
+# promtool) for the observability tests, redis-server for limits shared by routers. The
+# packages start system services; the tests start their own on ephemeral ports.
+need=""
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
+if [ -n "$need" ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # the package starts a system Prometheus on :9090; the tests start their own
-  { $sudo systemctl stop prometheus || $sudo service prometheus stop || true; } >/dev/null 2>&1
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $need >/dev/null
+  for svc in prometheus redis-server; do
+    { $sudo systemctl stop $svc || $sudo service $svc stop || true; } >/dev/null 2>&1
+  done
 fi
 cargo build --workspace --bins
 cargo test --workspace

@@ -397,6 +397,14 @@ impl Running {
         Ok(old)
     }
 
+    /// Another router replica on its own ephemeral ports (log `router-<name>.log`), with
+    /// the rules at `rules` and `args`; the `LISTENING` line's fields give its addresses.
+    pub fn another_router(&self, name: &str, rules: &Path, args: &[&str]) -> Result<Proc> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let cmd = router_command(rules, &["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], &args)?;
+        Proc::spawn(cmd, &self.dir.path().join(format!("router-{name}.log")))
+    }
+
     /// POSTs to a worker's fault-injection endpoint.
     pub async fn faults(&self, worker: usize, faults: Value) -> Result<()> {
         let r = self

@@ -91,18 +91,40 @@ struct Args {
     /// without either, tracing is off.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Log lines: `json` (one object per line), `text`, or `auto` (text on a terminal,
+    /// else JSON), as the router's.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "auto", value_parser = ["auto", "json", "text"])]
+    log_format: String,
+}
+
+/// Logs to stderr (`RUST_LOG` filters, default `info`): JSON lines off a terminal, so a
+/// fleet's collector reads router and worker lines alike.
+fn init_logs(format: &str) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let json = format == "json" || (format == "auto" && !terminal);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal && !json);
+    if json {
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        fmt.init();
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pool_worker::pin_cpu_thread_count();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_logs(&args.log_format);
     let name = args.model_name.clone().unwrap_or_else(|| {
         // a .safetensors file stands for its directory
         let path = match args.model.extension() {

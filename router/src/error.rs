@@ -104,6 +104,12 @@ pub enum ProxyError {
         tokens: u64,
         limit: u32,
     },
+    /// The tenant's circuit breaker is open: its requests have been failing.
+    #[error("Tenant `{tenant}`'s requests are failing; they are refused for {}s while the fleet recovers", retry_after.as_secs().max(1))]
+    TenantCircuitOpen {
+        tenant: String,
+        retry_after: std::time::Duration,
+    },
     /// The tenant spent its daily budget.
     #[error("Tenant `{tenant}` has spent its budget of ${budget_usd} for today (UTC); it resets in {}s", retry_after.as_secs())]
     QuotaExceeded {
@@ -124,7 +130,9 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => 431,
             Self::Loop => 508,
             Self::GatewayTimeout => 504,
-            Self::NoCapacity { .. } | Self::BodyBudget { .. } => 503,
+            Self::NoCapacity { .. } | Self::BodyBudget { .. } | Self::TenantCircuitOpen { .. } => {
+                503
+            }
             Self::InvalidApiKey => 401,
             Self::RateLimited { .. }
             | Self::TooLargeForTenant { .. }
@@ -155,6 +163,7 @@ impl ProxyError {
             }
             Self::RateLimited { .. } => ("requests", "rate_limit_exceeded"),
             Self::QuotaExceeded { .. } => ("insufficient_quota", "insufficient_quota"),
+            Self::TenantCircuitOpen { .. } => ("server_error", "tenant_circuit_open"),
         }
     }
 
@@ -163,7 +172,9 @@ impl ProxyError {
         match self {
             Self::NoCapacity { .. } | Self::BodyBudget { .. } => Some(1),
             // whole seconds, rounded up: a client that waits this long gets through
-            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
+            Self::RateLimited { retry_after, .. }
+            | Self::QuotaExceeded { retry_after, .. }
+            | Self::TenantCircuitOpen { retry_after, .. } => {
                 let ms = retry_after.as_millis().max(1);
                 Some(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX))
             }

@@ -47,6 +47,7 @@ pub mod relay;
 pub mod reload;
 pub mod respond;
 pub mod select;
+pub mod shared_limits;
 pub mod state;
 pub mod tenants;
 pub mod trace;

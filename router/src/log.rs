@@ -107,6 +107,10 @@ pub fn record(
                 shared.limiters.charge(tenant, cost_usd);
             }
         }
+        // and its breaker counts the answer
+        if let Some(a) = &ctx.admitted {
+            a.answered(ctx.status);
+        }
     }
     let worker = if ctx.pool.is_some() {
         ctx.tried.last().map(String::as_str)

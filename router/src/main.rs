@@ -211,6 +211,11 @@ struct ServeArgs {
     /// without either, tracing is off.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Redis every router replica shares tenants' requests and tokens per minute in
+    /// (`redis://host:6379`; also SWITCHYARD_LIMITS_REDIS). Without it, each router keeps
+    /// its own limits; while Redis cannot answer, each router decides alone.
+    #[arg(long, env = "SWITCHYARD_LIMITS_REDIS")]
+    limits_redis: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -368,6 +373,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.registry_token.is_none() {
         tracing::warn!("no --registry-token: only workers on loopback may register");
     }
+    let limits_store = match &args.limits_redis {
+        Some(url) => {
+            let store = router::shared_limits::SharedLimits::new(
+                url,
+                metrics.limits_store_up.clone(),
+                metrics.limits_local_decisions.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let _ = shared.limiters.shared.set(Arc::clone(&store));
+            Some(store)
+        }
+        None => None,
+    };
 
     let listen = resolve_port(args.addrs.listen)?;
     let upgrade_sock = args.upgrade_sock.clone().unwrap_or_else(|| {
@@ -489,6 +507,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 // imported leases start their TTL now, however long the hand-over took
                 cp_shared.registry.renew_all();
                 let expiry = tokio::spawn(Arc::clone(&cp_shared.registry).run_expiry());
+                if let Some(store) = limits_store {
+                    tokio::spawn(store.connect());
+                }
                 let (stop_cp, cp_stopped) = tokio::sync::watch::channel(false);
                 let lifecycle = tokio::spawn(exit_when_idle(
                     Arc::clone(&cp_shared),

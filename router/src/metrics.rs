@@ -53,6 +53,11 @@ pub struct Metrics {
     /// Retries into a pool that the retry budget refused (the request moved on to the next
     /// pool, or failed), by pool.
     pub retry_budget_exhausted: IntCounterVec,
+    /// 1 while the limits store every replica shares (`--limits-redis`) answers, else 0.
+    pub limits_store_up: IntGauge,
+    /// Limit checks decided by this router's own buckets because the shared store could
+    /// not answer.
+    pub limits_local_decisions: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -198,6 +203,16 @@ impl Metrics {
             &["pool"],
         )?;
         registry.register(Box::new(retry_budget_exhausted.clone()))?;
+        let limits_store_up = IntGauge::new(
+            "switchyard_router_limits_store_up",
+            "1 while the shared limits store (--limits-redis) answers, else 0 (limits are then this router's own).",
+        )?;
+        let limits_local_decisions = prometheus::IntCounter::new(
+            "switchyard_router_limits_local_decisions_total",
+            "Tenant limit checks decided by this router's own buckets because the shared store could not answer.",
+        )?;
+        registry.register(Box::new(limits_store_up.clone()))?;
+        registry.register(Box::new(limits_local_decisions.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(completion_tokens.clone()))?;
         registry.register(Box::new(body_bytes.clone()))?;
@@ -239,6 +254,8 @@ impl Metrics {
             log_lines_dropped,
             tenant_rejected,
             retry_budget_exhausted,
+            limits_store_up,
+            limits_local_decisions,
         })
     }
 

@@ -147,7 +147,7 @@ impl SwitchyardProxy {
                 .and_then(|v| v.to_str().ok());
             let tenant = crate::tenants::tenant_of(&rules.rules, key);
             let refused = match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
-                Some(t) => match shared.limiters.admit_request(t) {
+                Some(t) => match shared.limiters.admit_request(t).await {
                     Ok(admitted) => {
                         ctx.admitted = Some(admitted);
                         None
@@ -243,6 +243,7 @@ impl SwitchyardProxy {
             && let Err(refused) = shared
                 .limiters
                 .admit_tokens(tenant, ctx.classified.features.prompt_tokens)
+                .await
         {
             shared
                 .metrics

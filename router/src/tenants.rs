@@ -14,7 +14,9 @@
 //! A daily budget (dollars per UTC day) is charged each request's cost as it ends
 //! ([`Limiters::charge`], from the cost accounting) and refuses new requests with 429
 //! `insufficient_quota` once spent.
-//! Limits are this router's own: replicas do not share them yet.
+//! Limits are this router's own, unless `--limits-redis` names a Redis that every replica
+//! shares: then requests and tokens per minute are taken from buckets in Redis
+//! ([`crate::shared_limits`]), and decided locally only while Redis cannot answer.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use routing_rules::{CompiledRules, Limits, Tenant, key_digest};
+use routing_rules::{BreakerLimits, CompiledRules, Limits, Tenant, key_digest};
 
 use crate::error::ProxyError;
 
@@ -49,9 +51,85 @@ pub fn tenant_of(rules: &CompiledRules, authorization: Option<&str>) -> Option<S
     Some(id)
 }
 
+/// A tenant's circuit breaker: per-second counts of its answers over the window, and
+/// whether it is open (until when) or half-open (a probe out).
+#[derive(Default)]
+struct Breaker {
+    /// `(second, answers, failures)`, oldest first, within the window.
+    seconds: std::collections::VecDeque<(u64, u32, u32)>,
+    open_until: Option<std::time::Instant>,
+    probing: bool,
+}
+
+/// The breaker's word on a new request.
+enum Gate {
+    Pass,
+    /// Half-open: this request is the probe.
+    Probe,
+    Shed(Duration),
+}
+
+impl Breaker {
+    fn gate(&mut self, now: std::time::Instant) -> Gate {
+        match self.open_until {
+            None => Gate::Pass,
+            Some(until) if now < until => Gate::Shed(until - now),
+            Some(_) if self.probing => Gate::Shed(Duration::from_secs(1)),
+            Some(_) => {
+                self.probing = true;
+                Gate::Probe
+            }
+        }
+    }
+
+    /// Counts an answer (`failed`: a 5xx); a probe's answer closes or reopens the breaker.
+    fn answer(&mut self, cfg: &BreakerLimits, failed: bool, probe: bool, now: std::time::Instant) {
+        let open = Duration::from_secs(u64::from(cfg.open_s));
+        if probe {
+            self.probing = false;
+            self.seconds.clear();
+            self.open_until = failed.then(|| now + open);
+            return;
+        }
+        if self.open_until.is_some() {
+            return; // answers of requests let in before it opened
+        }
+        let second = unix_seconds();
+        match self.seconds.back_mut() {
+            Some((s, n, f)) if *s == second => {
+                *n += 1;
+                *f += u32::from(failed);
+            }
+            _ => self.seconds.push_back((second, 1, u32::from(failed))),
+        }
+        let window = u64::from(cfg.window_s);
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(s, ..)| s + window <= second)
+        {
+            self.seconds.pop_front();
+        }
+        let (n, f) = self.seconds.iter().fold((0u64, 0u64), |(n, f), (_, a, b)| {
+            (n + u64::from(*a), f + u64::from(*b))
+        });
+        if n >= u64::from(cfg.min_requests) && f * 100 >= u64::from(cfg.error_percent) * n {
+            self.open_until = Some(now + open);
+            self.seconds.clear();
+        }
+    }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// One tenant's limiters.
 struct State {
     limits: Limits,
+    breaker: Mutex<Breaker>,
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
     in_flight: AtomicU32,
@@ -78,6 +156,7 @@ impl State {
             limits,
             requests: bucket(limits.requests_per_minute),
             tokens: bucket(limits.tokens_per_minute),
+            breaker: Mutex::default(),
             in_flight: AtomicU32::new(0),
             spent_nano_usd: AtomicU64::new(0),
             day: AtomicU64::new(today().0),
@@ -97,20 +176,53 @@ impl State {
 #[derive(Default)]
 pub struct Limiters {
     by_tenant: Mutex<HashMap<Arc<str>, Arc<State>>>,
+    /// The store every replica shares, when configured (set once at start).
+    pub shared: std::sync::OnceLock<Arc<crate::shared_limits::SharedLimits>>,
 }
 
 /// A request let in: counted in its tenant's requests in flight until dropped.
-pub struct Admitted(Arc<State>);
+pub struct Admitted {
+    state: Arc<State>,
+    /// The breaker's half-open probe.
+    probe: bool,
+}
+
+impl Admitted {
+    /// The request's answer, for its tenant's breaker: `status` as the client got it (5xx
+    /// are failures, but 503: no capacity is the fleet's state, not the tenant's doing;
+    /// 429 and a client that left count neither way).
+    pub fn answered(&self, status: u16) {
+        let Some(cfg) = &self.state.limits.breaker else {
+            return;
+        };
+        if status == 429 || status == 499 || status == 0 {
+            return; // told nothing (a probe's turn passes on when it is dropped)
+        }
+        if let Ok(mut b) = self.state.breaker.lock() {
+            let failed = status >= 500 && status != 503;
+            b.answer(cfg, failed, self.probe, std::time::Instant::now());
+        }
+    }
+}
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe
+            && let Ok(mut b) = self.state.breaker.lock()
+        {
+            // a probe that ended without telling (refused later, the client left): the
+            // next request probes
+            b.probing = false;
+        }
     }
 }
 
 /// A tenant's use of its limits now (`GET /admin/tenants`).
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
+    /// `closed`, `open` or `half_open` (tenants with a breaker; else `closed`).
+    pub breaker: &'static str,
     pub in_flight: u32,
     /// Counted for tenants with a budget only.
     pub spent_today_usd: f64,
@@ -135,10 +247,61 @@ impl Limiters {
         }
     }
 
+    /// Takes `n` from a tenant's `what` bucket: the shared one when the store answers,
+    /// else this router's own.
+    async fn take(
+        &self,
+        tenant: &Tenant,
+        what: &'static str,
+        local: &DefaultDirectRateLimiter,
+        limit: NonZeroU32,
+        n: NonZeroU32,
+    ) -> Result<(), Refused> {
+        if let Some(store) = self.shared.get()
+            && let Some(verdict) = store.take(&tenant.name, what, limit.get(), n.get()).await
+        {
+            return verdict.map_err(|wait| refused(tenant.name.to_string(), what, limit, wait));
+        }
+        match local.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(refused(tenant.name.to_string(), what, limit, wait))
+            }
+            // more than the bucket holds: callers refuse that before taking
+            Err(_) => Err(refused(
+                tenant.name.to_string(),
+                what,
+                limit,
+                Duration::ZERO,
+            )),
+        }
+    }
+
     /// Lets a request in, or says why not, before its body is read: its tenant's requests
     /// in flight (nothing spent when refused), then requests per minute.
-    pub fn admit_request(&self, tenant: &Tenant) -> Result<Admitted, Refused> {
+    pub async fn admit_request(&self, tenant: &Tenant) -> Result<Admitted, Refused> {
         let state = self.state(tenant);
+        let mut probe = false;
+        if state.limits.breaker.is_some() {
+            let gate = match state.breaker.lock() {
+                Ok(mut b) => b.gate(std::time::Instant::now()),
+                Err(_) => Gate::Pass,
+            };
+            match gate {
+                Gate::Pass => {}
+                Gate::Probe => probe = true,
+                Gate::Shed(wait) => {
+                    return Err(Refused {
+                        error: ProxyError::TenantCircuitOpen {
+                            tenant: tenant.name.to_string(),
+                            retry_after: wait,
+                        },
+                        headers: Vec::new(),
+                    });
+                }
+            }
+        }
         if let Some(budget) = state.limits.budget_nano_usd_per_day {
             let (day, left) = today();
             if state.spent_today(day).load(Ordering::Relaxed) >= budget.get() {
@@ -172,13 +335,14 @@ impl Limiters {
         } else {
             state.in_flight.fetch_add(1, Ordering::Relaxed);
         }
-        // from here on, a refusal gives the in-flight slot back
-        let admitted = Admitted(Arc::clone(&state));
-        if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute)
-            && let Err(not_until) = bucket.check()
-        {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(refused(tenant.name.to_string(), "requests", limit, wait));
+        // from here on, a refusal gives the in-flight slot back (and a probe's turn)
+        let admitted = Admitted {
+            state: Arc::clone(&state),
+            probe,
+        };
+        if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute) {
+            self.take(tenant, "requests", bucket, limit, NonZeroU32::MIN)
+                .await?;
         }
         Ok(admitted)
     }
@@ -187,7 +351,13 @@ impl Limiters {
     pub fn usage(&self, tenant: &str) -> Option<Usage> {
         let map = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
         let s = map.get(tenant)?;
+        let breaker = match s.breaker.lock().map(|b| b.open_until) {
+            Ok(Some(until)) if std::time::Instant::now() < until => "open",
+            Ok(Some(_)) => "half_open",
+            _ => "closed",
+        };
         Some(Usage {
+            breaker,
             in_flight: s.in_flight.load(Ordering::Relaxed),
             spent_today_usd: s.spent_today(today().0).load(Ordering::Relaxed) as f64 / 1e9,
         })
@@ -211,28 +381,25 @@ impl Limiters {
 
     /// Spends `prompt_tokens` of the tenant's tokens per minute, once the prompt is
     /// counted, or says why not (a request refused here has spent its request).
-    pub fn admit_tokens(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<(), Refused> {
+    pub async fn admit_tokens(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<(), Refused> {
         let state = self.state(tenant);
         let (Some(bucket), Some(limit)) = (&state.tokens, state.limits.tokens_per_minute) else {
             return Ok(());
         };
         let n = u32::try_from(prompt_tokens.max(1)).unwrap_or(u32::MAX);
         let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        match bucket.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Err(refused(tenant.name.to_string(), "tokens", limit, wait))
-            }
-            Err(_) => Err(Refused {
+        if n > limit {
+            // a prompt larger than a whole minute's tokens never fits
+            return Err(Refused {
                 error: ProxyError::TooLargeForTenant {
                     tenant: tenant.name.to_string(),
                     tokens: prompt_tokens,
                     limit: limit.get(),
                 },
                 headers: ratelimit_headers("tokens", limit, Duration::ZERO),
-            }),
+            });
         }
+        self.take(tenant, "tokens", bucket, limit, n).await
     }
 }
 
@@ -247,6 +414,7 @@ pub fn reason(e: &ProxyError) -> &'static str {
         } => "requests_per_minute",
         ProxyError::RateLimited { .. } => "max_concurrent",
         ProxyError::QuotaExceeded { .. } => "budget",
+        ProxyError::TenantCircuitOpen { .. } => "circuit_open",
         _ => "invalid_api_key",
     }
 }
@@ -298,18 +466,76 @@ mod tests {
                 tokens_per_minute: tpm.and_then(NonZeroU32::new),
                 max_concurrent: conc.and_then(NonZeroU32::new),
                 budget_nano_usd_per_day: None,
+                breaker: None,
             },
         }
     }
 
-    #[test]
-    fn requests_per_minute_allows_the_burst_then_refuses_with_a_wait() {
+    #[tokio::test]
+    async fn the_breaker_opens_on_failures_sheds_the_tenant_and_a_probe_closes_it() {
+        let l = Limiters::default();
+        let mut t = tenant(None, None, None);
+        t.limits.breaker = Some(BreakerLimits {
+            error_percent: 50,
+            min_requests: 4,
+            window_s: 60,
+            open_s: 1,
+        });
+        // 2 of 3 failed: below min_requests, still closed
+        for status in [504, 200, 504] {
+            l.admit_request(&t)
+                .await
+                .ok()
+                .expect("closed")
+                .answered(status);
+        }
+        assert_eq!(l.usage("a").map(|u| u.breaker), Some("closed"));
+        // the fourth answer: 3 of 4 failed ≥ 50 % → open
+        l.admit_request(&t)
+            .await
+            .ok()
+            .expect("closed")
+            .answered(502);
+        let r = l.admit_request(&t).await.err().expect("shed");
+        assert_eq!(r.error.status(), 503);
+        assert_eq!(r.error.retry_after(), Some(1));
+        assert_eq!(reason(&r.error), "circuit_open");
+        assert_eq!(l.usage("a").map(|u| u.breaker), Some("open"));
+        // after open_s: one probe at a time; a failed probe reopens it
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let probe = l.admit_request(&t).await.ok().expect("the probe");
+        assert!(l.admit_request(&t).await.is_err(), "one probe at a time");
+        probe.answered(504);
+        drop(probe);
+        assert!(l.admit_request(&t).await.is_err(), "reopened");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // a probe that tells nothing passes its turn on; a successful one closes
+        drop(l.admit_request(&t).await.ok().expect("a probe"));
+        let probe = l.admit_request(&t).await.ok().expect("the next probe");
+        probe.answered(200);
+        drop(probe);
+        assert_eq!(l.usage("a").map(|u| u.breaker), Some("closed"));
+        for _ in 0..3 {
+            l.admit_request(&t)
+                .await
+                .ok()
+                .expect("closed again")
+                .answered(200);
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_per_minute_allows_the_burst_then_refuses_with_a_wait() {
         let l = Limiters::default();
         let t = tenant(Some(3), None, None);
         for _ in 0..3 {
-            assert!(l.admit_request(&t).is_ok());
+            assert!(l.admit_request(&t).await.is_ok());
         }
-        let r = l.admit_request(&t).err().expect("the fourth is refused");
+        let r = l
+            .admit_request(&t)
+            .await
+            .err()
+            .expect("the fourth is refused");
         assert_eq!(r.error.status(), 429);
         // one request's worth refills in 20 s
         let wait = r.error.retry_after().expect("retry-after");
@@ -321,42 +547,42 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tokens_per_minute_counts_prompt_tokens_and_refuses_a_prompt_larger_than_the_minute() {
+    #[tokio::test]
+    async fn tokens_per_minute_counts_prompt_tokens_and_refuses_a_prompt_larger_than_the_minute() {
         let l = Limiters::default();
         let t = tenant(None, Some(1000), None);
-        assert!(l.admit_tokens(&t, 600).is_ok());
-        let r = l.admit_tokens(&t, 600).expect_err("1200 > 1000");
+        assert!(l.admit_tokens(&t, 600).await.is_ok());
+        let r = l.admit_tokens(&t, 600).await.expect_err("1200 > 1000");
         assert!(r.error.to_string().contains("on tokens"), "{}", r.error);
-        let r = l.admit_tokens(&t, 5000).expect_err("never fits");
+        let r = l.admit_tokens(&t, 5000).await.expect_err("never fits");
         assert!(matches!(r.error, ProxyError::TooLargeForTenant { .. }));
     }
 
-    #[test]
-    fn concurrency_is_released_when_a_request_ends_and_changed_limits_start_fresh() {
+    #[tokio::test]
+    async fn concurrency_is_released_when_a_request_ends_and_changed_limits_start_fresh() {
         let l = Limiters::default();
         let t = tenant(None, None, Some(2));
-        let a = l.admit_request(&t).ok();
-        let b = l.admit_request(&t).ok();
+        let a = l.admit_request(&t).await.ok();
+        let b = l.admit_request(&t).await.ok();
         assert!(a.is_some() && b.is_some());
-        assert!(l.admit_request(&t).is_err());
+        assert!(l.admit_request(&t).await.is_err());
         drop(a);
-        assert!(l.admit_request(&t).is_ok());
+        assert!(l.admit_request(&t).await.is_ok());
         // a reload that changes the limit: a fresh state
         let wider = tenant(None, None, Some(5));
-        assert!(l.admit_request(&wider).is_ok());
+        assert!(l.admit_request(&wider).await.is_ok());
     }
 
-    #[test]
-    fn a_spent_budget_refuses_until_tomorrow() {
+    #[tokio::test]
+    async fn a_spent_budget_refuses_until_tomorrow() {
         let l = Limiters::default();
         let mut t = tenant(None, None, None);
         t.limits.budget_nano_usd_per_day = std::num::NonZeroU64::new(10_000_000); // $0.01
-        assert!(l.admit_request(&t).is_ok());
+        assert!(l.admit_request(&t).await.is_ok());
         l.charge("a", 0.004);
-        assert!(l.admit_request(&t).is_ok(), "$0.004 of $0.01 spent");
+        assert!(l.admit_request(&t).await.is_ok(), "$0.004 of $0.01 spent");
         l.charge("a", 0.007);
-        let r = l.admit_request(&t).err().expect("$0.011 spent");
+        let r = l.admit_request(&t).await.err().expect("$0.011 spent");
         assert!(matches!(r.error, ProxyError::QuotaExceeded { .. }));
         let wait = r.error.retry_after().expect("until midnight");
         assert!((1..=86_400).contains(&wait), "{wait}");

@@ -466,7 +466,31 @@ impl Compiler {
                 }
                 n
             });
+            let breaker = t.limits.breaker.as_ref().and_then(|b| {
+                let mut ok = true;
+                let mut check = |c: &mut Self, field: &str, v: u32, range: (u32, u32)| {
+                    if !(range.0..=range.1).contains(&v) {
+                        ok = false;
+                        c.problem(
+                            format!("{path}.limits.breaker.{field}"),
+                            loc,
+                            format!("must be between {} and {}", range.0, range.1),
+                        );
+                    }
+                };
+                check(self, "error_percent", b.error_percent, (1, 100));
+                check(self, "min_requests", b.min_requests, (1, u32::MAX));
+                check(self, "window_s", b.window_s, (1, 3600));
+                check(self, "open_s", b.open_s, (1, 3600));
+                ok.then_some(crate::compiled::BreakerLimits {
+                    error_percent: b.error_percent,
+                    min_requests: b.min_requests,
+                    window_s: b.window_s,
+                    open_s: b.open_s,
+                })
+            });
             let limits = Limits {
+                breaker,
                 budget_nano_usd_per_day: budget,
                 requests_per_minute: positive(
                     self,

@@ -26,6 +26,16 @@ pub struct Limits {
     pub max_concurrent: Option<std::num::NonZeroU32>,
     /// Spend per UTC day, in billionths of a dollar.
     pub budget_nano_usd_per_day: Option<std::num::NonZeroU64>,
+    pub breaker: Option<BreakerLimits>,
+}
+
+/// A tenant's circuit breaker, checked (see `LimitsSpec::breaker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BreakerLimits {
+    pub error_percent: u32,
+    pub min_requests: u32,
+    pub window_s: u32,
+    pub open_s: u32,
 }
 
 /// The SHA-256 of an API key: what the rules hold and look keys up by.

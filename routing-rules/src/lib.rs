@@ -17,8 +17,8 @@ pub use compile::{MAX_FILE_BYTES, VERSION, compile, compile_file};
 /// `docs/rules.schema.json`, which a test keeps equal to [`json_schema`]'s output.
 pub const JSON_SCHEMA: &str = include_str!("../../docs/rules.schema.json");
 pub use compiled::{
-    CompiledRules, Conditions, InvalidRetryPolicy, InvalidValue, KeyDigest, Limits, Model, Pool,
-    Range, RetryPolicy, RouteDecision, Rule, Tenant, TokenizerRef, key_digest,
+    BreakerLimits, CompiledRules, Conditions, InvalidRetryPolicy, InvalidValue, KeyDigest, Limits,
+    Model, Pool, Range, RetryPolicy, RouteDecision, Rule, Tenant, TokenizerRef, key_digest,
 };
 pub use features::{ModalitySet, RequestFeatures};
 pub use problem::{Problem, RulesError};

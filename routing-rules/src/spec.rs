@@ -112,6 +112,42 @@ pub struct LimitsSpec {
     /// until midnight UTC.
     #[schemars(range(min = 0.000000001))]
     pub budget_usd_per_day: Option<f64>,
+    /// Sheds this tenant alone while its requests fail: once `error_percent` of at least
+    /// `min_requests` answers in the last `window_s` seconds were 5xx (its runaway
+    /// generations timing out, say), its new requests get 503 with `Retry-After` for
+    /// `open_s` seconds; then one request at a time probes, and a success closes it again.
+    pub breaker: Option<BreakerSpec>,
+}
+
+/// A tenant's circuit breaker (see [`LimitsSpec::breaker`]).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    /// Share of failed (5xx) answers that opens the breaker, in percent.
+    #[schemars(range(min = 1, max = 100))]
+    pub error_percent: u32,
+    /// Answers in the window before the share counts.
+    #[serde(default = "default_breaker_min_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: u32,
+    /// Seconds of answers the share is taken over.
+    #[serde(default = "default_breaker_window_s")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub window_s: u32,
+    /// Seconds the breaker stays open before it lets a probe through.
+    #[serde(default = "default_breaker_open_s")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub open_s: u32,
+}
+
+fn default_breaker_min_requests() -> u32 {
+    20
+}
+fn default_breaker_window_s() -> u32 {
+    30
+}
+fn default_breaker_open_s() -> u32 {
+    10
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
