@@ -27,3 +27,5 @@ if [ -n "$need" ]; then
 fi
 cargo build --workspace --bins
 cargo test --workspace
+# the NVML metrics code (CUDA builds turn it on): loads, and exports nothing without a driver
+cargo test -p pool-worker --features nvml --lib gpu

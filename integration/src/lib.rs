@@ -397,11 +397,18 @@ impl Running {
         Ok(old)
     }
 
-    /// Another router replica on its own ephemeral ports (log `router-<name>.log`), with
-    /// the rules at `rules` and `args`; the `LISTENING` line's fields give its addresses.
-    pub fn another_router(&self, name: &str, rules: &Path, args: &[&str]) -> Result<Proc> {
+    /// Another router replica (log `router-<name>.log`) on `addrs` (proxy, gRPC, admin;
+    /// port 0: any), with the rules at `rules` and `args`; the `LISTENING` line's fields
+    /// give its addresses.
+    pub fn another_router(
+        &self,
+        name: &str,
+        rules: &Path,
+        addrs: &[&str; 3],
+        args: &[&str],
+    ) -> Result<Proc> {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let cmd = router_command(rules, &["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], &args)?;
+        let cmd = router_command(rules, addrs, &args)?;
         Proc::spawn(cmd, &self.dir.path().join(format!("router-{name}.log")))
     }
 

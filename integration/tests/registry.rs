@@ -8,7 +8,7 @@ use integration::{
 };
 use proto::registry_client::RegistryClient;
 use proto::{RegisterRequest, ServedModel};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// A registration of one `tiny`-serving worker, as a probe.
 fn probe(worker_id: &str, pool: &str, address: &str) -> RegisterRequest {
@@ -507,4 +507,88 @@ async fn the_admin_api_wants_its_token() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--admin-token"), "{err}");
+}
+
+/// Many routers (#19): a worker given two `--router`s registers with both, each with its
+/// own lease — the second router joined when it comes up, after the worker; one router
+/// killed, the other keeps serving with no worker lost; restarted, the worker joins it
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_registers_with_every_router_replica_and_rejoins_one_that_restarts() {
+    let port_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grpc_b = format!("127.0.0.1:{port_b}");
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(
+            WorkerSpec::new("cpu")
+                .arg("--router")
+                .arg(&format!("http://{grpc_b}")),
+        )
+        .start()
+        .await
+        .unwrap();
+    let b_addrs = ["127.0.0.1:0", grpc_b.as_str(), "127.0.0.1:0"];
+    let start_b = |name: &str| {
+        env.another_router(name, &env.rules_path, &b_addrs, &[])
+            .unwrap()
+    };
+    let live_on = |admin: String| {
+        let http = env.http.clone();
+        async move {
+            let ws: Vec<Value> = http
+                .get(format!("{admin}/admin/workers"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (ws.len() == 1 && ws[0]["state"] == "live").then_some(())
+        }
+    };
+    let chat = |proxy: String| {
+        let req = env
+            .http
+            .post(format!("{proxy}/v1/chat/completions"))
+            .json(&chat_body("tiny", 30, 2, false));
+        async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+
+    let mut b = start_b("b");
+    let (proxy_b, admin_b) = (b.field("proxy").unwrap(), b.field("admin").unwrap());
+    eventually(
+        Duration::from_secs(20),
+        "the worker joined router B",
+        || live_on(admin_b.clone()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", env.log("worker-0.log")));
+    assert_eq!(chat(env.proxy.clone()).await, 200);
+    assert_eq!(chat(proxy_b.clone()).await, 200);
+
+    // B dies: A keeps serving, the worker stays live there
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    for _ in 0..3 {
+        assert_eq!(chat(env.proxy.clone()).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past A's lease TTL
+    assert_eq!(env.live_workers().await.unwrap(), 1);
+
+    // B back on its registry address: the worker registers with it again
+    let b2 = start_b("b2");
+    let (proxy_b2, admin_b2) = (b2.field("proxy").unwrap(), b2.field("admin").unwrap());
+    eventually(
+        Duration::from_secs(20),
+        "the worker rejoined router B",
+        || live_on(admin_b2.clone()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", env.log("worker-0.log")));
+    assert_eq!(chat(proxy_b2).await, 200);
+    assert_eq!(chat(env.proxy.clone()).await, 200);
 }

@@ -108,7 +108,12 @@ async fn two_routers_share_one_tenants_limit_in_redis_and_fall_back_to_local_lim
     let path_b = env.dir.path().join("rules-b.yaml");
     std::fs::write(&path_b, rules_b).unwrap();
     let b = env
-        .another_router("b", &path_b, &["--limits-redis", &url])
+        .another_router(
+            "b",
+            &path_b,
+            &["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"],
+            &["--limits-redis", &url],
+        )
         .unwrap();
     let proxies = [
         format!("{}/v1/chat/completions", env.proxy),

@@ -74,6 +74,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// The tracer, when tracing is on ([`crate::trace`]).
     pub otel: Option<proto::otel::Otel>,
+    /// The GPU, when the worker runs on one and NVML answers ([`crate::gpu`]).
+    pub gpu: Option<crate::gpu::Gpu>,
 }
 
 /// Counts a request in `AppState::active` until dropped.
@@ -134,7 +136,12 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     match s.engine.stats.metrics.encode() {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Ok(mut body) => {
+            if let Some(gpu) = &s.gpu {
+                body.extend_from_slice(gpu.encode().as_bytes());
+            }
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+        }
         Err(e) => {
             tracing::warn!("metrics: {e}");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()

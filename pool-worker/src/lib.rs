@@ -21,6 +21,7 @@ pub mod api;
 pub mod cpu_ops;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod llama;
 pub mod metrics;
 pub mod q8;

@@ -32,9 +32,16 @@ struct Args {
     /// Address to serve the OpenAI API on (port 0 = any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Router registry URL, e.g. http://127.0.0.1:50051. Without it the worker serves standalone.
-    #[arg(long)]
-    router: Option<String>,
+    /// Router registry URL, e.g. http://127.0.0.1:50051; repeat it (or separate URLs with
+    /// commas) to register with every router replica, each with its own lease. A router not
+    /// up yet is joined when it comes. Without it the worker serves standalone.
+    #[arg(long, value_delimiter = ',')]
+    router: Vec<String>,
+    /// The `host:port` routers send requests to (also SWITCHYARD_ADVERTISE_ADDRESS).
+    /// Default: the listen address; when that is unspecified (`0.0.0.0`), `POD_IP` with the
+    /// listen port, else the address this host reaches the first router from.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE_ADDRESS")]
+    advertise_address: Option<SocketAddr>,
     /// Pool to join (a pool name from the router's rules file).
     #[arg(long, default_value = "cpu")]
     pool: String,
@@ -181,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         admin_token: args.token.clone(),
         otel: proto::otel::Otel::from_env("switchyard-worker", args.otlp_endpoint.as_deref())
             .map_err(anyhow::Error::msg)?,
+        gpu: pool_worker::gpu::Gpu::open(&args.device),
     });
     let listener = listen(args.listen).with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -188,39 +196,47 @@ async fn main() -> anyhow::Result<()> {
     println!("LISTENING http://{addr}");
 
     let tls = registry_tls(&args)?;
-    let registration = args.router.as_ref().map(|router| {
-        Registration::new(
-            RegistrationConfig {
-                router: router.clone(),
-                token: args.token.clone(),
-                tls: tls.clone(),
-                worker_id: args
-                    .worker_id
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", args.pool, addr)),
-                pool: args.pool.clone(),
-                address: addr.to_string(),
-                model: name.clone(),
-                max_context: engine.model.max_context as u32,
-                modalities: engine.model.modalities.clone(),
-                max_concurrency: 1,
-                device: if engine.model.simulated {
-                    "sim".into()
-                } else {
-                    args.device.clone()
-                },
-            },
-            Arc::clone(&engine.stats),
-        )
-    });
-    if let Some(r) = &registration {
-        tokio::spawn(Arc::clone(r).run());
-    } else {
+    let advertised = advertise(&args, addr);
+    if args.router.is_empty() {
         tracing::info!("no --router: serving standalone");
+    } else {
+        tracing::info!(address = %advertised, routers = args.router.len(), "registering");
+    }
+    let registrations: Vec<Arc<Registration>> = args
+        .router
+        .iter()
+        .map(|router| {
+            Registration::new(
+                RegistrationConfig {
+                    router: router.clone(),
+                    token: args.token.clone(),
+                    tls: tls.clone(),
+                    worker_id: args
+                        .worker_id
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-{}", args.pool, addr)),
+                    pool: args.pool.clone(),
+                    address: advertised.to_string(),
+                    model: name.clone(),
+                    max_context: engine.model.max_context as u32,
+                    modalities: engine.model.modalities.clone(),
+                    max_concurrency: 1,
+                    device: if engine.model.simulated {
+                        "sim".into()
+                    } else {
+                        args.device.clone()
+                    },
+                },
+                Arc::clone(&engine.stats),
+            )
+        })
+        .collect();
+    for r in &registrations {
+        tokio::spawn(Arc::clone(r).run());
     }
 
     let shutdown_state = Arc::clone(&state);
-    let reg = registration.clone();
+    let reg = registrations.clone();
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let shutdown = async move {
         let (reason, drain_timeout) = tokio::select! {
@@ -235,9 +251,11 @@ async fn main() -> anyhow::Result<()> {
             "shutting down: draining for up to {drain_timeout:?}"
         );
         shutdown_state.draining.store(true, Ordering::Relaxed);
-        if let Some(r) = &reg {
-            r.drain(drain_timeout.as_secs() as u32, reason).await;
-        }
+        futures::future::join_all(
+            reg.iter()
+                .map(|r| r.drain(drain_timeout.as_secs() as u32, reason)),
+        )
+        .await;
         let stats = &shutdown_state.engine.stats;
         let deadline = tokio::time::Instant::now() + drain_timeout;
         while (shutdown_state.active.load(Ordering::Relaxed) + stats.in_flight() + stats.queued())
@@ -246,9 +264,7 @@ async fn main() -> anyhow::Result<()> {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Some(r) = &reg {
-            r.deregister().await;
-        }
+        futures::future::join_all(reg.iter().map(|r| r.deregister())).await;
     };
     // Each token is a small SSE write: send it at once rather than letting Nagle hold it
     // for the router's delayed ACK (up to 40 ms per token).
@@ -267,6 +283,43 @@ async fn main() -> anyhow::Result<()> {
         tokio::task::block_in_place(|| otel.shutdown());
     }
     Ok(())
+}
+
+/// The address routers reach this worker at (see `--advertise-address`).
+fn advertise(args: &Args, bound: SocketAddr) -> SocketAddr {
+    if let Some(a) = args.advertise_address {
+        return a;
+    }
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    if let Some(ip) = std::env::var("POD_IP").ok().and_then(|v| v.parse().ok()) {
+        return SocketAddr::new(ip, bound.port());
+    }
+    // the local address the kernel picks to reach the first router (no packet is sent)
+    let from_router = args.router.first().and_then(|r| {
+        let authority = r.split("://").nth(1).unwrap_or(r).split('/').next()?;
+        let target = std::net::ToSocketAddrs::to_socket_addrs(authority)
+            .ok()?
+            .next()?;
+        let any: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let probe = std::net::UdpSocket::bind(any).ok()?;
+        probe.connect(target).ok()?;
+        Some(probe.local_addr().ok()?.ip())
+    });
+    match from_router {
+        Some(ip) => SocketAddr::new(ip, bound.port()),
+        None => {
+            tracing::warn!(
+                "listening on {bound}: set --advertise-address (or POD_IP) so routers can reach this worker"
+            );
+            bound
+        }
+    }
 }
 
 /// The API listener, with an accept queue for bursts: a router opening hundreds of
