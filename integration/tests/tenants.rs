@@ -15,13 +15,19 @@ fn sha256_hex(key: &str) -> String {
 
 fn rules() -> String {
     format!(
-        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n  team-d:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ budget_usd_per_day: 0.0000001 }}\n",
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n  team-d:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ budget_usd_per_day: 0.0000001 }}\n  team-e:\n    keys: [{{ sha256: \"{}\" }}]\n    models: [big]\n    pools: [l40s-ondemand]\n",
         sha256_hex("secret-key-a"),
         sha256_hex("secret-key-b"),
         sha256_hex("secret-key-b2"),
         sha256_hex("secret-key-c"),
         sha256_hex("secret-key-fast"),
         sha256_hex("secret-key-d"),
+        sha256_hex("secret-key-e"),
+    )
+    // a second model, for team-e's allowlist
+    .replace(
+        "models:\n",
+        "models:\n  big:\n    tokenizer: { gguf: \"{TINY}\" }\n    context_window: 2048\n",
     )
 }
 
@@ -232,4 +238,52 @@ async fn the_openai_sdk_sees_auth_and_rate_limit_errors_and_backs_off() {
     assert!(stdout.contains("RateLimitError after"), "{stdout}");
     assert!(stdout.contains("retried by the SDK: succeeded"), "{stdout}");
     println!("{stdout}");
+}
+
+/// A tenant's models and pools: another model is `model_not_found` (as OpenAI answers a
+/// model a key cannot use); a request whose rule routes only to pools the tenant may not
+/// use is 403 `pool_not_allowed`, and explain shows the route cut to its pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_uses_only_its_models_and_pools() {
+    let env = start().await;
+    let ask = |model: &str, filler: usize| {
+        env.http
+            .post(format!("{}/v1/chat/completions", env.proxy))
+            .bearer_auth("secret-key-e")
+            .json(&chat_body(model, filler, 4, false))
+            .send()
+    };
+    let r = ask("tiny", 30).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    // `big` is its model; a short request's rule routes to cpu only, not its pool
+    let r = ask("big", 30).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "pool_not_allowed", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("`light`"),
+        "{v}"
+    );
+    // another tenant's same request is served on cpu
+    assert_eq!(send(&env, Some("secret-key-b")).await.status(), 200);
+    // explain: a longer request's route [l40s-spot, l40s-ondemand] cut to on-demand
+    let explained: Value = env
+        .http
+        .post(format!("{}/admin/explain", env.admin))
+        .bearer_auth("secret-key-e")
+        .json(&chat_body("big", 1500, 4, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(explained["decision"]["rule"], "chat", "{explained}");
+    assert_eq!(
+        explained["decision"]["targets"],
+        serde_json::json!(["l40s-ondemand"]),
+        "{explained}"
+    );
 }

@@ -104,6 +104,9 @@ pub enum ProxyError {
         tokens: u64,
         limit: u32,
     },
+    /// The rule the request matched routes only to pools its tenant may not use.
+    #[error("Tenant `{tenant}` may not use the pools rule `{rule}` routes to")]
+    PoolNotAllowed { tenant: String, rule: String },
     /// The tenant's circuit breaker is open: its requests have been failing.
     #[error("Tenant `{tenant}`'s requests are failing; they are refused for {}s while the fleet recovers", retry_after.as_secs().max(1))]
     TenantCircuitOpen {
@@ -134,6 +137,7 @@ impl ProxyError {
                 503
             }
             Self::InvalidApiKey => 401,
+            Self::PoolNotAllowed { .. } => 403,
             Self::RateLimited { .. }
             | Self::TooLargeForTenant { .. }
             | Self::QuotaExceeded { .. } => 429,
@@ -164,6 +168,7 @@ impl ProxyError {
             Self::RateLimited { .. } => ("requests", "rate_limit_exceeded"),
             Self::QuotaExceeded { .. } => ("insufficient_quota", "insufficient_quota"),
             Self::TenantCircuitOpen { .. } => ("server_error", "tenant_circuit_open"),
+            Self::PoolNotAllowed { .. } => ("invalid_request_error", "pool_not_allowed"),
         }
     }
 

@@ -191,12 +191,19 @@ impl SwitchyardProxy {
         };
         classifier.read_head_with_tenant(&mut parsed, &session.req_header().headers, tenant);
         let model = &parsed.features.model;
-        if rules.rules.model(model).is_none()
-            && !shared
-                .registry
-                .snapshot()
-                .workers()
-                .any(|w| w.serves(model))
+        let tenant_denies_model = parsed
+            .features
+            .tenant
+            .as_deref()
+            .and_then(|t| rules.rules.tenant(t))
+            .is_some_and(|t| !t.allows_model(model));
+        if tenant_denies_model
+            || rules.rules.model(model).is_none()
+                && !shared
+                    .registry
+                    .snapshot()
+                    .workers()
+                    .any(|w| w.serves(model))
         {
             let e = ProxyError::UnknownModel(model.clone());
             ctx.classified.features = parsed.features;
@@ -254,6 +261,23 @@ impl SwitchyardProxy {
         // 4. route: the first rule that matches gives the ordered target pools
         let t_route = Instant::now();
         let decision = rules.rules.route(&ctx.classified.features);
+        if decision.targets.is_empty()
+            && let Some(tenant) = ctx
+                .classified
+                .features
+                .tenant
+                .as_deref()
+                .and_then(|t| rules.rules.tenant(t))
+                .filter(|t| t.pools.is_some())
+        {
+            let e = ProxyError::PoolNotAllowed {
+                tenant: tenant.name.to_string(),
+                rule: decision.rule.to_string(),
+            };
+            drop(rules);
+            ctx.decision = Some(decision);
+            return respond::error(session, ctx, &e).await;
+        }
         drop(rules);
         if let Some(t) = &ctx.trace {
             let targets: Vec<&str> = decision.targets.iter().map(|p| &**p).collect();

@@ -468,6 +468,8 @@ mod tests {
                 budget_nano_usd_per_day: None,
                 breaker: None,
             },
+            models: None,
+            pools: None,
         }
     }
 

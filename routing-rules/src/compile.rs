@@ -500,9 +500,33 @@ impl Compiler {
                 tokens_per_minute: positive(self, "tokens_per_minute", t.limits.tokens_per_minute),
                 max_concurrent: positive(self, "max_concurrent", t.limits.max_concurrent),
             };
+            for (field, names, known) in [
+                (
+                    "models",
+                    &t.models,
+                    &spec.models.keys().cloned().collect::<Vec<_>>(),
+                ),
+                (
+                    "pools",
+                    &t.pools,
+                    &spec.pools.keys().cloned().collect::<Vec<_>>(),
+                ),
+            ] {
+                for (i, n) in names.iter().flatten().enumerate() {
+                    if !known.contains(n) {
+                        self.problem(
+                            format!("{path}.{field}[{i}]"),
+                            loc,
+                            format!("unknown {} `{n}`", field.trim_end_matches('s')),
+                        );
+                    }
+                }
+            }
             tenants.push(Tenant {
                 name: Arc::from(name.as_str()),
                 limits,
+                models: t.models.clone(),
+                pools: t.pools.clone(),
             });
         }
         (tenants, keys)

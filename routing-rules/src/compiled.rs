@@ -16,6 +16,19 @@ use crate::spec::{Auth, Capacity, Endpoint, RetryOn, SelectPolicy};
 pub struct Tenant {
     pub name: Arc<str>,
     pub limits: Limits,
+    /// Models the tenant may use (`None`: every one).
+    pub models: Option<Vec<String>>,
+    /// Pools the tenant's requests may run on (`None`: every one).
+    pub pools: Option<Vec<String>>,
+}
+
+impl Tenant {
+    /// Whether the tenant may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model))
+    }
 }
 
 /// A tenant's limits (`None`: no limit).
@@ -398,7 +411,30 @@ pub struct CompiledRules {
 impl CompiledRules {
     /// First matching rule wins; then the default route. Total: a file without a catch-all
     /// must have a default (validation), so every request gets a decision.
+    /// The decision for `f`, its route cut to the pools its tenant may use (see
+    /// `TenantSpec::pools`; an empty route then means none is allowed).
     pub fn route(&self, f: &RequestFeatures) -> RouteDecision {
+        let mut d = self.route_any_tenant(f);
+        if let Some(allowed) = f
+            .tenant
+            .as_deref()
+            .and_then(|t| self.tenant(t))
+            .and_then(|t| t.pools.as_ref())
+        {
+            let kept: Vec<Arc<str>> = d
+                .targets
+                .iter()
+                .filter(|p| allowed.iter().any(|a| a == &***p))
+                .cloned()
+                .collect();
+            if kept.len() != d.targets.len() {
+                d.targets = Arc::from(kept);
+            }
+        }
+        d
+    }
+
+    fn route_any_tenant(&self, f: &RequestFeatures) -> RouteDecision {
         for rule in &self.rules {
             if let Some(matched) = rule.when.eval(f) {
                 return RouteDecision {

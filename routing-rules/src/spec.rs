@@ -81,6 +81,15 @@ pub struct TenantSpec {
     pub keys: Vec<KeySpec>,
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Models the tenant may use (default: every one). Another model is answered as
+    /// OpenAI answers a model a key has no access to: 404 `model_not_found`.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Pools the tenant's requests may run on (default: every one). A matched rule's route
+    /// keeps only these, in its order (`[l40s-ondemand, h100-ondemand]`: never on spot
+    /// capacity; `[cpu]`: only the cheap pool); when none is left, 403 `pool_not_allowed`.
+    #[serde(default)]
+    pub pools: Option<Vec<String>>,
 }
 
 /// One API key, without the key in the file: its SHA-256 (hex), or the environment

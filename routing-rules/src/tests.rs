@@ -529,3 +529,59 @@ rules:
             .contains("`auth: required` with no tenants")
     );
 }
+
+#[test]
+fn a_tenants_pools_cut_its_routes_and_its_models_and_pools_must_exist() {
+    let digest = |k: &str| -> String { key_digest(k).iter().map(|b| format!("{b:02x}")).collect() };
+    let yaml = format!(
+        r#"version: 1
+pools:
+  spot:     {{ class: l40s, capacity: spot,      cost_per_hour: 0.8 }}
+  ondemand: {{ class: l40s, capacity: on_demand, cost_per_hour: 1.9 }}
+  cpu:      {{ class: cpu,  capacity: on_demand, cost_per_hour: 0.2 }}
+tenants:
+  critical:
+    keys: [{{ sha256: "{}" }}]
+    pools: [ondemand]
+  anyone:
+    keys: [{{ sha256: "{}" }}]
+rules:
+  - name: light
+    when: {{ context_tokens: {{ at_most: 100 }} }}
+    route: [cpu]
+  - name: rest
+    route: [spot, ondemand]
+"#,
+        digest("k1"),
+        digest("k2"),
+    );
+    let rules = compile(&yaml, Path::new(".")).unwrap();
+    let mut f = features(500, 10, &[Modality::Text]);
+    assert_eq!(targets(&rules.route(&f)), ["spot", "ondemand"]);
+    f.tenant = Some("critical".into());
+    assert_eq!(targets(&rules.route(&f)), ["ondemand"], "never on spot");
+    f.prompt_tokens = 10;
+    let d = rules.route(&f);
+    assert_eq!(
+        (&*d.rule, targets(&d).len()),
+        ("light", 0),
+        "cpu is not its pool"
+    );
+    f.tenant = Some("anyone".into());
+    assert_eq!(targets(&rules.route(&f)), ["cpu"]);
+    assert!(rules.tenant("anyone").unwrap().allows_model("whatever"));
+
+    let bad = yaml.replace(
+        "    pools: [ondemand]",
+        "    pools: [ondemand, gpu9]\n    models: [nope]",
+    );
+    let p = problems(&bad).join("\n");
+    assert!(
+        p.contains("tenants.critical.pools[1]") && p.contains("unknown pool `gpu9`"),
+        "{p}"
+    );
+    assert!(
+        p.contains("tenants.critical.models[0]") && p.contains("unknown model `nope`"),
+        "{p}"
+    );
+}
