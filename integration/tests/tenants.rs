@@ -287,3 +287,61 @@ async fn a_tenant_uses_only_its_models_and_pools() {
         "{explained}"
     );
 }
+
+/// 3,000 random API keys (`auth: optional`, so each is a tenant of its own) add no tenant
+/// series to `/metrics`: labels take configured tenant names only (`other` for the rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_random_keys_add_no_metric_series() {
+    use futures::StreamExt;
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu"))
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", env.proxy);
+    let send = |key: String| {
+        env.http
+            .post(&url)
+            .bearer_auth(key)
+            .json(&chat_body("tiny", 30, 1, false))
+            .send()
+    };
+    let series = |m: &str| -> std::collections::BTreeSet<String> {
+        m.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ').map(|(s, _)| s.to_string()))
+            .collect()
+    };
+    // one random key first: the series every such request records
+    assert_eq!(send("warm-up-key".into()).await.unwrap().status(), 200);
+    let before = series(
+        &env.metrics_until(|m| m.contains("switchyard_router_cost_usd_total{"))
+            .await
+            .unwrap(),
+    );
+    let statuses: Vec<u16> = futures::stream::iter(0..3000)
+        .map(|i| {
+            let r = send(format!("random-{i}-{}", i * 7919));
+            async move { r.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{:?}", {
+        let mut bad: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+        bad.truncate(5);
+        bad
+    });
+    let after = series(&env.metrics().await.unwrap());
+    // (a retry or an overload answer may add series of their own: tenants' are checked)
+    let new: Vec<_> = after
+        .difference(&before)
+        .filter(|s| s.contains("tenant=\""))
+        .collect();
+    assert!(new.is_empty(), "new tenant series: {new:#?}");
+    assert!(
+        !after.iter().any(|s| s.contains("random-")),
+        "a key in a label"
+    );
+}
