@@ -282,26 +282,6 @@ impl Limiters {
     /// in flight (nothing spent when refused), then requests per minute.
     pub async fn admit_request(&self, tenant: &Tenant) -> Result<Admitted, Refused> {
         let state = self.state(tenant);
-        let mut probe = false;
-        if state.limits.breaker.is_some() {
-            let gate = match state.breaker.lock() {
-                Ok(mut b) => b.gate(std::time::Instant::now()),
-                Err(_) => Gate::Pass,
-            };
-            match gate {
-                Gate::Pass => {}
-                Gate::Probe => probe = true,
-                Gate::Shed(wait) => {
-                    return Err(Refused {
-                        error: ProxyError::TenantCircuitOpen {
-                            tenant: tenant.name.to_string(),
-                            retry_after: wait,
-                        },
-                        headers: Vec::new(),
-                    });
-                }
-            }
-        }
         if let Some(budget) = state.limits.budget_nano_usd_per_day {
             let (day, left) = today();
             if state.spent_today(day).load(Ordering::Relaxed) >= budget.get() {
@@ -336,10 +316,31 @@ impl Limiters {
             state.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         // from here on, a refusal gives the in-flight slot back (and a probe's turn)
-        let admitted = Admitted {
+        let mut admitted = Admitted {
             state: Arc::clone(&state),
-            probe,
+            probe: false,
         };
+        // the breaker, once nothing else has refused: a probe's turn is handed back by
+        // `Admitted`'s drop, whatever happens to the probe next
+        if state.limits.breaker.is_some() {
+            let gate = match state.breaker.lock() {
+                Ok(mut b) => b.gate(std::time::Instant::now()),
+                Err(_) => Gate::Pass,
+            };
+            match gate {
+                Gate::Pass => {}
+                Gate::Probe => admitted.probe = true,
+                Gate::Shed(wait) => {
+                    return Err(Refused {
+                        error: ProxyError::TenantCircuitOpen {
+                            tenant: tenant.name.to_string(),
+                            retry_after: wait,
+                        },
+                        headers: Vec::new(),
+                    });
+                }
+            }
+        }
         if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute) {
             self.take(tenant, "requests", bucket, limit, NonZeroU32::MIN)
                 .await?;
@@ -524,6 +525,24 @@ mod tests {
                 .expect("closed again")
                 .answered(200);
         }
+
+        // half-open while the tenant is at its concurrency limit: that refusal does not take
+        // the probe's turn (before, the breaker stayed half-open and shed for good)
+        t.limits.max_concurrent = NonZeroU32::new(1);
+        let l = Limiters::default();
+        let holder = l.admit_request(&t).await.ok().expect("the one slot");
+        for _ in 0..4 {
+            holder.answered(504); // opens the breaker; the slot stays taken
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let r = l.admit_request(&t).await.err().expect("no slot");
+        assert_eq!(reason(&r.error), "max_concurrent");
+        drop(holder);
+        let probe = l.admit_request(&t).await.ok().expect("the probe");
+        assert!(probe.probe);
+        probe.answered(200);
+        drop(probe);
+        assert_eq!(l.usage("a").map(|u| u.breaker), Some("closed"));
     }
 
     #[tokio::test]
