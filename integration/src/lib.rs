@@ -573,3 +573,12 @@ pub async fn spot_and_on_demand(class: &str, router_args: &[&str]) -> Result<Run
     }
     env.start().await
 }
+
+/// The SHA-256 of an API key, hex: what a rules file holds for a tenant's key.
+pub fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -7,16 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use integration::{FLEET_RULES, Running, TestEnv, WorkerSpec, chat_body, eventually};
+use integration::{FLEET_RULES, Running, TestEnv, WorkerSpec, chat_body, eventually, sha256_hex};
 use serde_json::{Value, json};
-use sha2::Digest;
-
-fn sha256_hex(key: &str) -> String {
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// B's latencies for `n` sequential short requests (each must succeed).
 async fn b_latencies(env: &Running, n: usize) -> Vec<Duration> {

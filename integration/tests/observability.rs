@@ -12,19 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use integration::{FLEET_RULES, Running, TestEnv, WorkerSpec, chat_body, eventually};
+use integration::{FLEET_RULES, Running, TestEnv, WorkerSpec, chat_body, eventually, sha256_hex};
 use serde_json::{Value, json};
-use sha2::Digest;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn sha256_hex(key: &str) -> String {
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A program the test needs from the machine: its absence fails the test, with the fix.

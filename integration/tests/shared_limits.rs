@@ -8,8 +8,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually};
-use sha2::Digest;
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, eventually, sha256_hex};
 
 /// A `redis-server` of its own on an ephemeral port, nothing persisted; killed when dropped.
 struct Redis {
@@ -60,13 +59,6 @@ impl Redis {
         let mut buf = [0u8; 7];
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
-}
-
-fn sha256_hex(key: &str) -> String {
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn gauge(metrics: &str, name: &str) -> Option<f64> {

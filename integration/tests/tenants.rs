@@ -2,16 +2,8 @@
 //! per-tenant limits with OpenAI's 429 and rate-limit headers, bounded labels.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header};
+use integration::{FLEET_RULES, TestEnv, WorkerSpec, chat_body, header, sha256_hex};
 use serde_json::Value;
-use sha2::Digest;
-
-fn sha256_hex(key: &str) -> String {
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn rules() -> String {
     format!(
