@@ -197,3 +197,78 @@ async fn golden_decisions_are_the_same_live_in_admin_explain_and_in_the_cli() {
     }
     assert!(checked >= 12, "{checked} cases");
 }
+
+/// `switchyard preempt` (a worker pod's preStop hook): the worker drains, leaves every
+/// router and exits, and the command returns once it has gone. Before it, the router's
+/// autoscaling gauges show the worker's capacity (its batch size) and one desired worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_drains_a_worker_and_returns_once_it_has_gone() {
+    use integration::{FLEET_RULES, TestEnv, WorkerSpec};
+    let mut env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(WorkerSpec::new("cpu").arg("--max-batch").arg("4"))
+        .start()
+        .await
+        .unwrap();
+    let text = env.metrics().await.unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{pool=\"cpu\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("switchyard_router_pool_capacity"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(value("switchyard_router_pool_demand"), Some(0.0), "{text}");
+    assert_eq!(
+        value("switchyard_router_pool_desired_workers"),
+        Some(1.0),
+        "{text}"
+    );
+
+    let url = env.workers[0].url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("switchyard").unwrap())
+            .args(["preempt", "--worker", &url, "--deadline-s", "5"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("gone"), "{stdout}");
+    let mut exited = None;
+    for _ in 0..30 {
+        exited = env.workers[0].proc.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(exited.is_some(), "the worker is still running");
+    assert!(env.workers_json().await.unwrap().is_empty());
+
+    // nothing listening: a clear failure, not a hang
+    let url = env.workers[0].url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("switchyard").unwrap())
+            .args(["preempt", "--worker", &url, "--deadline-s", "1"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

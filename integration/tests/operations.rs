@@ -584,3 +584,229 @@ async fn a_refused_body_is_not_drained() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("request_too_large"), "{text}");
 }
+
+/// Reads from `c` until it closes (or `limit` passes); what it sent, and whether it closed.
+async fn read_to_close(c: &mut tokio::net::TcpStream, limit: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Sends a whole `GET /v1/models` on `c` and reads its answer's status line.
+async fn models_on(c: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A client that drips its request header (a byte every 150 ms: each read is quick, the
+/// header never ends) is cut off at the header deadline with 408, whether it is its
+/// connection's first request or a later one; a connection that sends nothing is closed
+/// at the deadline too; a keep-alive connection idle between requests is not (that is the
+/// keep-alive timeout's job), and a header sent in slow pieces that ends in time is served.
+/// Before, pingora bounded only each read (60 s), so a drip held the connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_must_arrive_within_the_header_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--header-timeout-ms")
+        .router_arg("1500")
+        .start()
+        .await
+        .unwrap();
+    let addr = env
+        .proxy
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let drip = |mut c: tokio::net::TcpStream| async move {
+        let started = Instant::now();
+        let dripping = async {
+            for b in b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+                if c.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(6), dripping).await;
+        let (answer, closed) = read_to_close(&mut c, Duration::from_secs(3)).await;
+        (answer, closed, started.elapsed())
+    };
+
+    // first request dripped
+    let c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (answer, closed, took) = drip(c).await;
+    assert!(
+        closed,
+        "the dripping client is still connected after {took:?}"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "the dripping client got {answer:?}"
+    );
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // a connection that sends nothing
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed, "a silent connection was still open after 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    // keep-alive: served, idle past the deadline, served again, then a dripped third request
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(models_on(&mut c).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        models_on(&mut c).await.starts_with("HTTP/1.1 200"),
+        "an idle keep-alive connection was cut off by the header deadline"
+    );
+    let (answer, closed, _) = drip(c).await;
+    assert!(closed && answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+    // a header in three slow pieces that ends in time
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for piece in [&b"GET /v1/mod"[..], b"els HTTP/1.1\r\nHo", b"st: x\r\n\r\n"] {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (answer, _) = read_to_close(&mut c, Duration::from_millis(500)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+
+    let text = env
+        .metrics_until(|m| {
+            metric(
+                m,
+                "switchyard_router_connections_refused_total{reason=\"header_timeout\"}",
+            )
+            .is_some_and(|v| v >= 3.0)
+        })
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &text,
+            "switchyard_router_connections_refused_total{reason=\"header_timeout\"}"
+        )
+        .is_some_and(|v| v >= 3.0),
+        "{text}"
+    );
+}
+
+/// Past `--max-connections` a new connection gets 503 with Retry-After and is closed; once
+/// one closes, new connections are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_cleanly() {
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .router_arg("--max-connections")
+        .router_arg("4")
+        .start()
+        .await
+        .unwrap();
+    let addr = env
+        .proxy
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    // (the harness's own client may hold some of the 4 places: open until refused)
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() <= 4,
+            "{} connections open past a cap of 4",
+            held.len()
+        );
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), {
+            use tokio::io::AsyncReadExt;
+            c.read(&mut buf)
+        })
+        .await
+        .expect("an answer within 5 s")
+        .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if answer.starts_with("HTTP/1.1 200") {
+            held.push(c);
+            continue;
+        }
+        break (c, answer);
+    };
+    let (mut over, answer) = refused;
+    assert!(!held.is_empty(), "no connection was served at all");
+    let (rest, closed) = read_to_close(&mut over, Duration::from_secs(3)).await;
+    let answer = answer + &rest;
+    assert!(closed, "the connection over the cap was left open");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+
+    // the held connections still work; one closing frees its place
+    assert!(models_on(&mut held[0]).await.starts_with("HTTP/1.1 200"));
+    drop(held.pop());
+    eventually(
+        Duration::from_secs(5),
+        "a connection served after one closed",
+        || {
+            let addr = addr.clone();
+            async move {
+                use tokio::io::AsyncWriteExt;
+                let mut c = tokio::net::TcpStream::connect(&addr).await.ok()?;
+                c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .ok()?;
+                let (answer, _) = read_to_close(&mut c, Duration::from_secs(2)).await;
+                answer.starts_with("HTTP/1.1 200").then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let text = env.metrics().await.unwrap();
+    assert!(
+        metric(
+            &text,
+            "switchyard_router_connections_refused_total{reason=\"max_connections\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+}

@@ -242,8 +242,9 @@ async fn workers_come_back_after_a_router_restart() {
     assert_eq!(header(&r, "x-switchyard-pool"), "cpu");
 }
 
-/// A throwaway PKI: a CA, the router's certificate (127.0.0.1), a worker certificate from
-/// the CA and a rogue one from another CA. Returns the PEM paths by name.
+/// A throwaway PKI: a CA, the router's certificate (127.0.0.1), two worker certificates from
+/// the CA naming the `cpu` pool and a rogue one from another CA. Returns the PEM paths by
+/// name.
 fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
@@ -271,7 +272,13 @@ fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String>
         ),
         (
             "worker",
-            vec!["worker".to_string()],
+            vec!["cpu".to_string()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &good_ca,
+        ),
+        (
+            "cpu-cert",
+            vec!["cpu".to_string()],
             ExtendedKeyUsagePurpose::ClientAuth,
             &good_ca,
         ),
@@ -290,6 +297,7 @@ fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String>
             match name {
                 "router" => "router.pem",
                 "worker" => "worker.pem",
+                "cpu-cert" => "cpu-cert.pem",
                 _ => "rogue.pem",
             },
             cert.pem(),
@@ -298,6 +306,7 @@ fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String>
             match name {
                 "router" => "router.key",
                 "worker" => "worker.key",
+                "cpu-cert" => "cpu-cert.key",
                 _ => "rogue.key",
             },
             key.serialize_pem(),
@@ -308,6 +317,7 @@ fn pki(dir: &std::path::Path) -> std::collections::HashMap<&'static str, String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mtls_a_certified_worker_registers_and_others_are_refused() {
+    // (the certificate must name the worker's pool or id: #17's identity binding)
     let dir = tempfile::tempdir().unwrap();
     let f = pki(dir.path());
     let worker = |pool: &str, cert: &str, key: &str| {
@@ -329,13 +339,30 @@ async fn with_mtls_a_certified_worker_registers_and_others_are_refused() {
         .router_arg(&f["ca.pem"])
         .worker(worker("cpu", "worker.pem", "worker.key"))
         .worker(worker("l40s-spot", "rogue.pem", "rogue.key"))
+        // certified by the right CA, but for the cpu pool: it cannot join another pool
+        .worker(worker("l40s-ondemand", "cpu-cert.pem", "cpu-cert.key"))
         .expect_registered(1)
         .start()
         .await
         .unwrap();
     assert!(env.grpc.starts_with("https://"), "{}", env.grpc);
     let w = env.workers_json().await.unwrap();
-    assert_eq!(w.len(), 1, "only the certified worker: {w:?}");
+    assert_eq!(
+        w.len(),
+        1,
+        "only the certified worker of its own pool: {w:?}"
+    );
+    let refused = integration::eventually(
+        Duration::from_secs(10),
+        "the cpu certificate's refusal for l40s-ondemand in that worker's log",
+        || async {
+            let log = env.log("worker-2.log");
+            log.contains("must name the worker id").then_some(log)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(refused.contains("`l40s-ondemand`"), "{refused}");
     assert_eq!(w[0]["pool"], "cpu");
     let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
     assert_eq!(r.status(), 200);

@@ -56,7 +56,7 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Worker id (default: pool-host-port).
+    /// Worker id (default: `<pool>-<advertised host:port>`, unique per pod).
     #[arg(long)]
     worker_id: Option<String>,
     /// Token source: `real` (candle) or `sim` (simulated hardware: no weights, streams filler
@@ -214,13 +214,13 @@ async fn main() -> anyhow::Result<()> {
                     worker_id: args
                         .worker_id
                         .clone()
-                        .unwrap_or_else(|| format!("{}-{}", args.pool, addr)),
+                        .unwrap_or_else(|| format!("{}-{}", args.pool, advertised)),
                     pool: args.pool.clone(),
                     address: advertised.to_string(),
                     model: name.clone(),
                     max_context: engine.model.max_context as u32,
                     modalities: engine.model.modalities.clone(),
-                    max_concurrency: 1,
+                    max_concurrency: u32::try_from(args.max_batch).unwrap_or(u32::MAX),
                     device: if engine.model.simulated {
                         "sim".into()
                     } else {

@@ -140,6 +140,10 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             .with_label_values(&[&*w.pool, w.routing_state()])
             .inc();
     }
+    s.metrics.set_pool_demand(
+        s.rules.load().rules.pools().iter().map(|p| &*p.name),
+        snap.workers().map(|w| &**w),
+    );
     s.metrics.body_bytes.set(s.body_budget.in_use() as i64);
     let dropped = crate::logging::dropped_lines();
     let counted = s.metrics.log_lines_dropped.get();

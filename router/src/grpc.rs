@@ -85,6 +85,35 @@ impl RegistryService {
     }
 }
 
+/// The DNS and URI names and the common name of the caller's client certificate (the first
+/// of its chain); empty without one.
+fn certificate_names<T>(req: &Request<T>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Some(chain) = req.peer_certs() else {
+        return Vec::new();
+    };
+    let Some(Ok((_, cert))) = chain
+        .first()
+        .map(|der| x509_parser::parse_x509_certificate(der.as_ref()))
+    else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(s) | GeneralName::URI(s) => names.push((*s).to_string()),
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
 #[tonic::async_trait]
 impl RegistryApi for RegistryService {
     async fn register(
@@ -92,6 +121,9 @@ impl RegistryApi for RegistryService {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         self.authorize(&req)?;
+        // with mTLS, the names the worker's certificate carries: it must name the worker's
+        // id or its pool (a certificate for one pool cannot register workers into another)
+        let cert_names = self.mtls.then(|| certificate_names(&req));
         let r = req.into_inner();
         if r.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
@@ -105,6 +137,14 @@ impl RegistryApi for RegistryService {
                 known.join(", ")
             )));
         };
+        if let Some(names) = &cert_names
+            && !names.iter().any(|n| *n == r.worker_id || *n == *pool.name)
+        {
+            return Err(Status::permission_denied(format!(
+                "the client certificate names {names:?}: it must name the worker id `{}` or its pool `{}`",
+                r.worker_id, pool.name
+            )));
+        }
         let address: SocketAddr = r.address.parse().map_err(|_| {
             Status::invalid_argument(format!("address `{}` is not ip:port", r.address))
         })?;
@@ -152,6 +192,8 @@ impl RegistryApi for RegistryService {
                 r.device,
             )
             .map_err(|e| Status::already_exists(e.to_string()))?;
+        self.registry
+            .set_max_concurrency(&lease_id, r.max_concurrency);
         self.metrics
             .registrations
             .with_label_values(&[&*pool.name])

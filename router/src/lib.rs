@@ -32,6 +32,7 @@ pub mod attempt;
 pub mod body;
 pub mod budget;
 pub mod classify;
+pub mod conn;
 pub mod cost;
 pub mod ctx;
 pub mod error;

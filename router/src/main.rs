@@ -53,6 +53,23 @@ enum Command {
     /// what the same traffic would have cost all on one pool (default: the dearest
     /// on-demand one), from the router's own accounting (`GET /admin/cost`).
     Cost(CostArgs),
+    /// Tell a worker on this host to drain as on a spot-interruption notice (stop taking
+    /// work, tell every router, finish what is in flight, deregister, exit) and wait until
+    /// it has gone: a Kubernetes `preStop` hook for worker pods.
+    Preempt(PreemptArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PreemptArgs {
+    /// The worker's OpenAI API address (loopback needs no token).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    worker: String,
+    /// Seconds the worker has to finish its requests.
+    #[arg(long, default_value_t = 30)]
+    deadline_s: u32,
+    /// The registry token, for a worker not on loopback (also SWITCHYARD_REGISTRY_TOKEN).
+    #[arg(long, env = "SWITCHYARD_REGISTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +163,14 @@ struct ServeArgs {
     /// off after it.
     #[arg(long, default_value_t = 30_000)]
     send_timeout_ms: u64,
+    /// Time a client has to send a request's whole header (ms; nginx's
+    /// `client_header_timeout`), from the connection's start or the request's first byte;
+    /// 408 and close beyond.
+    #[arg(long, default_value_t = 15_000)]
+    header_timeout_ms: u64,
+    /// Open client connections at most; one more gets 503 with Retry-After and is closed.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
     /// Largest request header block accepted (bytes); 431 beyond.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -227,6 +252,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
         Command::Cost(args) => cost(&args),
+        Command::Preempt(args) => preempt(&args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {
             Ok(r) => {
                 println!(
@@ -337,6 +363,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_timeout: Duration::from_millis(args.body_timeout_ms),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_s),
         send_timeout: Duration::from_millis(args.send_timeout_ms),
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        max_connections: args.max_connections,
     }
     .validated()
     .map_err(|problems| anyhow::anyhow!("bad settings:\n  {}", problems.join("\n  ")))?;
@@ -571,8 +599,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             });
         })?;
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, SwitchyardProxy::new(shared));
+    // The proxy behind the connection guards (header deadline, connection cap): what
+    // `pingora::proxy::http_proxy_service` builds, wrapped.
+    let limits = router::conn::ConnLimits {
+        max_connections: shared.config.max_connections,
+        header_timeout: shared.config.header_timeout,
+    };
+    let metrics = Arc::clone(&shared.metrics);
+    let mut http = pingora::proxy::HttpProxy::new(
+        SwitchyardProxy::new(shared),
+        Arc::clone(&server.configuration),
+    );
+    http.handle_init_modules();
+    let mut proxy = pingora::services::listening::Service::new(
+        "Switchyard proxy".to_string(),
+        router::conn::Guarded::new(http, limits, metrics),
+    );
     // A 16 KiB write buffer downstream: a JSON answer's header and body leave in one send
     // (pingora's default of 1,460 bytes sent them apart). Streams are flushed chunk by
     // chunk regardless, so SSE latency is unchanged.
@@ -761,6 +803,50 @@ fn cost(args: &CostArgs) -> anyhow::Result<()> {
         print!("{}", router::cost::table(&report));
     }
     Ok(())
+}
+
+fn preempt(args: &PreemptArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let worker = args.worker.trim_end_matches('/');
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut req = client.post(format!(
+            "{worker}/admin/preempt?deadline_s={}",
+            args.deadline_s
+        ));
+        if let Some(t) = &args.token {
+            req = req.bearer_auth(t);
+        }
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("{worker}: no answer"))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            anyhow::bail!("{worker}: {status}: {body}");
+        }
+        println!("{worker}: draining (deadline {} s)", args.deadline_s);
+        // gone = its listener refuses; give it the deadline and a little more to exit
+        let until =
+            tokio::time::Instant::now() + Duration::from_secs(u64::from(args.deadline_s) + 5);
+        while tokio::time::Instant::now() < until {
+            if client.get(format!("{worker}/health")).send().await.is_err() {
+                println!("{worker}: gone");
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!(
+            "{worker}: still up {} s after the notice",
+            args.deadline_s + 5
+        )
+    })
 }
 
 fn tokio_stream_from(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

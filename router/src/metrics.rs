@@ -4,6 +4,22 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+/// The share of a pool's capacity the autoscaling signal aims for: room for a burst while
+/// new workers start.
+pub const TARGET_UTILIZATION: f64 = 0.8;
+
+/// Workers that would run `demand` requests at [`TARGET_UTILIZATION`], given `live` workers
+/// running `capacity` at once between them; at least 1 (a pool is kept warm).
+pub fn desired_workers(demand: u64, capacity: u64, live: u64) -> i64 {
+    let per_worker = if live == 0 {
+        1.0
+    } else {
+        (capacity as f64 / live as f64).max(1.0)
+    };
+    let n = (demand as f64 / (per_worker * TARGET_UTILIZATION)).ceil();
+    (n as i64).max(1)
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Requests answered, by pool, rule, model and status code.
@@ -58,6 +74,18 @@ pub struct Metrics {
     /// Limit checks decided by this router's own buckets because the shared store could
     /// not answer.
     pub limits_local_decisions: prometheus::IntCounter,
+    /// Per pool, set at scrape time: requests at its workers now (each worker's reported
+    /// in-flight + queued, or this router's in-flight to it if more), what its live workers
+    /// run at once, and the workers that would keep it at [`TARGET_UTILIZATION`] — the
+    /// autoscaling signal (`deploy/k8s`).
+    pub pool_demand: prometheus::IntGaugeVec,
+    pub pool_capacity: prometheus::IntGaugeVec,
+    pub pool_desired_workers: prometheus::IntGaugeVec,
+    /// Client connections open now (see [`crate::conn`]).
+    pub connections_open: IntGauge,
+    /// Client connections refused or cut off by [`crate::conn`], by reason
+    /// (`max_connections`, `header_timeout`).
+    pub connections_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -211,6 +239,36 @@ impl Metrics {
             "switchyard_router_limits_local_decisions_total",
             "Tenant limit checks decided by this router's own buckets because the shared store could not answer.",
         )?;
+        let pool_gauge =
+            |name: &str, help: &str| prometheus::IntGaugeVec::new(Opts::new(name, help), &["pool"]);
+        let pool_demand = pool_gauge(
+            "switchyard_router_pool_demand",
+            "Requests at the pool's workers now (in flight + queued).",
+        )?;
+        let pool_capacity = pool_gauge(
+            "switchyard_router_pool_capacity",
+            "Requests the pool's live workers run at once.",
+        )?;
+        let pool_desired_workers = pool_gauge(
+            "switchyard_router_pool_desired_workers",
+            "Workers that would run the pool's demand at the target utilization (0.8); at least 1.",
+        )?;
+        registry.register(Box::new(pool_demand.clone()))?;
+        registry.register(Box::new(pool_capacity.clone()))?;
+        registry.register(Box::new(pool_desired_workers.clone()))?;
+        let connections_open = IntGauge::new(
+            "switchyard_router_connections_open",
+            "Client connections open now.",
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_connections_refused_total",
+                "Client connections refused (max_connections) or cut off (header_timeout).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(limits_store_up.clone()))?;
         registry.register(Box::new(limits_local_decisions.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -256,6 +314,11 @@ impl Metrics {
             retry_budget_exhausted,
             limits_store_up,
             limits_local_decisions,
+            pool_demand,
+            pool_capacity,
+            pool_desired_workers,
+            connections_open,
+            connections_refused,
         })
     }
 
@@ -264,6 +327,41 @@ impl Metrics {
         self.tenant_rejected
             .with_label_values(&[tenant, reason])
             .inc();
+    }
+
+    /// Sets the per-pool autoscaling gauges from the registry's workers.
+    pub fn set_pool_demand<'a>(
+        &self,
+        pools: impl Iterator<Item = &'a str>,
+        workers: impl Iterator<Item = &'a crate::registry::Worker>,
+    ) {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering::Relaxed;
+        // pool → (demand, capacity, live workers)
+        let mut by_pool: HashMap<&str, (u64, u64, u64)> = pools.map(|p| (p, (0, 0, 0))).collect();
+        for w in workers {
+            let Some(e) = by_pool.get_mut(&*w.pool) else {
+                continue;
+            };
+            let reported = w.reported_load.load(Relaxed);
+            let ours = w.router_in_flight.load(Relaxed);
+            e.0 += u64::from(reported.max(ours));
+            if w.routing_state() == "live" {
+                e.1 += u64::from(w.max_concurrency.load(Relaxed).max(1));
+                e.2 += 1;
+            }
+        }
+        for (pool, (demand, capacity, live)) in by_pool {
+            self.pool_demand
+                .with_label_values(&[pool])
+                .set(i64::try_from(demand).unwrap_or(i64::MAX));
+            self.pool_capacity
+                .with_label_values(&[pool])
+                .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+            self.pool_desired_workers
+                .with_label_values(&[pool])
+                .set(desired_workers(demand, capacity, live));
+        }
     }
 
     /// The `context` label for a prompt of `tokens`: five buckets, so latency can be read by
@@ -288,5 +386,22 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod demand_tests {
+    use super::desired_workers;
+
+    #[test]
+    fn desired_workers_keep_the_pool_at_the_target_utilization() {
+        // 2 workers of 8: 12 requests fit 8 × 0.8 = 6.4 per worker → 2
+        assert_eq!(desired_workers(12, 16, 2), 2);
+        // 20 requests → ceil(20 / 6.4) = 4
+        assert_eq!(desired_workers(20, 16, 2), 4);
+        // idle: one stays
+        assert_eq!(desired_workers(0, 16, 2), 1);
+        // no live worker: each request wants a worker of unknown size (1)
+        assert_eq!(desired_workers(3, 0, 0), 4);
     }
 }

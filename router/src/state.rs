@@ -36,6 +36,10 @@ pub struct Config {
     /// Longest wait for one write to the client to go out (nginx's `send_timeout`): a
     /// client that stops reading is cut off after it.
     pub send_timeout: Duration,
+    /// A request header must arrive whole within this (see [`crate::conn`]).
+    pub header_timeout: Duration,
+    /// Open client connections at most (see [`crate::conn`]).
+    pub max_connections: usize,
 }
 
 impl Config {
@@ -56,6 +60,8 @@ impl Config {
         positive("--body-timeout-ms", self.body_timeout.is_zero());
         positive("--keepalive-timeout-s", self.keepalive_timeout.is_zero());
         positive("--send-timeout-ms", self.send_timeout.is_zero());
+        positive("--header-timeout-ms", self.header_timeout.is_zero());
+        positive("--max-connections", self.max_connections == 0);
         if self.max_buffered_bytes < self.max_body_bytes {
             problems.push(format!(
                 "--max-buffered-bytes ({}) must hold at least one body of --max-body-bytes ({})",
@@ -143,6 +149,8 @@ mod tests {
             body_timeout: s,
             keepalive_timeout: s,
             send_timeout: s,
+            header_timeout: s,
+            max_connections: 1,
         }
     }
 

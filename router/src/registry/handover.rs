@@ -23,6 +23,9 @@ pub struct ExportedLease {
     pub draining: bool,
     pub reported_load: u32,
     pub registered_unix: u64,
+    /// 0 when exported by a router from before this field.
+    #[serde(default)]
+    pub max_concurrency: u32,
 }
 
 impl Registry {
@@ -43,6 +46,7 @@ impl Registry {
                     draining: w.state == WorkerState::Draining,
                     reported_load: w.reported_load.load(Ordering::Relaxed),
                     registered_unix: w.registered_unix,
+                    max_concurrency: w.max_concurrency.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -77,6 +81,9 @@ impl Registry {
             worker
                 .reported_load
                 .store(e.reported_load, Ordering::Relaxed);
+            worker
+                .max_concurrency
+                .store(e.max_concurrency, Ordering::Relaxed);
             let worker = Arc::new(worker);
             leases.insert(
                 e.lease_id,

@@ -179,6 +179,15 @@ impl Registry {
         Ok(draining)
     }
 
+    /// Records how many requests the lease's worker runs at once (from its registration).
+    pub fn set_max_concurrency(&self, lease_id: &str, n: u32) {
+        if let Some(l) = self.leases().get(lease_id) {
+            l.worker
+                .max_concurrency
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Stops new routing to the worker at once.
     pub fn drain(&self, lease_id: &str) -> Result<(), RegistryError> {
         let mut leases = self.leases();

@@ -35,6 +35,7 @@ impl Registry {
                     device: "static".into(),
                     reported_load: Arc::default(),
                     router_in_flight: Arc::new(AtomicU32::new(0)),
+                    max_concurrency: Arc::default(),
                     health: Arc::default(),
                     share: Arc::default(),
                     connects: super::worker::connect_permits(),

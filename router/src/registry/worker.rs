@@ -42,6 +42,10 @@ pub struct Worker {
     /// Requests this router has in flight to the worker right now.
     #[serde(serialize_with = "ser_atomic")]
     pub router_in_flight: Arc<AtomicU32>,
+    /// Requests the worker runs at once, as it registered (0: unknown, e.g. a static
+    /// worker). Feeds the pool's capacity for autoscaling ([`crate::metrics`]).
+    #[serde(serialize_with = "ser_atomic")]
+    pub max_concurrency: Arc<AtomicU32>,
     /// Outlier detection and active health-check state, shared by every snapshot of this
     /// worker.
     #[serde(skip)]
@@ -116,6 +120,7 @@ impl Worker {
             device,
             reported_load: Arc::default(),
             router_in_flight: Arc::new(AtomicU32::new(0)),
+            max_concurrency: Arc::default(),
             health: Arc::default(),
             share: Arc::default(),
             connects: connect_permits(),
@@ -183,6 +188,7 @@ pub(super) fn clone_worker(w: &Worker) -> Worker {
         device: w.device.clone(),
         reported_load: Arc::clone(&w.reported_load),
         router_in_flight: Arc::clone(&w.router_in_flight),
+        max_concurrency: Arc::clone(&w.max_concurrency),
         health: Arc::clone(&w.health),
         share: Arc::clone(&w.share),
         connects: Arc::clone(&w.connects),
