@@ -7,7 +7,7 @@ use serde_json::Value;
 
 fn rules() -> String {
     format!(
-        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n  team-d:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ budget_usd_per_day: 0.0000001 }}\n  team-e:\n    keys: [{{ sha256: \"{}\" }}]\n    models: [big]\n    pools: [l40s-ondemand]\n",
+        "{FLEET_RULES}auth: required\ntenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 2 }}\n  team-b:\n    keys: [{{ sha256: \"{}\" }}, {{ sha256: \"{}\" }}]\n  team-c:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 50 }}\n  team-fast:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 120 }}\n  team-d:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ budget_usd_per_day: 0.0000001 }}\n  team-e:\n    keys: [{{ sha256: \"{}\" }}]\n    models: [big]\n    pools: [l40s-ondemand]\n  team-f:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ tokens_per_minute: 400 }}\n",
         sha256_hex("secret-key-a"),
         sha256_hex("secret-key-b"),
         sha256_hex("secret-key-b2"),
@@ -15,6 +15,7 @@ fn rules() -> String {
         sha256_hex("secret-key-fast"),
         sha256_hex("secret-key-d"),
         sha256_hex("secret-key-e"),
+        sha256_hex("secret-key-f"),
     )
     // a second model, for team-e's allowlist
     .replace(
@@ -58,9 +59,13 @@ async fn keys_auth_and_per_tenant_request_limits() {
     }
 
     // team-a: two requests a minute, the third is refused with what the SDKs back off on
-    for _ in 0..2 {
+    for left in ["1", "0"] {
         let r = send(&env, Some("secret-key-a")).await;
         assert_eq!(r.status(), 200, "{}", env.log("router.log"));
+        // admitted answers say what is left too, so clients can pace themselves
+        assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), left);
+        assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
     }
     let r = send(&env, Some("secret-key-a")).await;
     assert_eq!(r.status(), 429);
@@ -260,6 +265,38 @@ async fn a_tenant_uses_only_its_models_and_pools() {
     );
     // another tenant's same request is served on cpu
     assert_eq!(send(&env, Some("secret-key-b")).await.status(), 200);
+    // `GET /v1/models` lists only what the caller's tenant may use; no key → 401
+    let models = |key: Option<&'static str>| {
+        let mut req = env.http.get(format!("{}/v1/models", env.proxy));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    let listed = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let b: Value = models(Some("secret-key-b"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed(&b), ["tiny"], "{b}");
+    let e: Value = models(Some("secret-key-e"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(listed(&e).is_empty(), "team-e may not use tiny: {e}");
+    let r = models(None).await.unwrap();
+    assert_eq!(r.status(), 401);
     // explain: a longer request's route [l40s-spot, l40s-ondemand] cut to on-demand
     let explained: Value = env
         .http
@@ -335,5 +372,42 @@ async fn three_thousand_random_keys_add_no_metric_series() {
     assert!(
         !after.iter().any(|s| s.contains("random-")),
         "a key in a label"
+    );
+}
+
+/// Completion tokens count against tokens per minute once the worker reports them: the
+/// second request's remaining tokens are the first's, less the first answer's completion
+/// tokens and the second prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_tokens_count_against_tokens_per_minute() {
+    let env = start().await;
+    let ask = || {
+        env.http
+            .post(format!("{}/v1/chat/completions", env.proxy))
+            .bearer_auth("secret-key-f")
+            .json(&chat_body("tiny", 30, 60, false))
+            .send()
+    };
+    let left = |r: &reqwest::Response| -> i64 {
+        header(r, "x-ratelimit-remaining-tokens").parse().unwrap()
+    };
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "400");
+    let left1 = left(&r);
+    let prompt = 400 - left1;
+    let v: Value = r.json().await.unwrap();
+    let completion = v["usage"]["completion_tokens"].as_i64().unwrap();
+    assert!(completion >= 10, "too few tokens to tell: {v}");
+    // the charge is made as the first request is logged, just after its answer
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let left2 = left(&r);
+    let expected = left1 - completion - prompt;
+    // the bucket refills 400 a minute (< 7 per second) meanwhile
+    assert!(
+        (expected..=expected + 10).contains(&left2),
+        "left {left1} then {left2}; prompt {prompt}, completion {completion}"
     );
 }

@@ -173,11 +173,13 @@ async fn tenants(State(s): State<Arc<Shared>>) -> Response {
                     "tokens_per_minute": t.limits.tokens_per_minute,
                     "max_concurrent": t.limits.max_concurrent,
                     "budget_usd_per_day": t.limits.budget_nano_usd_per_day.map(|n| n.get() as f64 / 1e9),
+                    "budget_usd_per_month": t.limits.budget_nano_usd_per_month.map(|n| n.get() as f64 / 1e9),
                     "breaker": t.limits.breaker,
                 },
                 "in_flight": usage.map_or(0, |u| u.in_flight),
                 "breaker": usage.map_or("closed", |u| u.breaker),
                 "spent_today_usd": usage.map_or(0.0, |u| u.spent_today_usd),
+                "spent_this_month_usd": usage.map_or(0.0, |u| u.spent_this_month_usd),
             })
         })
         .collect();

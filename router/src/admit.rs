@@ -97,12 +97,25 @@ fn looped<'a>(shared: &Shared, values: impl Iterator<Item = &'a http::HeaderValu
     false
 }
 
-/// `GET /v1/models`: every model some registered or static worker serves.
+/// `GET /v1/models`: every model some registered or static worker serves that the caller's
+/// tenant may use (`auth: required`: a key no tenant holds gets 401, as for completions).
 async fn models(shared: &Shared, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let rules = shared.rules.load();
+    let key = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let tenant = crate::tenants::tenant_of(&rules.rules, key);
+    let tenant = tenant.as_deref().and_then(|t| rules.rules.tenant(t));
+    if tenant.is_none() && rules.rules.auth() == routing_rules::Auth::Required {
+        return respond::error(session, ctx, &ProxyError::InvalidApiKey).await;
+    }
     let snapshot = shared.registry.snapshot();
     let mut names: Vec<&str> = snapshot
         .workers()
         .flat_map(|w| w.models.iter().map(|m| m.name.as_str()))
+        .filter(|m| tenant.is_none_or(|t| t.allows_model(m)))
         .collect();
     names.sort_unstable();
     names.dedup();

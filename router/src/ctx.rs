@@ -48,6 +48,9 @@ pub struct RequestCtx {
     pub worker_seconds: Vec<(Arc<str>, f64)>,
     /// The tenant's admission: holds its place among the tenant's requests in flight.
     pub admitted: Option<crate::tenants::Admitted>,
+    /// OpenAI's `x-ratelimit-*` headers for the answer (the tenant's limits and what is
+    /// left of them), when its tenant has per-minute limits.
+    pub ratelimit: Vec<(&'static str, String)>,
     /// The request's trace, when tracing is on.
     pub trace: Option<Box<crate::trace::RequestTrace>>,
     _active: Active,
@@ -73,6 +76,7 @@ impl RequestCtx {
             usage_asked: false,
             worker_seconds: Vec::new(),
             admitted: None,
+            ratelimit: Vec::new(),
             trace: None,
             _active: Active::new(active),
         }

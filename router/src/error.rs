@@ -113,11 +113,13 @@ pub enum ProxyError {
         tenant: String,
         retry_after: std::time::Duration,
     },
-    /// The tenant spent its daily budget.
-    #[error("Tenant `{tenant}` has spent its budget of ${budget_usd} for today (UTC); it resets in {}s", retry_after.as_secs())]
+    /// The tenant spent its daily or monthly budget.
+    #[error("Tenant `{tenant}` has spent its budget of ${budget_usd} for this {period} (UTC); it resets in {}s", retry_after.as_secs())]
     QuotaExceeded {
         tenant: String,
         budget_usd: f64,
+        /// `day` or `month`.
+        period: &'static str,
         retry_after: std::time::Duration,
     },
 }

@@ -92,6 +92,13 @@ impl ProxyHttp for SwitchyardProxy {
         if let Some(t) = trace {
             crate::trace::finish(*t, &self.shared, ctx, cost_usd, e);
         }
+        // completion tokens count against the tenant's tokens per minute once reported
+        if let (Some(admitted), Some(tokens)) = (&ctx.admitted, ctx.completion_tokens) {
+            self.shared
+                .limiters
+                .charge_completion(admitted, tokens)
+                .await;
+        }
     }
 }
 
@@ -148,7 +155,8 @@ impl SwitchyardProxy {
             let tenant = crate::tenants::tenant_of(&rules.rules, key);
             let refused = match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
                 Some(t) => match shared.limiters.admit_request(t).await {
-                    Ok(admitted) => {
+                    Ok(mut admitted) => {
+                        ctx.ratelimit = std::mem::take(&mut admitted.headers);
                         ctx.admitted = Some(admitted);
                         None
                     }
@@ -247,16 +255,22 @@ impl SwitchyardProxy {
             .tenant
             .as_deref()
             .and_then(|t| rules.rules.tenant(t))
-            && let Err(refused) = shared
+        {
+            match shared
                 .limiters
                 .admit_tokens(tenant, ctx.classified.features.prompt_tokens)
                 .await
-        {
-            shared
-                .metrics
-                .tenant_rejections(&tenant.name, crate::tenants::reason(&refused.error));
-            drop(rules);
-            return respond::error_with(session, ctx, &refused.error, refused.headers).await;
+            {
+                Ok(headers) => ctx.ratelimit.extend(headers),
+                Err(refused) => {
+                    shared
+                        .metrics
+                        .tenant_rejections(&tenant.name, crate::tenants::reason(&refused.error));
+                    drop(rules);
+                    return respond::error_with(session, ctx, &refused.error, refused.headers)
+                        .await;
+                }
+            }
         }
         // 4. route: the first rule that matches gives the ordered target pools
         let t_route = Instant::now();

@@ -135,6 +135,9 @@ pub async fn relay(
     } = answer;
     let mut resp = client_header(&header)?;
     resp.insert_header(crate::admit::REQUEST_ID, ctx.request_id.as_str())?;
+    for (k, v) in &ctx.ratelimit {
+        resp.insert_header(*k, v.as_str())?;
+    }
     let sse = is_sse(&header);
     // A JSON answer comes whole when the generation ends: the wait is bounded by the
     // total deadline below, not by the first-byte timeout.

@@ -28,22 +28,27 @@ pub const BACKOFF: Duration = Duration::from_secs(1);
 
 /// GCRA on Redis's clock. `KEYS[1]`: the bucket. `ARGV[1]`: microseconds between requests at
 /// the steady rate (a minute / the limit); `ARGV[2]`: the bucket's depth in microseconds (a
-/// minute); `ARGV[3]`: how much to take. Returns 0 when taken, else the microseconds until
-/// it would fit. The bucket holds its theoretical arrival time, in microseconds since
-/// 2026-01-01 (small enough for a double to hold exactly), and expires once full again.
+/// minute); `ARGV[3]`: how much to take; `ARGV[4]`: 1 to take it even when it does not fit
+/// (a charge after the fact: the bucket goes into debt). Returns `{0, left}` when taken
+/// (`left`: what the bucket still holds), else `{wait, 0}`, the microseconds until it would
+/// fit. The bucket holds its theoretical arrival time, in microseconds since 2026-01-01
+/// (small enough for a double to hold exactly), and expires once full again.
 pub const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
 local depth = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local force = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1767225600) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + interval * n
 local wait = new_tat - depth - now
-if wait > 0 then return wait end
+if wait > 0 and force ~= 1 then return {wait, 0} end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
-return 0
+local left = math.floor((depth + now - new_tat) / interval)
+if left < 0 then left = 0 end
+return {0, left}
 ";
 
 pub struct SharedLimits {
@@ -102,16 +107,18 @@ impl SharedLimits {
         }
     }
 
-    /// Takes `n` from `tenant`'s `what` bucket of `limit` per minute: `Some(Ok(()))` taken,
-    /// `Some(Err(wait))` not before `wait`, `None` when the store cannot say (the local
-    /// bucket decides).
+    /// Takes `n` from `tenant`'s `what` bucket of `limit` per minute: `Some(Ok(left))` taken
+    /// (`left` still in the bucket), `Some(Err(wait))` not before `wait`, `None` when the
+    /// store cannot say (the local bucket decides). `force` takes it even when it does not
+    /// fit (the bucket goes into debt).
     pub async fn take(
         &self,
         tenant: &str,
         what: &str,
         limit: u32,
         n: u32,
-    ) -> Option<Result<(), Duration>> {
+        force: bool,
+    ) -> Option<Result<u32, Duration>> {
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let conn = self.conn.load_full();
         let Some(conn) = conn.filter(|_| now_ms >= self.skip_until_ms.load(Ordering::Relaxed))
@@ -125,15 +132,19 @@ impl SharedLimits {
         let mut invocation = self
             .script
             .key(format!("switchyard:limit:{tenant}:{what}:{limit}"));
-        invocation.arg(interval).arg(minute_us).arg(n);
-        let call = invocation.invoke_async::<i64>(&mut conn);
+        invocation
+            .arg(interval)
+            .arg(minute_us)
+            .arg(n)
+            .arg(u8::from(force));
+        let call = invocation.invoke_async::<(i64, i64)>(&mut conn);
         match tokio::time::timeout(TIMEOUT, call).await {
-            Ok(Ok(wait_us)) => {
+            Ok(Ok((wait_us, left))) => {
                 self.up.set(1);
                 Some(if wait_us > 0 {
                     Err(Duration::from_micros(wait_us.unsigned_abs()))
                 } else {
-                    Ok(())
+                    Ok(u32::try_from(left.max(0)).unwrap_or(u32::MAX))
                 })
             }
             failed => {

@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use routing_rules::{BreakerLimits, CompiledRules, Limits, Tenant, key_digest};
 
 use crate::error::ProxyError;
@@ -126,16 +128,41 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A per-minute GCRA bucket that tells how much is left after each take (for the
+/// `x-ratelimit-remaining-*` headers).
+type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
 /// One tenant's limiters.
 struct State {
     limits: Limits,
     breaker: Mutex<Breaker>,
-    requests: Option<DefaultDirectRateLimiter>,
-    tokens: Option<DefaultDirectRateLimiter>,
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
     in_flight: AtomicU32,
     /// Spent today (`day`, days since the epoch, UTC), in billionths of a dollar.
     spent_nano_usd: AtomicU64,
     day: AtomicU64,
+    /// Spent this month (`month`, months since January 1970, UTC), in billionths of a dollar.
+    spent_month_nano_usd: AtomicU64,
+    month: AtomicU64,
+}
+
+/// This month, as months since January 1970 (UTC), and the time left until the next one.
+fn this_month() -> (u64, Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    let (year, month) = (now.year(), now.month());
+    let next = match month {
+        time::Month::December => time::Date::from_calendar_date(year + 1, time::Month::January, 1),
+        m => time::Date::from_calendar_date(year, m.next(), 1),
+    };
+    let left = next
+        .map(|d| d.midnight().assume_utc() - now)
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::from_secs(86_400));
+    let index =
+        u64::try_from(i64::from(year) - 1970).unwrap_or(0) * 12 + u64::from(month as u8 - 1);
+    (index, left)
 }
 
 /// Today, as days since the epoch (UTC), and the time left until tomorrow.
@@ -150,7 +177,10 @@ fn today() -> (u64, Duration) {
 impl State {
     fn new(limits: Limits) -> Self {
         let bucket = |per_minute: Option<NonZeroU32>| {
-            per_minute.map(|n| RateLimiter::direct(Quota::per_minute(n)))
+            per_minute.map(|n| {
+                RateLimiter::direct(Quota::per_minute(n))
+                    .with_middleware::<StateInformationMiddleware>()
+            })
         };
         Self {
             limits,
@@ -160,7 +190,17 @@ impl State {
             in_flight: AtomicU32::new(0),
             spent_nano_usd: AtomicU64::new(0),
             day: AtomicU64::new(today().0),
+            spent_month_nano_usd: AtomicU64::new(0),
+            month: AtomicU64::new(this_month().0),
         }
+    }
+
+    /// What was spent this month (a new month starts from zero).
+    fn spent_this_month(&self, month: u64) -> &AtomicU64 {
+        if self.month.swap(month, Ordering::Relaxed) != month {
+            self.spent_month_nano_usd.store(0, Ordering::Relaxed);
+        }
+        &self.spent_month_nano_usd
     }
 
     /// What was spent today (a new day starts from zero).
@@ -183,8 +223,12 @@ pub struct Limiters {
 /// A request let in: counted in its tenant's requests in flight until dropped.
 pub struct Admitted {
     state: Arc<State>,
+    tenant: Arc<str>,
     /// The breaker's half-open probe.
     probe: bool,
+    /// OpenAI's `x-ratelimit-*-requests` headers for the answer (limit, what is left, when
+    /// the bucket is full again), when the tenant has a requests-per-minute limit.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Admitted {
@@ -226,6 +270,8 @@ pub struct Usage {
     pub in_flight: u32,
     /// Counted for tenants with a budget only.
     pub spent_today_usd: f64,
+    /// Counted for tenants with a budget only.
+    pub spent_this_month_usd: f64,
 }
 
 /// A refusal: the error, and the headers that go with it.
@@ -248,33 +294,65 @@ impl Limiters {
     }
 
     /// Takes `n` from a tenant's `what` bucket: the shared one when the store answers,
-    /// else this router's own.
+    /// else this router's own. Taken: what is left in the bucket.
     async fn take(
         &self,
-        tenant: &Tenant,
+        tenant: &str,
         what: &'static str,
-        local: &DefaultDirectRateLimiter,
+        local: &Bucket,
         limit: NonZeroU32,
         n: NonZeroU32,
-    ) -> Result<(), Refused> {
+    ) -> Result<u32, Refused> {
         if let Some(store) = self.shared.get()
-            && let Some(verdict) = store.take(&tenant.name, what, limit.get(), n.get()).await
+            && let Some(verdict) = store.take(tenant, what, limit.get(), n.get(), false).await
         {
-            return verdict.map_err(|wait| refused(tenant.name.to_string(), what, limit, wait));
+            return verdict.map_err(|wait| refused(tenant.to_string(), what, limit, wait));
         }
         match local.check_n(n) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(snapshot)) => Ok(snapshot.remaining_burst_capacity()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Err(refused(tenant.name.to_string(), what, limit, wait))
+                Err(refused(tenant.to_string(), what, limit, wait))
             }
             // more than the bucket holds: callers refuse that before taking
-            Err(_) => Err(refused(
-                tenant.name.to_string(),
-                what,
-                limit,
-                Duration::ZERO,
-            )),
+            Err(_) => Err(refused(tenant.to_string(), what, limit, Duration::ZERO)),
+        }
+    }
+
+    /// Charges `n` to a tenant's `what` bucket after the fact (completion tokens, known
+    /// once generated): taken even when it does not fit. In Redis the bucket goes into
+    /// debt, so the tenant's next requests wait until it is paid off; a local bucket
+    /// cannot hold debt (`governor`), so it is emptied as far as `n` reaches.
+    async fn charge_bucket(
+        &self,
+        tenant: &str,
+        what: &'static str,
+        local: &Bucket,
+        limit: NonZeroU32,
+        n: u32,
+    ) {
+        if n == 0 {
+            return;
+        }
+        if let Some(store) = self.shared.get()
+            && store
+                .take(tenant, what, limit.get(), n, true)
+                .await
+                .is_some()
+        {
+            return;
+        }
+        // take the largest amounts that fit, halving: O(log n) checks
+        let mut left = n.min(limit.get());
+        let mut chunk = left;
+        while left > 0 && chunk > 0 {
+            let Some(c) = NonZeroU32::new(chunk.min(left)) else {
+                break;
+            };
+            match local.check_n(c) {
+                Ok(Ok(_)) => left -= c.get(),
+                _ => chunk /= 2,
+            }
         }
     }
 
@@ -289,6 +367,21 @@ impl Limiters {
                     error: ProxyError::QuotaExceeded {
                         tenant: tenant.name.to_string(),
                         budget_usd: budget.get() as f64 / 1e9,
+                        period: "day",
+                        retry_after: left,
+                    },
+                    headers: Vec::new(),
+                });
+            }
+        }
+        if let Some(budget) = state.limits.budget_nano_usd_per_month {
+            let (month, left) = this_month();
+            if state.spent_this_month(month).load(Ordering::Relaxed) >= budget.get() {
+                return Err(Refused {
+                    error: ProxyError::QuotaExceeded {
+                        tenant: tenant.name.to_string(),
+                        budget_usd: budget.get() as f64 / 1e9,
+                        period: "month",
                         retry_after: left,
                     },
                     headers: Vec::new(),
@@ -318,7 +411,9 @@ impl Limiters {
         // from here on, a refusal gives the in-flight slot back (and a probe's turn)
         let mut admitted = Admitted {
             state: Arc::clone(&state),
+            tenant: Arc::clone(&tenant.name),
             probe: false,
+            headers: Vec::new(),
         };
         // the breaker, once nothing else has refused: a probe's turn is handed back by
         // `Admitted`'s drop, whatever happens to the probe next
@@ -342,8 +437,10 @@ impl Limiters {
             }
         }
         if let (Some(bucket), Some(limit)) = (&state.requests, state.limits.requests_per_minute) {
-            self.take(tenant, "requests", bucket, limit, NonZeroU32::MIN)
+            let left = self
+                .take(&tenant.name, "requests", bucket, limit, NonZeroU32::MIN)
                 .await?;
+            admitted.headers = remaining_headers("requests", limit, left);
         }
         Ok(admitted)
     }
@@ -361,31 +458,53 @@ impl Limiters {
             breaker,
             in_flight: s.in_flight.load(Ordering::Relaxed),
             spent_today_usd: s.spent_today(today().0).load(Ordering::Relaxed) as f64 / 1e9,
+            spent_this_month_usd: s.spent_this_month(this_month().0).load(Ordering::Relaxed) as f64
+                / 1e9,
         })
     }
 
-    /// Charges a finished request's cost to its tenant's budget for today.
+    /// Charges a finished request's cost to its tenant's budgets for today and this month.
     pub fn charge(&self, tenant: &str, usd: f64) {
         let state = {
             let map = self.by_tenant.lock().unwrap_or_else(|p| p.into_inner());
             map.get(tenant).cloned()
         };
-        if let Some(s) = state
-            && s.limits.budget_nano_usd_per_day.is_some()
-            && usd.is_finite()
-            && usd > 0.0
-        {
-            let nano = (usd * 1e9).ceil() as u64;
+        let Some(s) = state else { return };
+        if !(usd.is_finite() && usd > 0.0) {
+            return;
+        }
+        let nano = (usd * 1e9).ceil() as u64;
+        if s.limits.budget_nano_usd_per_day.is_some() {
             s.spent_today(today().0).fetch_add(nano, Ordering::Relaxed);
+        }
+        if s.limits.budget_nano_usd_per_month.is_some() {
+            s.spent_this_month(this_month().0)
+                .fetch_add(nano, Ordering::Relaxed);
+        }
+    }
+
+    /// Charges an answer's completion tokens to its tenant's tokens per minute, once the
+    /// worker has reported them (prompt tokens were taken at admission).
+    pub async fn charge_completion(&self, admitted: &Admitted, tokens: u64) {
+        let s = &admitted.state;
+        if let (Some(bucket), Some(limit)) = (&s.tokens, s.limits.tokens_per_minute) {
+            let n = u32::try_from(tokens).unwrap_or(u32::MAX);
+            self.charge_bucket(&admitted.tenant, "tokens", bucket, limit, n)
+                .await;
         }
     }
 
     /// Spends `prompt_tokens` of the tenant's tokens per minute, once the prompt is
-    /// counted, or says why not (a request refused here has spent its request).
-    pub async fn admit_tokens(&self, tenant: &Tenant, prompt_tokens: u64) -> Result<(), Refused> {
+    /// counted, or says why not (a request refused here has spent its request). Taken: the
+    /// `x-ratelimit-*-tokens` headers for the answer.
+    pub async fn admit_tokens(
+        &self,
+        tenant: &Tenant,
+        prompt_tokens: u64,
+    ) -> Result<Vec<(&'static str, String)>, Refused> {
         let state = self.state(tenant);
         let (Some(bucket), Some(limit)) = (&state.tokens, state.limits.tokens_per_minute) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let n = u32::try_from(prompt_tokens.max(1)).unwrap_or(u32::MAX);
         let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
@@ -400,7 +519,8 @@ impl Limiters {
                 headers: ratelimit_headers("tokens", limit, Duration::ZERO),
             });
         }
-        self.take(tenant, "tokens", bucket, limit, n).await
+        let left = self.take(&tenant.name, "tokens", bucket, limit, n).await?;
+        Ok(remaining_headers("tokens", limit, left))
     }
 }
 
@@ -430,6 +550,17 @@ fn refused(tenant: String, what: &'static str, limit: NonZeroU32, wait: Duration
         },
         headers: ratelimit_headers(what, limit, wait),
     }
+}
+
+/// OpenAI's rate-limit headers on an admitted request: the limit, what is left of it, and
+/// when the bucket is full again (it refills evenly over a minute).
+fn remaining_headers(what: &str, limit: NonZeroU32, left: u32) -> Vec<(&'static str, String)> {
+    let left = left.min(limit.get());
+    let full_in =
+        Duration::from_secs(60).mul_f64(f64::from(limit.get() - left) / f64::from(limit.get()));
+    let mut h = ratelimit_headers(what, limit, full_in);
+    h[1].1 = left.to_string();
+    h
 }
 
 /// OpenAI's rate-limit headers for `requests` or `tokens`: the limit, nothing remaining,
@@ -467,6 +598,7 @@ mod tests {
                 tokens_per_minute: tpm.and_then(NonZeroU32::new),
                 max_concurrent: conc.and_then(NonZeroU32::new),
                 budget_nano_usd_per_day: None,
+                budget_nano_usd_per_month: None,
                 breaker: None,
             },
             models: None,
@@ -608,5 +740,80 @@ mod tests {
         let wait = r.error.retry_after().expect("until midnight");
         assert!((1..=86_400).contains(&wait), "{wait}");
         assert_eq!(reason(&r.error), "budget");
+    }
+
+    #[tokio::test]
+    async fn admitted_requests_carry_what_is_left_of_their_limits() {
+        let l = Limiters::default();
+        let t = tenant(Some(3), Some(1000), None);
+        let a = l.admit_request(&t).await.ok().expect("admitted");
+        let h = |hs: &[(&'static str, String)], k: &str| {
+            hs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            h(&a.headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            h(&a.headers, "x-ratelimit-remaining-requests").as_deref(),
+            Some("2")
+        );
+        // one of three per minute taken: full again in 20 s
+        let reset = h(&a.headers, "x-ratelimit-reset-requests").expect("reset");
+        let secs: f64 = reset.trim_end_matches('s').parse().expect("seconds");
+        assert!((19.0..=20.0).contains(&secs), "{reset}");
+        let tokens = l.admit_tokens(&t, 250).await.ok().expect("tokens");
+        assert_eq!(
+            h(&tokens, "x-ratelimit-limit-tokens").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            h(&tokens, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("750")
+        );
+    }
+
+    #[tokio::test]
+    async fn completion_tokens_are_charged_to_tokens_per_minute_after_the_answer() {
+        let l = Limiters::default();
+        let t = tenant(None, Some(1000), None);
+        let a = l.admit_request(&t).await.ok().expect("admitted");
+        assert!(l.admit_tokens(&t, 100).await.is_ok());
+        // the answer generated 850 tokens: 50 are left of the minute
+        l.charge_completion(&a, 850).await;
+        let r = l
+            .admit_tokens(&t, 100)
+            .await
+            .expect_err("100 > the 50 left");
+        assert_eq!(reason(&r.error), "tokens_per_minute");
+        assert!(l.admit_tokens(&t, 40).await.is_ok(), "40 of the 50 left");
+        // a charge larger than the bucket empties it (a local bucket holds no debt)
+        l.charge_completion(&a, 1_000_000).await;
+        assert!(l.admit_tokens(&t, 5).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_spent_monthly_budget_refuses_until_next_month() {
+        let l = Limiters::default();
+        let mut t = tenant(None, None, None);
+        t.limits.budget_nano_usd_per_month = std::num::NonZeroU64::new(20_000_000); // $0.02
+        assert!(l.admit_request(&t).await.is_ok());
+        l.charge("a", 0.015);
+        assert!(l.admit_request(&t).await.is_ok(), "$0.015 of $0.02 spent");
+        l.charge("a", 0.01);
+        let r = l.admit_request(&t).await.err().expect("$0.025 spent");
+        assert!(r.error.to_string().contains("this month"), "{}", r.error);
+        assert_eq!(r.error.status(), 429);
+        let wait = r.error.retry_after().expect("until the 1st");
+        assert!((1..=31 * 86_400).contains(&wait), "{wait}");
+        let u = l.usage("a").expect("usage");
+        assert!(
+            (u.spent_this_month_usd - 0.025).abs() < 1e-9,
+            "{}",
+            u.spent_this_month_usd
+        );
+        let (month, left) = this_month();
+        assert!(month >= (2026 - 1970) * 12, "{month}");
+        assert!(left <= Duration::from_secs(31 * 86_400));
     }
 }

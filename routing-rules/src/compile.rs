@@ -452,20 +452,23 @@ impl Compiler {
                 }
                 n
             };
-            let budget = t.limits.budget_usd_per_day.and_then(|usd| {
+            let dollars = |c: &mut Self, field: &str, usd: Option<f64>| {
+                let usd = usd?;
                 let nano = usd * 1e9;
                 let n = (usd.is_finite() && nano >= 1.0 && nano < u64::MAX as f64)
                     .then(|| std::num::NonZeroU64::new(nano.round() as u64))
                     .flatten();
                 if n.is_none() {
-                    self.problem(
-                        format!("{path}.limits.budget_usd_per_day"),
+                    c.problem(
+                        format!("{path}.limits.{field}"),
                         loc,
                         "must be a positive number of dollars (at least 0.000000001)",
                     );
                 }
                 n
-            });
+            };
+            let budget = dollars(self, "budget_usd_per_day", t.limits.budget_usd_per_day);
+            let monthly = dollars(self, "budget_usd_per_month", t.limits.budget_usd_per_month);
             let breaker = t.limits.breaker.as_ref().and_then(|b| {
                 let mut ok = true;
                 let mut check = |c: &mut Self, field: &str, v: u32, range: (u32, u32)| {
@@ -492,6 +495,7 @@ impl Compiler {
             let limits = Limits {
                 breaker,
                 budget_nano_usd_per_day: budget,
+                budget_nano_usd_per_month: monthly,
                 requests_per_minute: positive(
                     self,
                     "requests_per_minute",

@@ -39,6 +39,8 @@ pub struct Limits {
     pub max_concurrent: Option<std::num::NonZeroU32>,
     /// Spend per UTC day, in billionths of a dollar.
     pub budget_nano_usd_per_day: Option<std::num::NonZeroU64>,
+    /// Spend per calendar month (UTC), in billionths of a dollar.
+    pub budget_nano_usd_per_month: Option<std::num::NonZeroU64>,
     pub breaker: Option<BreakerLimits>,
 }
 

@@ -121,6 +121,10 @@ pub struct LimitsSpec {
     /// until midnight UTC.
     #[schemars(range(min = 0.000000001))]
     pub budget_usd_per_day: Option<f64>,
+    /// Dollars the tenant may spend per calendar month (UTC), counted like the daily budget.
+    /// Once spent: 429 `insufficient_quota` until the 1st of next month.
+    #[schemars(range(min = 0.000000001))]
+    pub budget_usd_per_month: Option<f64>,
     /// Sheds this tenant alone while its requests fail: once `error_percent` of at least
     /// `min_requests` answers in the last `window_s` seconds were 5xx (its runaway
     /// generations timing out, say), its new requests get 503 with `Retry-After` for

@@ -475,7 +475,7 @@ pools: { cpu: { class: cpu, capacity: on_demand, cost_per_hour: 0.2 } }
 tenants:
   team-a:
     keys: [{ sha256: "abc" }, { env: SWITCHYARD_TEST_SURELY_UNSET }, { file: missing.key }]
-    limits: { requests_per_minute: 0, budget_usd_per_day: 0 }
+    limits: { requests_per_minute: 0, budget_usd_per_day: 0, budget_usd_per_month: -1 }
   anonymous:
     keys: [{ sha256: "0000000000000000000000000000000000000000000000000000000000000000" }]
   team-c:
@@ -504,6 +504,10 @@ rules:
         ),
         (
             "tenants.team-a.limits.budget_usd_per_day (line",
+            "must be a positive number of dollars",
+        ),
+        (
+            "tenants.team-a.limits.budget_usd_per_month (line",
             "must be a positive number of dollars",
         ),
         (
