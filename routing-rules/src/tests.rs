@@ -589,3 +589,81 @@ rules:
         "{p}"
     );
 }
+
+/// A Kubernetes ConfigMap volume, updated exactly as the kubelet's atomic writer does it:
+/// the data lives in a `..<timestamp>` directory, `..data` links to it and `rules.yaml`
+/// links to `..data/rules.yaml`; an update writes a new timestamped directory, points a
+/// `..data_tmp` link at it, renames that over `..data` and removes the old directory. The
+/// file the router opened never changes in place. The watcher (with its poll backstop set
+/// to a minute, so only the directory events can be what it sees) picks the swap up; a
+/// broken update is refused and the last good rules keep serving.
+#[cfg(unix)]
+#[test]
+fn a_configmap_volume_swap_is_picked_up_and_a_broken_one_refused() {
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path();
+    let rules = |route: &str| {
+        format!(
+            "version: 1\npools:\n  a: {{ class: cpu, capacity: on_demand, cost_per_hour: 1 }}\n  b: {{ class: cpu, capacity: on_demand, cost_per_hour: 1 }}\nrules:\n  - name: all\n    route: [{route}]\n"
+        )
+    };
+    // the kubelet's layout for the first version
+    let write_version = |n: u32, text: &str| -> String {
+        let ts = format!("..2026_12_06_23_00_0{n}.{n}{n}{n}");
+        std::fs::create_dir(mount.join(&ts)).unwrap();
+        std::fs::write(mount.join(&ts).join("rules.yaml"), text).unwrap();
+        ts
+    };
+    let swap_to = |ts: &str| {
+        let tmp = mount.join("..data_tmp");
+        symlink(ts, &tmp).unwrap();
+        std::fs::rename(&tmp, mount.join("..data")).unwrap();
+    };
+    let first = write_version(1, &rules("a"));
+    symlink(&first, mount.join("..data")).unwrap();
+    symlink("..data/rules.yaml", mount.join("rules.yaml")).unwrap();
+
+    let store = std::sync::Arc::new(RulesStore::open(mount.join("rules.yaml")).unwrap());
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<Result<u64, String>>();
+    let watcher = store
+        .watch(Duration::from_secs(60), stop.clone(), move |r| {
+            let _ = tx.send(match r {
+                Ok(ReloadOutcome::Applied(g)) => Ok(*g),
+                Ok(ReloadOutcome::Unchanged) => Ok(0),
+                Err(e) => Err(e.to_string()),
+            });
+        })
+        .unwrap();
+    // let the watch settle before the first update
+    std::thread::sleep(Duration::from_millis(200));
+
+    let second = write_version(2, &rules("b"));
+    swap_to(&second);
+    std::fs::remove_dir_all(mount.join(&first)).unwrap();
+    let got = rx.recv_timeout(Duration::from_secs(5));
+    assert_eq!(got, Ok(Ok(2)), "the ..data swap was not picked up");
+    let d = store.load().rules.route(&features(1, 1, &[]));
+    assert_eq!(targets(&d), vec!["b"]);
+
+    // a broken update: refused, the last good rules serve on
+    let third = write_version(3, "version: 1\npools: {}\nrules: [{ name: x, route: [zz] }]\n");
+    swap_to(&third);
+    std::fs::remove_dir_all(mount.join(&second)).unwrap();
+    let got = rx.recv_timeout(Duration::from_secs(5));
+    assert!(
+        matches!(&got, Ok(Err(e)) if e.contains("unknown pool `zz`")),
+        "{got:?}"
+    );
+    assert_eq!(store.generation(), 2);
+    let d = store.load().rules.route(&features(1, 1, &[]));
+    assert_eq!(targets(&d), vec!["b"]);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(watcher);
+}
