@@ -17,13 +17,29 @@ use crate::admit::{HOP_HEADER, REQUEST_ID};
 use crate::error::AttemptError;
 use crate::registry::Worker;
 use crate::state::Config;
+use crate::upstream::PoolConn;
 
 /// Request headers passed on to the worker as the client sent them.
 const PASSED_ON: [&str; 2] = ["accept", "traceparent"];
 
-/// The peer for `worker`, with the router's timeouts.
-pub fn peer(config: &Config, worker: &Worker) -> HttpPeer {
-    let mut peer = HttpPeer::new(worker.address, false, String::new());
+/// The peer for `worker`, with the router's timeouts and its pool's connection settings
+/// (`conn`: HTTPS, CA, client certificate). The peer's `sni` is the name the worker is
+/// known by: the pool's `server_name`, the host name a static worker was listed by, or its
+/// IP address; the request's `Host` follows it.
+pub fn peer(config: &Config, worker: &Worker, conn: Option<&PoolConn>) -> HttpPeer {
+    let tls = conn.and_then(|c| c.tls.as_ref());
+    let name = tls
+        .and_then(|t| t.server_name.clone())
+        .or_else(|| worker.host.as_deref().map(str::to_string))
+        .unwrap_or_else(|| worker.address.ip().to_string());
+    let mut peer = HttpPeer::new(worker.address, tls.is_some(), name);
+    if let Some(c) = conn {
+        peer.group_key = c.group;
+    }
+    if let Some(t) = tls {
+        peer.options.ca = t.ca.clone();
+        peer.client_cert_key = t.client.clone();
+    }
     peer.options.connection_timeout = Some(config.connect_timeout);
     peer.options.read_timeout = Some(config.first_byte_timeout);
     peer.options.idle_timeout = Some(Duration::from_secs(60));
@@ -42,6 +58,8 @@ pub struct Outgoing<'a> {
     pub request_id: &'a str,
     /// The attempt's trace context, when traced (else the client's is passed on).
     pub traceparent: Option<&'a str>,
+    /// The pool's credentials for its workers (never the client's).
+    pub authorization: Option<&'a http::HeaderValue>,
 }
 
 /// Sends the request; succeeds only with a response header that is an answer (not 429,
@@ -132,8 +150,19 @@ async fn connection(
 }
 
 fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
-    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(6 + PASSED_ON.len()))?;
-    req.insert_header("host", peer._address.to_string())?;
+    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(7 + PASSED_ON.len()))?;
+    // the name the worker is known by (see [`peer`]); an IP address as `ip:port`
+    let host = match peer.sni.parse::<std::net::IpAddr>() {
+        Ok(_) => peer._address.to_string(),
+        Err(_) => match peer._address.as_inet() {
+            Some(a) => format!("{}:{}", peer.sni, a.port()),
+            None => peer.sni.clone(),
+        },
+    };
+    req.insert_header("host", host)?;
+    if let Some(a) = out.authorization {
+        req.insert_header(http::header::AUTHORIZATION, a.clone())?;
+    }
     req.insert_header("content-type", "application/json")?;
     req.insert_header("content-length", out.body.len().to_string())?;
     req.insert_header(HOP_HEADER, out.hops)?;

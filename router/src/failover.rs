@@ -97,6 +97,7 @@ pub async fn forward(
     let mut next_pool = 0;
     // the total timeout bounds failover too: no attempt starts, and none waits, past it
     let deadline = tokio::time::Instant::from(ctx.started + shared.config.total_timeout);
+    let upstreams = shared.upstreams.load();
     while ctx.attempts < retry.max_attempts {
         if tokio::time::Instant::now() >= deadline {
             return respond::error(session, ctx, &ProxyError::GatewayTimeout).await;
@@ -158,7 +159,8 @@ pub async fn forward(
         ctx.attempts += 1;
         ctx.tried.push(worker.id.clone());
         let in_flight = InFlight::new(Arc::clone(&worker));
-        let peer = attempt::peer(&shared.config, &worker);
+        let conn = upstreams.get(pool);
+        let peer = attempt::peer(&shared.config, &worker, conn.map(|c| &**c));
         let t0 = Instant::now();
         let traceparent = ctx
             .trace
@@ -171,6 +173,7 @@ pub async fn forward(
             hops: &hops,
             request_id: &ctx.request_id,
             traceparent: traceparent.as_deref(),
+            authorization: conn.and_then(|c| c.authorization.as_ref()),
         };
         let answered = tokio::time::timeout_at(
             deadline,

@@ -52,4 +52,5 @@ pub mod shared_limits;
 pub mod state;
 pub mod tenants;
 pub mod trace;
+pub mod upstream;
 pub mod usage;

@@ -168,6 +168,10 @@ struct ServeArgs {
     /// 408 and close beyond.
     #[arg(long, default_value_t = 15_000)]
     header_timeout_ms: u64,
+    /// Seconds between re-resolutions of static workers listed by host name (every address
+    /// a name has is a worker).
+    #[arg(long, default_value_t = 30)]
+    resolve_every_s: u64,
     /// Open client connections at most; one more gets 503 with Retry-After and is closed.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
@@ -507,6 +511,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let health_every =
         (args.health_check_ms > 0).then(|| Duration::from_millis(args.health_check_ms));
     let health_path = args.health_check_path.clone();
+    let resolve_every = Duration::from_secs(args.resolve_every_s.max(1));
     std::thread::Builder::new()
         .name("control-plane".into())
         .spawn(move || {
@@ -546,6 +551,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     expiry.abort_handle(),
                 ));
                 tokio::spawn(reload_on_sighup(Arc::clone(&cp_shared)));
+                // static workers named by host: their addresses followed (DNS)
+                let resolver = Arc::clone(&cp_shared);
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(resolve_every);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        let s = Arc::clone(&resolver);
+                        let _ = tokio::task::spawn_blocking(move || s.refresh_statics()).await;
+                    }
+                });
                 if let Some(every) = health_every {
                     tokio::spawn(router::health::run(
                         Arc::clone(&cp_shared),

@@ -82,6 +82,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub counters: ArcSwap<Counters>,
+    /// Each pool's connection settings (HTTPS, credentials), rebuilt at each reload.
+    pub upstreams: ArcSwap<std::collections::HashMap<Arc<str>, Arc<crate::upstream::PoolConn>>>,
     pub retry_budget: RetryBudget,
     pub body_budget: Arc<BodyBudget>,
     /// Set on SIGTERM: `/readyz` answers 503 so load balancers stop sending while
@@ -113,6 +115,7 @@ impl Shared {
             registry,
             metrics,
             counters: ArcSwap::from_pointee(Counters::default()),
+            upstreams: ArcSwap::from_pointee(std::collections::HashMap::new()),
             last_reload: std::sync::Mutex::new(None),
             retry_budget: RetryBudget::default(),
             body_budget: BodyBudget::new(config.max_buffered_bytes),

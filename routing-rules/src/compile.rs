@@ -178,7 +178,7 @@ impl Compiler {
                 ),
             );
         }
-        let pools = self.pools(&spec);
+        let pools = self.pools(&spec, base_dir);
         let models = self.models(&spec, base_dir);
         let default_retry = match &spec.retry {
             Some(r) => self.retry(r, "retry", &RetryPolicy::default()),
@@ -536,7 +536,7 @@ impl Compiler {
         (tenants, keys)
     }
 
-    fn pools(&mut self, spec: &RulesSpec) -> Vec<Pool> {
+    fn pools(&mut self, spec: &RulesSpec, base_dir: &Path) -> Vec<Pool> {
         if spec.pools.is_empty() {
             self.problem("pools", None, "no pools defined");
         }
@@ -584,6 +584,11 @@ impl Compiler {
                     self.problem(format!("{path}.models[{i}]"), loc, "model name is empty");
                 }
             }
+            let upstream = p
+                .upstream
+                .as_ref()
+                .and_then(|u| self.upstream(u, &format!("{path}.upstream"), loc, base_dir))
+                .map(Arc::new);
             pools.push(Pool {
                 name: Arc::from(name.as_str()),
                 class: p.class.clone(),
@@ -593,9 +598,162 @@ impl Compiler {
                 workers: p.workers.clone(),
                 models: p.models.clone(),
                 select: p.select,
+                upstream,
             });
         }
         pools
+    }
+
+    /// A pool's upstream settings, its files and secret read now: `None` (with problems)
+    /// when anything is missing or unreadable.
+    fn upstream(
+        &mut self,
+        u: &crate::spec::UpstreamSpec,
+        path: &str,
+        loc: Option<&Location>,
+        base_dir: &Path,
+    ) -> Option<crate::compiled::Upstream> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let before = self.problems.len();
+        let read = |c: &mut Self, field: &str, file: &str| -> Option<Vec<u8>> {
+            let p = base_dir.join(file);
+            match std::fs::read(&p) {
+                Ok(b) if b.len() <= 1 << 20 => Some(b),
+                Ok(_) => {
+                    c.problem(
+                        format!("{path}.{field}"),
+                        loc,
+                        format!("{} is over 1 MiB", p.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    c.problem(
+                        format!("{path}.{field}"),
+                        loc,
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                    None
+                }
+            }
+        };
+        let certs = |c: &mut Self, field: &str, pem: &[u8]| -> Vec<Vec<u8>> {
+            let ders: Result<Vec<Vec<u8>>, _> = CertificateDer::pem_slice_iter(pem)
+                .map(|r| r.map(|d| d.as_ref().to_vec()))
+                .collect();
+            match ders {
+                Ok(d) if !d.is_empty() => {
+                    // what the TLS stack will parse, parsed now (it would not forgive it later)
+                    if d.iter()
+                        .any(|der| x509_parser::parse_x509_certificate(der).is_err())
+                    {
+                        c.problem(
+                            format!("{path}.{field}"),
+                            loc,
+                            "holds a certificate that is not valid X.509",
+                        );
+                        return Vec::new();
+                    }
+                    d
+                }
+                _ => {
+                    c.problem(format!("{path}.{field}"), loc, "holds no PEM certificate");
+                    Vec::new()
+                }
+            }
+        };
+        let ca_der = match &u.ca_file {
+            Some(f) => {
+                read(self, "ca_file", f).map_or_else(Vec::new, |pem| certs(self, "ca_file", &pem))
+            }
+            None => Vec::new(),
+        };
+        let client = match (&u.client_cert, &u.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = read(self, "client_cert", cert)
+                    .map_or_else(Vec::new, |pem| certs(self, "client_cert", &pem));
+                let key = read(self, "client_key", key).and_then(|pem| {
+                    match PrivateKeyDer::from_pem_slice(&pem) {
+                        // the TLS stack reads the key back from DER: it must be readable so
+                        Ok(k) if PrivateKeyDer::try_from(k.secret_der().to_vec()).is_ok() => {
+                            Some(k.secret_der().to_vec())
+                        }
+                        _ => {
+                            self.problem(
+                                format!("{path}.client_key"),
+                                loc,
+                                "holds no readable PEM private key",
+                            );
+                            None
+                        }
+                    }
+                });
+                key.map(|k| (chain, k))
+            }
+            (None, None) => None,
+            _ => {
+                self.problem(path, loc, "`client_cert` and `client_key` go together");
+                None
+            }
+        };
+        if !u.tls && (u.ca_file.is_some() || client.is_some() || u.server_name.is_some()) {
+            self.problem(
+                format!("{path}.tls"),
+                loc,
+                "`ca_file`, `client_cert`/`client_key` and `server_name` need `tls: true`",
+            );
+        }
+        let authorization = match &u.api_key {
+            None => None,
+            Some(crate::spec::SecretSpec::Env(var)) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(format!("Bearer {}", v.trim())),
+                _ => {
+                    self.problem(
+                        format!("{path}.api_key"),
+                        loc,
+                        format!("environment variable `{var}` is not set (or empty)"),
+                    );
+                    None
+                }
+            },
+            Some(crate::spec::SecretSpec::File(file)) => {
+                read(self, "api_key", file).and_then(|b| match String::from_utf8(b) {
+                    Ok(v) if !v.trim().is_empty() && v.trim().len() <= 4096 => {
+                        Some(format!("Bearer {}", v.trim()))
+                    }
+                    _ => {
+                        self.problem(
+                            format!("{path}.api_key"),
+                            loc,
+                            "the key file is empty, longer than 4 KiB or not UTF-8",
+                        );
+                        None
+                    }
+                })
+            }
+        };
+        if authorization
+            .as_deref()
+            .is_some_and(|a| a.bytes().any(|b| b.is_ascii_control()))
+        {
+            self.problem(
+                format!("{path}.api_key"),
+                loc,
+                "the key holds control characters",
+            );
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(crate::compiled::Upstream {
+            tls: u.tls.then(|| crate::compiled::UpstreamTls {
+                ca_der,
+                client,
+                server_name: u.server_name.clone(),
+            }),
+            authorization,
+        })
     }
 
     fn models(&mut self, spec: &RulesSpec, base_dir: &Path) -> BTreeMap<String, Model> {

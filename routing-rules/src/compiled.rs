@@ -77,6 +77,59 @@ pub struct Pool {
     pub models: Vec<String>,
     /// How the router picks one of the pool's eligible workers.
     pub select: SelectPolicy,
+    /// How the router connects to the pool's workers (plain HTTP, no credentials when
+    /// `None`).
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+/// How the router connects to a pool's workers, checked and read at load.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// HTTPS, when set.
+    pub tls: Option<UpstreamTls>,
+    /// The whole `Authorization` value the router sends (`Bearer <key>`).
+    pub authorization: Option<String>,
+}
+
+/// HTTPS to a pool's workers: DER-encoded certificates and key, checked at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// CA certificates the workers' must chain to; empty: the system's roots.
+    pub ca_der: Vec<Vec<u8>>,
+    /// Client certificate chain and private key, for mTLS.
+    pub client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("tls", &self.tls.is_some())
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
+}
+
+impl Serialize for Upstream {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Upstream", 4)?;
+        st.serialize_field("tls", &self.tls.is_some())?;
+        st.serialize_field(
+            "server_name",
+            &self.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+        )?;
+        st.serialize_field(
+            "mtls",
+            &self.tls.as_ref().is_some_and(|t| t.client.is_some()),
+        )?;
+        // the key itself never leaves the router
+        st.serialize_field("api_key", &self.authorization.is_some())?;
+        st.end()
+    }
 }
 
 impl Serialize for Capacity {

@@ -236,6 +236,41 @@ pub struct PoolSpec {
     /// How a worker of this pool is picked for a request.
     #[serde(default)]
     pub select: SelectPolicy,
+    /// How the router connects to this pool's workers, static and registered: HTTPS and
+    /// the credentials the router sends (the client's own key is never passed on).
+    #[serde(default)]
+    pub upstream: Option<UpstreamSpec>,
+}
+
+/// How the router connects to a pool's workers.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    /// HTTPS to the workers, their certificate verified against `ca_file` (default: the
+    /// system's roots) for `server_name`.
+    #[serde(default)]
+    pub tls: bool,
+    /// CA certificates (PEM) the workers' certificates must chain to. Relative paths are
+    /// from the rules file's directory.
+    pub ca_file: Option<String>,
+    /// A client certificate (PEM) for workers that want mTLS, with `client_key`.
+    pub client_cert: Option<String>,
+    /// The client certificate's private key (PEM, PKCS#8 or RSA/EC).
+    pub client_key: Option<String>,
+    /// The name checked on the worker's certificate and sent as SNI and `Host` (default: the
+    /// host a static `workers` entry names; a registered worker's IP address otherwise).
+    pub server_name: Option<String>,
+    /// Sent to the workers as `Authorization: Bearer <key>`: `{ env: VAR }` or
+    /// `{ file: path }` (a mounted secret), read when the rules load.
+    pub api_key: Option<SecretSpec>,
+}
+
+/// Where a secret comes from: never the rules file itself.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretSpec {
+    Env(String),
+    File(String),
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

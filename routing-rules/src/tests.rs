@@ -652,7 +652,10 @@ fn a_configmap_volume_swap_is_picked_up_and_a_broken_one_refused() {
     assert_eq!(targets(&d), vec!["b"]);
 
     // a broken update: refused, the last good rules serve on
-    let third = write_version(3, "version: 1\npools: {}\nrules: [{ name: x, route: [zz] }]\n");
+    let third = write_version(
+        3,
+        "version: 1\npools: {}\nrules: [{ name: x, route: [zz] }]\n",
+    );
     swap_to(&third);
     std::fs::remove_dir_all(mount.join(&second)).unwrap();
     let got = rx.recv_timeout(Duration::from_secs(5));

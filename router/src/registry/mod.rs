@@ -37,6 +37,7 @@ use arc_swap::ArcSwap;
 pub use cost::ShareClock;
 pub use handover::ExportedLease;
 pub use health::{EJECT_AFTER, EJECT_BASE, EJECT_MAX, Health};
+pub use statics::StaticWorker;
 pub use worker::{ServedModel, Snapshot, Worker, WorkerState};
 
 use worker::clone_worker;

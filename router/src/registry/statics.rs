@@ -8,14 +8,19 @@ use std::time::Instant;
 use super::worker::clone_worker;
 use super::{Registry, ServedModel, Worker, WorkerState};
 
+/// A static worker: its pool, one address its entry resolved to, the models it serves and
+/// the host name it was listed by (when not an IP).
+pub type StaticWorker = (Arc<str>, SocketAddr, Vec<ServedModel>, Option<Arc<str>>);
+
 impl Registry {
-    /// Replaces the static workers (pools that list addresses in the rules file). A worker
-    /// listed before keeps its state (health, in-flight count) across reloads.
-    pub fn set_static(&self, workers: Vec<(Arc<str>, SocketAddr, Vec<ServedModel>)>) {
+    /// Replaces the static workers (pools that list addresses in the rules file), each
+    /// `(pool, address, models, host name it was listed by)`. A worker listed before keeps
+    /// its state (health, in-flight count) across reloads and re-resolutions.
+    pub fn set_static(&self, workers: Vec<StaticWorker>) {
         let mut statics = self.statics_guard();
         let list = workers
             .into_iter()
-            .map(|(pool, address, models)| {
+            .map(|(pool, address, models, host)| {
                 if let Some(w) = statics
                     .iter()
                     .find(|w| w.pool == pool && w.address == address)
@@ -23,6 +28,7 @@ impl Registry {
                     // same counters and health; the model list may have changed
                     return Arc::new(Worker {
                         models,
+                        host,
                         ..clone_worker(w)
                     });
                 }
@@ -30,6 +36,7 @@ impl Registry {
                     id: format!("static-{pool}-{address}"),
                     pool,
                     address,
+                    host,
                     state: WorkerState::Live,
                     models,
                     device: "static".into(),

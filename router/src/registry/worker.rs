@@ -32,6 +32,9 @@ pub struct Worker {
     pub id: String,
     pub pool: Arc<str>,
     pub address: SocketAddr,
+    /// The host name a static worker was listed by (`vllm.internal:8000`), for `Host` and
+    /// TLS; `None` for registered workers and addresses listed as IPs.
+    pub host: Option<Arc<str>>,
     pub state: WorkerState,
     pub models: Vec<ServedModel>,
     pub device: String,
@@ -115,6 +118,7 @@ impl Worker {
             id,
             pool,
             address,
+            host: None,
             state: WorkerState::Live,
             models,
             device,
@@ -183,6 +187,7 @@ pub(super) fn clone_worker(w: &Worker) -> Worker {
         id: w.id.clone(),
         pool: w.pool.clone(),
         address: w.address,
+        host: w.host.clone(),
         state: w.state,
         models: w.models.clone(),
         device: w.device.clone(),
