@@ -490,6 +490,18 @@ async fn a_burst_of_new_streams_against_a_cold_router_all_succeed() {
         .unwrap();
     let body = chat_body("tiny", 30, 3, true);
     let url = format!("{}/v1/chat/completions", env.proxy);
+    // the router's memory around the burst, reported (not asserted: see benches/)
+    let rss_mb = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", env.router.child.id()))
+                .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    let rss_before = rss_mb();
     let streams = (0..1000).map(|_| {
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         tokio::spawn(async move {
@@ -510,6 +522,12 @@ async fn a_burst_of_new_streams_against_a_cold_router_all_succeed() {
         .take(5)
         .collect();
     assert_eq!(served, 1000, "{failed:?}\n{}", env.log("router.log"));
+    let rss_after = rss_mb();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!(
+        "router RSS: {rss_before:.1} MB before the burst, {rss_after:.1} MB after it, {:.1} MB 5 s later",
+        rss_mb()
+    );
     let m = env.metrics().await.unwrap();
     assert!(!m.contains("switchyard_router_ejections_total{"), "{m}");
 }
