@@ -619,3 +619,59 @@ async fn a_worker_registers_with_every_router_replica_and_rejoins_one_that_resta
     assert_eq!(chat(proxy_b2).await, 200);
     assert_eq!(chat(env.proxy.clone()).await, 200);
 }
+
+/// Routers found by DNS (#19, a headless Service): a worker given `--router-dns
+/// http://localhost:PORT` registers with the router at every address `localhost` resolves
+/// to — here a second router that starts after the worker, found on a later lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_registers_with_the_routers_a_dns_name_stands_for() {
+    let port_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = TestEnv::new()
+        .rules(FLEET_RULES)
+        .worker(
+            WorkerSpec::new("cpu")
+                .arg("--router-dns")
+                .arg(&format!("http://localhost:{port_b}"))
+                .arg("--router-dns-every-s")
+                .arg("1"),
+        )
+        .start()
+        .await
+        .unwrap();
+    let grpc_b = format!("127.0.0.1:{port_b}");
+    let mut b = env
+        .another_router(
+            "b",
+            &env.rules_path,
+            &["127.0.0.1:0", grpc_b.as_str(), "127.0.0.1:0"],
+            &[],
+        )
+        .unwrap();
+    let admin_b = b.field("admin").unwrap();
+    let http = env.http.clone();
+    eventually(Duration::from_secs(20), "the worker on router b", || {
+        let (http, admin) = (http.clone(), admin_b.clone());
+        async move {
+            let ws: Vec<Value> = http
+                .get(format!("{admin}/admin/workers"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (ws.len() == 1 && ws[0]["state"] == "live").then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // and still on the first router, through its --router
+    assert_eq!(env.workers_json().await.unwrap().len(), 1);
+    assert!(env.log("worker-0.log").contains("joining router"));
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+}

@@ -26,6 +26,7 @@ pub mod llama;
 pub mod metrics;
 pub mod q8;
 pub mod registration;
+pub mod routers;
 pub mod trace;
 
 /// Makes candle's CPU thread count a constant: re-executes this program once with

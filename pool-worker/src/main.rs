@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use pool_worker::api::{AppState, Faults};
 use pool_worker::engine::Engine;
-use pool_worker::registration::{Registration, RegistrationConfig};
+use pool_worker::registration::RegistrationConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +37,15 @@ struct Args {
     /// up yet is joined when it comes. Without it the worker serves standalone.
     #[arg(long, value_delimiter = ',')]
     router: Vec<String>,
+    /// A router registry URL whose host name stands for every router replica (a Kubernetes
+    /// headless Service: `http://switchyard-router-registry:50051`): resolved every
+    /// --router-dns-every-s, one registration per address; routers that appear are joined,
+    /// ones that disappear are left. With TLS, router certificates are checked for the name.
+    #[arg(long, env = "SWITCHYARD_ROUTER_DNS")]
+    router_dns: Option<String>,
+    /// Seconds between lookups of --router-dns.
+    #[arg(long, default_value_t = 10)]
+    router_dns_every_s: u64,
     /// The `host:port` routers send requests to (also SWITCHYARD_ADVERTISE_ADDRESS).
     /// Default: the listen address; when that is unspecified (`0.0.0.0`), `POD_IP` with the
     /// listen port, else the address this host reaches the first router from.
@@ -197,46 +206,44 @@ async fn main() -> anyhow::Result<()> {
 
     let tls = registry_tls(&args)?;
     let advertised = advertise(&args, addr);
-    if args.router.is_empty() {
+    if args.router.is_empty() && args.router_dns.is_none() {
         tracing::info!("no --router: serving standalone");
     } else {
-        tracing::info!(address = %advertised, routers = args.router.len(), "registering");
+        tracing::info!(address = %advertised, routers = args.router.len(), router_dns = args.router_dns.as_deref(), "registering");
     }
-    let registrations: Vec<Arc<Registration>> = args
-        .router
-        .iter()
-        .map(|router| {
-            Registration::new(
-                RegistrationConfig {
-                    router: router.clone(),
-                    token: args.token.clone(),
-                    tls: tls.clone(),
-                    worker_id: args
-                        .worker_id
-                        .clone()
-                        .unwrap_or_else(|| format!("{}-{}", args.pool, advertised)),
-                    pool: args.pool.clone(),
-                    address: advertised.to_string(),
-                    model: name.clone(),
-                    max_context: engine.model.max_context as u32,
-                    modalities: engine.model.modalities.clone(),
-                    max_concurrency: u32::try_from(args.max_batch).unwrap_or(u32::MAX),
-                    device: if engine.model.simulated {
-                        "sim".into()
-                    } else {
-                        args.device.clone()
-                    },
-                },
-                Arc::clone(&engine.stats),
-            )
-        })
-        .collect();
-    for r in &registrations {
-        tokio::spawn(Arc::clone(r).run());
+    let routers = pool_worker::routers::Routers::new(
+        RegistrationConfig {
+            router: String::new(),
+            token: args.token.clone(),
+            tls: tls.clone(),
+            worker_id: args
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", args.pool, advertised)),
+            pool: args.pool.clone(),
+            address: advertised.to_string(),
+            model: name.clone(),
+            max_context: engine.model.max_context as u32,
+            modalities: engine.model.modalities.clone(),
+            max_concurrency: u32::try_from(args.max_batch).unwrap_or(u32::MAX),
+            device: if engine.model.simulated {
+                "sim".into()
+            } else {
+                args.device.clone()
+            },
+        },
+        Arc::clone(&engine.stats),
+    );
+    for router in &args.router {
+        routers.join(router, None);
+    }
+    if let Some(url) = args.router_dns.clone() {
+        let every = Duration::from_secs(args.router_dns_every_s.max(1));
+        tokio::spawn(Arc::clone(&routers).follow_dns(url, every));
     }
 
     let shutdown_state = Arc::clone(&state);
-    let reg = registrations.clone();
+    let reg = Arc::clone(&routers);
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let shutdown = async move {
         let (reason, drain_timeout) = tokio::select! {
@@ -251,8 +258,9 @@ async fn main() -> anyhow::Result<()> {
             "shutting down: draining for up to {drain_timeout:?}"
         );
         shutdown_state.draining.store(true, Ordering::Relaxed);
+        let all = reg.all();
         futures::future::join_all(
-            reg.iter()
+            all.iter()
                 .map(|r| r.drain(drain_timeout.as_secs() as u32, reason)),
         )
         .await;
@@ -264,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        futures::future::join_all(reg.iter().map(|r| r.deregister())).await;
+        futures::future::join_all(all.iter().map(|r| r.deregister())).await;
     };
     // Each token is a small SSE write: send it at once rather than letting Nagle hold it
     // for the router's delayed ACK (up to 40 ms per token).
@@ -297,20 +305,24 @@ fn advertise(args: &Args, bound: SocketAddr) -> SocketAddr {
         return SocketAddr::new(ip, bound.port());
     }
     // the local address the kernel picks to reach the first router (no packet is sent)
-    let from_router = args.router.first().and_then(|r| {
-        let authority = r.split("://").nth(1).unwrap_or(r).split('/').next()?;
-        let target = std::net::ToSocketAddrs::to_socket_addrs(authority)
-            .ok()?
-            .next()?;
-        let any: SocketAddr = if target.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let probe = std::net::UdpSocket::bind(any).ok()?;
-        probe.connect(target).ok()?;
-        Some(probe.local_addr().ok()?.ip())
-    });
+    let from_router = args
+        .router
+        .first()
+        .or(args.router_dns.as_ref())
+        .and_then(|r| {
+            let authority = r.split("://").nth(1).unwrap_or(r).split('/').next()?;
+            let target = std::net::ToSocketAddrs::to_socket_addrs(authority)
+                .ok()?
+                .next()?;
+            let any: SocketAddr = if target.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let probe = std::net::UdpSocket::bind(any).ok()?;
+            probe.connect(target).ok()?;
+            Some(probe.local_addr().ok()?.ip())
+        });
     match from_router {
         Some(ip) => SocketAddr::new(ip, bound.port()),
         None => {
