@@ -492,9 +492,8 @@ async fn a_burst_of_new_streams_against_a_cold_router_all_succeed() {
     let url = format!("{}/v1/chat/completions", env.proxy);
     // the router's memory around the burst, reported (not asserted: see benches/)
     let rss_mb = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", env.router.child.id()))
-                .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", env.router.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
