@@ -10,7 +10,8 @@
    rules ConfigMap mounted as a directory, workers' preStop drain and grace period, a
    PodDisruptionBudget and exactly one autoscaler per worker Deployment, references between
    objects, the rules file against docs/rules.schema.json, workers' pools against it, the
-   routers' address list against the StatefulSet, the prometheus-adapter rule.
+   router Deployment's rollout, workers finding the routers through `--router-dns` and the
+   headless registry Service, the prometheus-adapter rule.
 
 Every problem is printed as `FAIL <where>: <Kind> <namespace>/<name>: <what>`; the exit
 status is 1 if there was any.
@@ -373,6 +374,28 @@ def check_build(where: str, docs: list[dict], external_secret: dict, report: Rep
                 ok = any(q.get("name") == tp or q["containerPort"] == tp for q in ports)
                 report.check(ok, where, svc, f"targetPort {tp} is no port of {w['kind']} {w['metadata']['name']}")
 
+    # --- every ConfigMap is read by some pod (a leftover one, such as the old router address
+    # list `switchyard-routers`, would suggest a setting that nothing uses)
+    used_cms: set[str] = set()
+    for w in workloads:
+        spec = pod_spec(w)
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                used_cms.add(v["configMap"]["name"])
+            for src in (v.get("projected") or {}).get("sources", []):
+                if "configMap" in src:
+                    used_cms.add(src["configMap"]["name"])
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+                if ref:
+                    used_cms.add(ref["name"])
+            for ef in c.get("envFrom", []):
+                if "configMapRef" in ef:
+                    used_cms.add(ef["configMapRef"]["name"])
+    for cm in by_kind.get("ConfigMap", []):
+        report.check(cm["metadata"]["name"] in used_cms, where, cm, "no pod of this build uses it")
+
     # --- PDBs and autoscalers point at something
     pdbs = by_kind.get("PodDisruptionBudget", [])
     for pdb in pdbs:
@@ -388,12 +411,10 @@ def check_build(where: str, docs: list[dict], external_secret: dict, report: Rep
         check_scaled_object(where, so, find, report)
 
     # --- routers
+    services = by_kind.get("Service", [])
     routers = [w for w in workloads if container_named(w, "switchyard")]
     for r in routers:
-        check_router(where, r, find, pdbs, rules_by_cm, report)
-    for cm in by_kind.get("ConfigMap", []):
-        if "routers" in (cm.get("data") or {}):
-            check_router_list(where, cm, routers, find, report)
+        check_router(where, r, find, pdbs, services, rules_by_cm, report)
 
     # --- workers
     pool_owner: dict[str, str] = {}
@@ -406,13 +427,37 @@ def check_build(where: str, docs: list[dict], external_secret: dict, report: Rep
                      f"pool {pool} already has Deployment {pool_owner.get(pool)}")
         pool_owner[pool] = w["metadata"]["name"]
         check_worker(where, w, c, pdbs, hpas, scaled, rules_by_cm, report)
+        check_worker_routers(where, w, c, services, workloads, report)
 
 
-def check_router(where: str, r: dict, find, pdbs: list[dict], rules_by_cm: dict, report: Report) -> None:
+def is_zero(v) -> bool:
+    """A rolling-update bound (an int or a percentage) that is 0 for any replica count."""
+    return str(v).strip() in ("0", "0%")
+
+
+def check_router(where: str, r: dict, find, pdbs: list[dict], services: list[dict], rules_by_cm: dict,
+                 report: Report) -> None:
     c = container_named(r, "switchyard")
     a = args_of(c)
     env = env_of(c)
     report.check((c.get("args") or [""])[0] == "serve", where, r, "the router's first argument is not `serve`")
+    # A Deployment (workers find every replica through DNS, so no replica needs a stable
+    # name), at least 2 replicas, and a rollout that adds a new router before removing one
+    if report.check(r["kind"] == "Deployment", where, r,
+                    f"the routers are a {r['kind']}, not a Deployment: workers find the replicas "
+                    "through the headless registry Service (--router-dns), no list of names is needed"):
+        n = r["spec"].get("replicas", 1)
+        report.check(isinstance(n, int) and n >= 2, where, r,
+                     f"replicas {n}: fewer than 2 routers (no router left through a node drain or a "
+                     "crash, and a PodDisruptionBudget of minAvailable 1 would block every drain)")
+        st = r["spec"].get("strategy") or {}
+        ru = st.get("rollingUpdate") or {}
+        report.check(st.get("type", "RollingUpdate") == "RollingUpdate"
+                     and "maxUnavailable" in ru and is_zero(ru["maxUnavailable"])
+                     and not is_zero(ru.get("maxSurge", "25%")),
+                     where, r, f"strategy {st}: a rolling update must add a router before removing one "
+                     "(RollingUpdate, maxUnavailable 0, maxSurge at least 1), or it drops below "
+                     f"{n} ready routers")
     # readiness / liveness on the admin listener's /readyz and /healthz
     admin_port = port_of(a.get("admin", "127.0.0.1:9090"))
     rp, lp = c.get("readinessProbe", {}), c.get("livenessProbe", {})
@@ -461,27 +506,90 @@ def check_router(where: str, r: dict, find, pdbs: list[dict], rules_by_cm: dict,
                  f"terminationGracePeriodSeconds {grace} <= preStop sleep {sleep} + --shutdown-grace-s {drain} + 1")
     report.check(any(selects(p["spec"]["selector"], pod_labels(r)) for p in pdbs), where, r,
                  "no PodDisruptionBudget")
-    if r["kind"] == "StatefulSet":
-        svc = find("Service", r["spec"].get("serviceName", ""))
-        if report.check(svc is not None, where, r, f"serviceName {r['spec'].get('serviceName')} is not in this build"):
-            report.check(svc["spec"].get("clusterIP") == "None", where, svc, "the registry Service is not headless")
-            report.check(svc["spec"].get("publishNotReadyAddresses") is True, where, svc,
-                         "publishNotReadyAddresses is not true: routers not ready yet (no worker) would "
-                         "have no DNS name for workers to register with")
+    # the registry: a headless Service over the router pods, on the gRPC port, publishing the
+    # addresses of routers not ready yet (one turns ready only once a worker registered)
+    grpc_port = port_of(a.get("grpc", "127.0.0.1:50051"))
+    regs = [s for s in services if s["spec"].get("clusterIP") == "None"
+            and s["metadata"].get("namespace") == r["metadata"].get("namespace")
+            and selects(s["spec"].get("selector"), pod_labels(r))]
+    if report.check(bool(regs), where, r, "no headless Service selects the router pods: workers' "
+                    "--router-dns would have no name resolving to every router"):
+        for svc in regs:
+            check_registry_service(where, svc, r, c, grpc_port, report)
 
 
-def check_router_list(where: str, cm: dict, routers: list[dict], find, report: Report) -> None:
-    """The routers ConfigMap lists each router replica's registry address, and only those."""
-    urls = [u.strip() for u in cm["data"]["routers"].split(",") if u.strip()]
-    sts = [r for r in routers if r["kind"] == "StatefulSet"]
-    if not report.check(len(sts) == 1, where, cm, "lists routers, but the build has no single router StatefulSet"):
+def check_registry_service(where: str, svc: dict, r: dict, c: dict, grpc_port: int | None,
+                           report: Report) -> None:
+    report.check(svc["spec"].get("publishNotReadyAddresses") is True, where, svc,
+                 "publishNotReadyAddresses is not true: a new router turns ready only once a worker "
+                 "has registered with it, and workers find it only through this name, so it would "
+                 "never be found (no ready router on a fresh install, rollouts stuck)")
+    on_grpc = False
+    for p in svc["spec"].get("ports", []):
+        tp = p.get("targetPort", p["port"])
+        cport = tp if isinstance(tp, int) else next(
+            (q["containerPort"] for q in c.get("ports", []) if q.get("name") == tp), None)
+        on_grpc |= cport == grpc_port
+    report.check(on_grpc, where, svc, f"no port targets the router's --grpc port {grpc_port} "
+                 f"({r['kind']} {r['metadata']['name']})")
+
+
+def check_worker_routers(where: str, w: dict, c: dict, services: list[dict], workloads: list[dict],
+                         report: Report) -> None:
+    """The worker registers through --router-dns, whose host is the headless registry Service
+    of this build (in the worker's namespace), and whose port is the routers' gRPC port."""
+    a = args_of(c)
+    env = env_of(c)
+    report.check("router" not in a, where, w,
+                 f"--router {a.get('router')}: a fixed list of routers, which goes stale when they are "
+                 "scaled or replaced; use --router-dns with the headless registry Service")
+    url = a.get("router-dns") or env.get("SWITCHYARD_ROUTER_DNS", {}).get("value")
+    if not report.check(bool(url), where, w, "no --router-dns: the worker would register with no "
+                        "router (or serve standalone)"):
         return
-    r = sts[0]
-    grpc_port = port_of(args_of(container_named(r, "switchyard")).get("grpc", ":50051"))
-    name, svc, n = r["metadata"]["name"], r["spec"]["serviceName"], r["spec"].get("replicas", 1)
-    want = [f"http://{name}-{i}.{svc}:{grpc_port}" for i in range(n)]
-    report.check(urls == want, where, cm,
-                 f"routers is {urls}, but the StatefulSet's {n} replicas are {want}")
+    every = a.get("router-dns-every-s", "10")
+    report.check(every.isdigit() and int(every) >= 1, where, w,
+                 f"--router-dns-every-s {every} is not a whole number of seconds of at least 1")
+    m = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+):(\d+)/?", url)
+    if not report.check(m is not None, where, w, f"--router-dns {url} is not http(s)://host:port"):
+        return
+    host, port = m.group(2), int(m.group(3))
+    parts = host.split(".")
+    ns = w["metadata"].get("namespace")
+    # `svc` (the pod's own namespace, through the DNS search path), `svc.ns`, `svc.ns.svc`,
+    # `svc.ns.svc.<cluster domain>`
+    if not report.check(not host.replace(".", "").isdigit() and (len(parts) <= 2 or parts[2] == "svc"),
+                        where, w, f"--router-dns host {host} is not a Service name (svc, svc.namespace, "
+                        "svc.namespace.svc[.cluster domain])"):
+        return
+    svc_name, svc_ns = parts[0], parts[1] if len(parts) > 1 else ns
+    svc = next((s for s in services if s["metadata"]["name"] == svc_name
+                and s["metadata"].get("namespace") == svc_ns), None)
+    if not report.check(svc is not None, where, w,
+                        f"--router-dns {url}: no Service {svc_ns}/{svc_name} in this build"
+                        + (f" (the worker runs in namespace {ns}: a namespace written into the URL "
+                           "is not rewritten by kustomize's `namespace:`; the short name resolves in "
+                           "the pod's own)" if svc_ns != ns else "")):
+        return
+    report.check(svc["spec"].get("clusterIP") == "None", where, w,
+                 f"--router-dns {url}: Service {svc_name} is not headless, so its name resolves to one "
+                 "virtual IP and the worker would register with one router, chosen at random")
+    report.check(svc["spec"].get("publishNotReadyAddresses") is True, where, w,
+                 f"--router-dns {url}: Service {svc_name} does not publish not-ready addresses, so a "
+                 "router that no worker has registered with yet (hence not ready) is never found")
+    sel = svc["spec"].get("selector")
+    selected = [x for x in workloads if x["metadata"].get("namespace") == svc_ns and selects(sel, pod_labels(x))]
+    routers = [x for x in selected if container_named(x, "switchyard")]
+    others = [x["metadata"]["name"] for x in selected if x not in routers]
+    report.check(bool(routers) and not others, where, w,
+                 f"--router-dns {url}: Service {svc_name} selects "
+                 + (f"pods that are no routers ({', '.join(others)})" if others else "no router pods"))
+    for r in routers:
+        grpc_port = port_of(args_of(container_named(r, "switchyard")).get("grpc", "127.0.0.1:50051"))
+        report.check(port == grpc_port, where, w,
+                     f"--router-dns {url}: port {port} is not the routers' --grpc port {grpc_port} "
+                     f"({r['kind']} {r['metadata']['name']}; a headless Service maps no ports: workers "
+                     "connect to the pod addresses directly)")
 
 
 def check_worker(where: str, w: dict, c: dict, pdbs, hpas, scaled, rules_by_cm, report: Report) -> None:
@@ -490,7 +598,6 @@ def check_worker(where: str, w: dict, c: dict, pdbs, hpas, scaled, rules_by_cm, 
     spec = pod_spec(w)
     name = w["metadata"]["name"]
     pool = a.get("pool", "cpu")
-    report.check(bool(a.get("router")), where, w, "no --router: the worker would serve standalone")
     # the address routers reach it at
     listen = a.get("listen", "127.0.0.1:0")
     port = port_of(listen)
