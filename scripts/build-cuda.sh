@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
-# Keep the binaries portable to the GPU machine's CPU (the workspace default is native).
+# The workspace default is already the portable x86-64-v3 baseline (.cargo/config.toml).
 export RUSTFLAGS=${RUSTFLAGS:--C target-cpu=x86-64-v3}
 
 if ! command -v nvcc >/dev/null; then

@@ -138,6 +138,7 @@ fn init_logs(format: &str) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    proto::host::require_cpu_baseline();
     pool_worker::pin_cpu_thread_count();
     let args = Args::parse();
     init_logs(&args.log_format);

@@ -11,4 +11,5 @@ pub mod registry {
 
 pub use registry::v1::*;
 
+pub mod host;
 pub mod otel;

@@ -248,6 +248,7 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    proto::host::require_cpu_baseline();
     #[cfg(feature = "mimalloc")]
     router::allocator::tune();
     let cli = Cli::parse();
