@@ -101,12 +101,7 @@ fn looped<'a>(shared: &Shared, values: impl Iterator<Item = &'a http::HeaderValu
 /// tenant may use (`auth: required`: a key no tenant holds gets 401, as for completions).
 async fn models(shared: &Shared, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     let rules = shared.rules.load();
-    let key = session
-        .req_header()
-        .headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let tenant = crate::tenants::tenant_of(&rules.rules, key);
+    let tenant = crate::tenants::tenant_of_headers(&rules.rules, &session.req_header().headers);
     let tenant = tenant.as_deref().and_then(|t| rules.rules.tenant(t));
     if tenant.is_none() && rules.rules.auth() == routing_rules::Auth::Required {
         return respond::error(session, ctx, &ProxyError::InvalidApiKey).await;

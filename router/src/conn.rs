@@ -148,10 +148,11 @@ where
 }
 
 /// Where a connection is in its request/response cycle.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading a request header, which must end by the deadline (`None`: no byte of it yet).
-    Header { deadline: Option<Pin<Box<Sleep>>> },
+    /// Reading a request header, which must end by the deadline (`armed`: the timer runs;
+    /// not yet when no byte of a later request has come).
+    Header { armed: bool },
     /// The header is in; the request is being served.
     Serving,
     /// The deadline passed: every further read fails.
@@ -163,6 +164,8 @@ pub struct HeaderDeadline {
     inner: Stream,
     timeout: Duration,
     phase: Phase,
+    /// The deadline: one timer per connection, reset for each request (not a new one).
+    timer: Pin<Box<Sleep>>,
     /// How much of `\r\n\r\n` the bytes read so far end with.
     matched: usize,
     metrics: Arc<Metrics>,
@@ -184,9 +187,8 @@ impl HeaderDeadline {
         Self {
             inner,
             timeout,
-            phase: Phase::Header {
-                deadline: Some(Box::pin(tokio::time::sleep(timeout))),
-            },
+            phase: Phase::Header { armed: true },
+            timer: Box::pin(tokio::time::sleep(timeout)),
             matched: 0,
             metrics: Arc::clone(metrics),
         }
@@ -233,10 +235,13 @@ impl AsyncRead for HeaderDeadline {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before
-                    && let Phase::Header { deadline } = &mut this.phase
+                    && let Phase::Header { armed } = this.phase
                 {
-                    if deadline.is_none() {
-                        *deadline = Some(Box::pin(tokio::time::sleep(this.timeout)));
+                    if !armed {
+                        this.timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + this.timeout);
+                        this.phase = Phase::Header { armed: true };
                     }
                     if header_ends_in(&mut this.matched, &buf.filled()[before..]) {
                         this.phase = Phase::Serving;
@@ -246,13 +251,9 @@ impl AsyncRead for HeaderDeadline {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let Phase::Header {
-                    deadline: Some(deadline),
-                } = &mut this.phase
-                else {
-                    return Poll::Pending;
-                };
-                if deadline.as_mut().poll(cx).is_pending() {
+                if this.phase != (Phase::Header { armed: true })
+                    || this.timer.as_mut().poll(cx).is_pending()
+                {
                     return Poll::Pending;
                 }
                 this.phase = Phase::Expired;
@@ -281,7 +282,7 @@ impl AsyncWrite for HeaderDeadline {
         let this = &mut *self;
         if matches!(this.phase, Phase::Serving) && is_final_response_header(buf) {
             // The answer is going out: the client's next bytes begin its next request.
-            this.phase = Phase::Header { deadline: None };
+            this.phase = Phase::Header { armed: false };
             this.matched = 0;
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
@@ -299,7 +300,7 @@ impl AsyncWrite for HeaderDeadline {
                 .find(|b| !b.is_empty())
                 .is_some_and(|b| is_final_response_header(b))
         {
-            this.phase = Phase::Header { deadline: None };
+            this.phase = Phase::Header { armed: false };
             this.matched = 0;
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)

@@ -147,12 +147,8 @@ impl SwitchyardProxy {
         // holds; a configured tenant's requests in flight and per minute are checked
         let (tenant, refused) = {
             let rules = shared.rules.load();
-            let key = session
-                .req_header()
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            let tenant = crate::tenants::tenant_of(&rules.rules, key);
+            let tenant =
+                crate::tenants::tenant_of_headers(&rules.rules, &session.req_header().headers);
             let refused = match tenant.as_deref().and_then(|t| rules.rules.tenant(t)) {
                 Some(t) => match shared.limiters.admit_request(t).await {
                     Ok(mut admitted) => {

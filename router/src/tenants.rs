@@ -53,6 +53,14 @@ pub fn tenant_of(rules: &CompiledRules, authorization: Option<&str>) -> Option<S
     Some(id)
 }
 
+/// The tenant a request's `Authorization` header names (see [`tenant_of`]).
+pub fn tenant_of_headers(rules: &CompiledRules, headers: &http::HeaderMap) -> Option<String> {
+    let authorization = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    tenant_of(rules, authorization)
+}
+
 /// A tenant's circuit breaker: per-second counts of its answers over the window, and
 /// whether it is open (until when) or half-open (a probe out).
 #[derive(Default)]
