@@ -41,6 +41,7 @@ fn fleet() -> (Arc<Registry>, Vec<String>) {
                     addr,
                     models.clone(),
                     "cpu".into(),
+                    "switchyard".into(),
                 )
                 .unwrap(),
             );
@@ -74,7 +75,9 @@ fn bench(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % leases.len();
-            registry.heartbeat(&leases[i], 3).unwrap()
+            registry
+                .heartbeat(&leases[i], &router::registry::Heartbeat::running(3))
+                .unwrap()
         })
     });
     g.bench_function("register_and_publish", |b| {
@@ -86,6 +89,7 @@ fn bench(c: &mut Criterion) {
                 SocketAddr::from(([127, 0, 0, 1], 9)),
                 Vec::new(),
                 "cpu".into(),
+                "switchyard".into(),
             )
         })
     });

@@ -59,7 +59,7 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` and waits for its `LISTENING ...` line on stdout.
-    fn spawn(cmd: Command, log: &Path) -> Result<Self> {
+    pub fn spawn(cmd: Command, log: &Path) -> Result<Self> {
         Self::spawn_until(cmd, log, "LISTENING")
     }
 

@@ -532,6 +532,41 @@ async fn a_worker_dying_mid_json_answer_fails_over_invisibly() {
     assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
 }
 
+/// A worker that goes silent after a JSON answer's header (frozen, or its host cut off)
+/// is failed over as soon as its lease expires (TTL 1 s here), not at the total timeout
+/// (600 s): its connection does not fail by itself, but the worker has left routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_mid_json_answer_is_failed_over_when_its_lease_expires() {
+    let env = spot_and_on_demand("l40s", &[]).await.unwrap();
+    // slow tokens: the worker sends its header at the first token, the body at the end
+    env.faults(0, json!({ "token_delay_ms": 400 }))
+        .await
+        .unwrap();
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        env.workers[0].proc.signal("STOP");
+    };
+    let body = chat_body("tiny", 1500, 12, false);
+    let t0 = std::time::Instant::now();
+    let (r, ()) = tokio::join!(env.chat(&body), freeze);
+    let waited = t0.elapsed();
+    env.workers[0].proc.signal("CONT");
+    let r = r.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-pool"), "l40s-ondemand");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "2");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "failed over after {waited:?}"
+    );
+    assert!(
+        env.log("router.log").contains("lease expired"),
+        "the lease expiry ended the wait"
+    );
+}
+
 /// One id follows a request: the client's `x-request-id` is echoed, reaches the worker
 /// (its answer is named after it) and keys the router's JSON access line, which tells the
 /// whole story of a failover: the failed spot attempt and why, the worker that answered.

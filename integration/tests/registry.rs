@@ -23,6 +23,7 @@ fn probe(worker_id: &str, pool: &str, address: &str) -> RegisterRequest {
         }],
         max_concurrency: 1,
         device: "cpu".into(),
+        engine: String::new(),
     }
 }
 

@@ -179,8 +179,6 @@ async fn set_faults(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     .into_response()
 }
 
-/// A spot-interruption notice: stop taking work, tell the router, finish in-flight
-/// requests, deregister and exit — within `deadline_s` (default 30).
 /// Whether a preemption notice from `peer` presenting `presented` may drain the worker:
 /// loopback callers always, others only with the configured token (constant-time compare).
 fn preempt_allowed(
@@ -195,46 +193,61 @@ fn preempt_allowed(
     peer.ip().is_loopback() || token_ok
 }
 
-async fn preempt(
-    State(s): State<Arc<AppState>>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    headers: axum::http::HeaderMap,
-    axum::extract::RawQuery(q): axum::extract::RawQuery,
-) -> Response {
+/// Checks a `POST /admin/preempt` notice (the worker's and a sidecar's): who may send it
+/// ([`preempt_allowed`]) and its `deadline_s` (default 30). The refusal is the answer.
+pub fn preemption_notice(
+    peer: std::net::SocketAddr,
+    token: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<u32, Box<Response>> {
     // Draining takes a worker out of service: only the host itself (loopback) or a holder
     // of the registry token may ask for it.
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if !preempt_allowed(peer, s.admin_token.as_deref(), presented) {
+    if !preempt_allowed(peer, token, presented) {
         let message = format!(
             "preemption notices are accepted from loopback, or with the registry token (caller {peer})"
         );
-        return openai_error(
+        return Err(Box::new(openai_error(
             StatusCode::FORBIDDEN,
             "permission_error",
             "forbidden",
             &message,
             None,
-        );
+        )));
     }
-    let deadline = q
-        .as_deref()
+    let deadline = query
         .unwrap_or_default()
         .split('&')
         .find_map(|kv| kv.strip_prefix("deadline_s="))
         .map(str::parse::<u32>);
-    let deadline = match deadline {
-        None => 30,
-        Some(Ok(d)) => d,
-        Some(Err(_)) => {
-            return WorkerError::bad(
+    match deadline {
+        None => Ok(30),
+        Some(Ok(d)) => Ok(d),
+        Some(Err(_)) => Err(Box::new(
+            WorkerError::bad(
                 "deadline_s must be a whole number of seconds",
                 Some("deadline_s"),
             )
-            .into_response();
-        }
+            .into_response(),
+        )),
+    }
+}
+
+/// A spot-interruption notice: stop taking work, tell the router, finish in-flight
+/// requests, deregister and exit — within `deadline_s` (default 30).
+async fn preempt(
+    State(s): State<Arc<AppState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let deadline = match preemption_notice(peer, s.admin_token.as_deref(), &headers, q.as_deref()) {
+        Ok(d) => d,
+        Err(refused) => return *refused,
     };
     s.draining.store(true, Ordering::Relaxed);
     s.shutdown_request

@@ -15,7 +15,10 @@
 //! - [`cpu_ops`]: fused element-wise CPU kernels for the prefill (causal softmax, SiLU gate).
 //! - [`error`]: the worker's errors and their OpenAI-shaped bodies.
 //! - [`metrics`]: every `/metrics` figure, registered in one place.
-//! - [`registration`]: gRPC registration and heartbeats with the router.
+//! - [`registration`]: gRPC registration and heartbeats with the router ([`routers`]: one
+//!   per router replica).
+//! - [`sidecar`]: `--engine-url` mode, registering an external engine (vLLM, sglang, TGI,
+//!   llama.cpp) in this process's place.
 
 pub mod api;
 pub mod cpu_ops;
@@ -27,6 +30,7 @@ pub mod metrics;
 pub mod q8;
 pub mod registration;
 pub mod routers;
+pub mod sidecar;
 pub mod trace;
 
 /// Makes candle's CPU thread count a constant: re-executes this program once with

@@ -15,13 +15,50 @@ use pool_worker::registration::RegistrationConfig;
 #[derive(Debug, Parser)]
 #[command(
     name = "switchyard-worker",
-    about = "Candle inference server for a Switchyard pool"
+    about = "Candle inference server for a Switchyard pool, or (with --engine-url) the registration sidecar of an external engine"
 )]
 struct Args {
     /// The model: a GGUF file, or a Hugging Face directory (config.json, *.safetensors,
     /// tokenizer.json, tokenizer_config.json). Architectures: llama, qwen2.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "engine_url",
+        conflicts_with = "engine_url"
+    )]
+    model: Option<PathBuf>,
+    /// Sidecar mode: register the external engine at this URL (`http://127.0.0.1:8000`,
+    /// on this host) instead of serving a model. Routers send requests straight to the
+    /// engine; this process only registers it, reports its load from its metrics, takes
+    /// it out of routing while it is down and drains it on SIGTERM or /admin/preempt.
+    #[arg(long, env = "SWITCHYARD_ENGINE_URL")]
+    engine_url: Option<String>,
+    /// The engine behind --engine-url: where its health and metrics are and how they read.
+    #[arg(long, value_enum, default_value = "openai", requires = "engine_url")]
+    engine: pool_worker::sidecar::EngineKind,
+    /// The engine's API key (vLLM's --api-key), for its /v1 calls (also
+    /// SWITCHYARD_ENGINE_API_KEY). Requests routed to it carry the pool's
+    /// `upstream.api_key` from the rules file instead.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ENGINE_API_KEY",
+        hide_env_values = true,
+        requires = "engine_url"
+    )]
+    engine_api_key: Option<String>,
+    /// Context window to register for the engine's models when the engine does not say it.
+    #[arg(long, requires = "engine_url")]
+    max_context: Option<u32>,
+    /// Input modalities the engine's models accept.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "text",
+        requires = "engine_url"
+    )]
+    modalities: Vec<String>,
+    /// How often the sidecar reads the engine's health and metrics, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    engine_poll_ms: u64,
     /// tokenizer.json; by default the model's own (GGUF metadata, or the directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -29,7 +66,8 @@ struct Args {
     /// or '.', lower-case).
     #[arg(long)]
     model_name: Option<String>,
-    /// Address to serve the OpenAI API on (port 0 = any free port).
+    /// Address to serve the OpenAI API on (port 0 = any free port); a sidecar serves its
+    /// /health, /metrics and /admin/preempt there.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Router registry URL, e.g. http://127.0.0.1:50051; repeat it (or separate URLs with
@@ -47,8 +85,9 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     router_dns_every_s: u64,
     /// The `host:port` routers send requests to (also SWITCHYARD_ADVERTISE_ADDRESS).
-    /// Default: the listen address; when that is unspecified (`0.0.0.0`), `POD_IP` with the
-    /// listen port, else the address this host reaches the first router from.
+    /// Default: the listen address (a sidecar: the engine's); when that is unspecified
+    /// (`0.0.0.0`) or, for a sidecar, loopback, `POD_IP` with the port, else the address
+    /// this host reaches the first router from.
     #[arg(long, env = "SWITCHYARD_ADVERTISE_ADDRESS")]
     advertise_address: Option<SocketAddr>,
     /// Pool to join (a pool name from the router's rules file).
@@ -142,15 +181,17 @@ async fn main() -> anyhow::Result<()> {
     pool_worker::pin_cpu_thread_count();
     let args = Args::parse();
     init_logs(&args.log_format);
+    let Some(model) = args.model.clone() else {
+        return sidecar(args).await;
+    };
     let name = args.model_name.clone().unwrap_or_else(|| {
         // a .safetensors file stands for its directory
-        let path = match args.model.extension() {
-            Some(e) if e == "safetensors" => args
-                .model
+        let path = match model.extension() {
+            Some(e) if e == "safetensors" => model
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(std::path::Path::new(".")),
-            _ => &args.model,
+            _ => &model,
         };
         let stem = path
             .file_stem()
@@ -175,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let t0 = std::time::Instant::now();
     let engine = Engine::load(
-        &args.model,
+        &model,
         args.tokenizer.as_deref(),
         name.clone(),
         backend,
@@ -205,43 +246,30 @@ async fn main() -> anyhow::Result<()> {
     // Machine-readable line for harnesses and scripts.
     println!("LISTENING http://{addr}");
 
-    let tls = registry_tls(&args)?;
     let advertised = advertise(&args, addr);
     if args.router.is_empty() && args.router_dns.is_none() {
         tracing::info!("no --router: serving standalone");
     } else {
         tracing::info!(address = %advertised, routers = args.router.len(), router_dns = args.router_dns.as_deref(), "registering");
     }
-    let routers = pool_worker::routers::Routers::new(
-        RegistrationConfig {
-            router: String::new(),
-            token: args.token.clone(),
-            tls: tls.clone(),
-            worker_id: args
-                .worker_id
-                .clone()
-                .unwrap_or_else(|| format!("{}-{}", args.pool, advertised)),
-            pool: args.pool.clone(),
-            address: advertised.to_string(),
-            model: name.clone(),
-            max_context: engine.model.max_context as u32,
-            modalities: engine.model.modalities.clone(),
-            max_concurrency: u32::try_from(args.max_batch).unwrap_or(u32::MAX),
-            device: if engine.model.simulated {
-                "sim".into()
-            } else {
-                args.device.clone()
-            },
-        },
-        Arc::clone(&engine.stats),
-    );
-    for router in &args.router {
-        routers.join(router, None);
-    }
-    if let Some(url) = args.router_dns.clone() {
-        let every = Duration::from_secs(args.router_dns_every_s.max(1));
-        tokio::spawn(Arc::clone(&routers).follow_dns(url, every));
-    }
+    let models = vec![proto::ServedModel {
+        name: name.clone(),
+        max_context: engine.model.max_context as u32,
+        modalities: engine.model.modalities.clone(),
+    }];
+    let device = if engine.model.simulated {
+        "sim".into()
+    } else {
+        args.device.clone()
+    };
+    let routers = register(
+        &args,
+        advertised,
+        Arc::new(std::sync::RwLock::new(models)),
+        u32::try_from(args.max_batch).unwrap_or(u32::MAX),
+        (device, "switchyard"),
+        Arc::clone(&engine.stats) as Arc<dyn pool_worker::registration::LoadSource>,
+    )?;
 
     let shutdown_state = Arc::clone(&state);
     let reg = Arc::clone(&routers);
@@ -294,12 +322,143 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The address routers reach this worker at (see `--advertise-address`).
+/// Sidecar mode (`--engine-url`): registers the external engine (see
+/// [`pool_worker::sidecar`]).
+async fn sidecar(args: Args) -> anyhow::Result<()> {
+    use pool_worker::sidecar::{self, Admin, Engine, EngineConfig};
+    let Some(url) = args.engine_url.clone() else {
+        anyhow::bail!("give --model (serve a model) or --engine-url (register an engine)");
+    };
+    let url = url.trim_end_matches('/').to_string();
+    let engine_addr = engine_address(&url)
+        .with_context(|| format!("--engine-url {url}: not http://host:port"))?;
+    if args.backend != "real" || args.tokenizer.is_some() || args.model_name.is_some() {
+        anyhow::bail!(
+            "--backend, --tokenizer and --model-name describe a model this process serves; with --engine-url the engine serves its own"
+        );
+    }
+    let engine = Arc::new(Engine::new(EngineConfig {
+        url: url.clone(),
+        kind: args.engine,
+        api_key: args.engine_api_key.clone(),
+        max_context: args.max_context,
+        modalities: args.modalities.clone(),
+        poll: Duration::from_millis(args.engine_poll_ms.max(50)),
+    })?);
+    let (preempted, mut preempt_rx) = tokio::sync::watch::channel(None);
+    let admin = Arc::new(Admin {
+        engine: Arc::clone(&engine),
+        draining: AtomicBool::new(false),
+        admin_token: args.token.clone(),
+        preempted,
+    });
+    let listener = listen(args.listen).with_context(|| format!("bind {}", args.listen))?;
+    println!("LISTENING http://{}", listener.local_addr()?);
+    let server = axum::serve(
+        listener,
+        sidecar::router(Arc::clone(&admin)).into_make_service_with_connect_info::<SocketAddr>(),
+    );
+    let server = tokio::spawn(async move { server.await });
+
+    tracing::info!(engine = args.engine.name(), %url, "waiting for the engine");
+    let (found, slots) = engine.wait_ready().await;
+    engine.load.up.store(true, Ordering::Relaxed);
+    let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
+    tracing::info!(models = ?names, "the engine serves");
+    let models = Arc::new(std::sync::RwLock::new(found));
+    let advertised = advertise(&args, engine_addr);
+    let max_concurrency =
+        slots.unwrap_or_else(|| u32::try_from(args.max_batch).unwrap_or(u32::MAX));
+    if args.router.is_empty() && args.router_dns.is_none() {
+        tracing::warn!("no --router or --router-dns: nothing to register with");
+    } else {
+        tracing::info!(address = %advertised, "registering the engine");
+    }
+    let routers = register(
+        &args,
+        advertised,
+        Arc::clone(&models),
+        max_concurrency,
+        (args.device.clone(), args.engine.name()),
+        Arc::clone(&engine.load) as Arc<dyn pool_worker::registration::LoadSource>,
+    )?;
+    let watcher = tokio::spawn(sidecar::watch(
+        Arc::clone(&engine),
+        Arc::clone(&routers),
+        models,
+    ));
+    let drain_timeout = Duration::from_secs(args.drain_timeout_s);
+    let (reason, deadline) = tokio::select! {
+        _ = shutdown_signal() => ("shutdown", drain_timeout),
+        d = preempt_rx.wait_for(Option::is_some) => {
+            let d = d.ok().and_then(|d| *d).unwrap_or(0);
+            ("preempted", drain_timeout.min(Duration::from_secs(u64::from(d))))
+        }
+    };
+    tracing::info!(reason, "draining the engine for up to {deadline:?}");
+    admin.draining.store(true, Ordering::Relaxed);
+    watcher.abort();
+    sidecar::drain(&engine, &routers, deadline, reason).await;
+    server.abort();
+    tracing::info!("deregistered; exiting");
+    Ok(())
+}
+
+/// Registers with every `--router` and the routers `--router-dns` stands for: `advertised`
+/// serving `models`, with `max_concurrency`, `(device, engine)`, heartbeating `load`.
+fn register(
+    args: &Args,
+    advertised: SocketAddr,
+    models: pool_worker::registration::Models,
+    max_concurrency: u32,
+    (device, engine): (String, &str),
+    load: Arc<dyn pool_worker::registration::LoadSource>,
+) -> anyhow::Result<Arc<pool_worker::routers::Routers>> {
+    let routers = pool_worker::routers::Routers::new(
+        RegistrationConfig {
+            router: String::new(),
+            token: args.token.clone(),
+            tls: registry_tls(args)?,
+            worker_id: args
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", args.pool, advertised)),
+            pool: args.pool.clone(),
+            address: advertised.to_string(),
+            models,
+            max_concurrency,
+            device,
+            engine: engine.into(),
+        },
+        load,
+    );
+    for router in &args.router {
+        routers.join(router, None);
+    }
+    if let Some(url) = args.router_dns.clone() {
+        let every = Duration::from_secs(args.router_dns_every_s.max(1));
+        tokio::spawn(Arc::clone(&routers).follow_dns(url, every));
+    }
+    Ok(routers)
+}
+
+/// The socket address in an `http://host:port` URL (a host name resolved now).
+fn engine_address(url: &str) -> Option<SocketAddr> {
+    let (_, host, port) = pool_worker::routers::split_url(url)?;
+    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .ok()?
+        .next()
+}
+
+/// The address routers reach this worker at (see `--advertise-address`); `bound` is the
+/// worker's listen address, or a sidecar's engine.
 fn advertise(args: &Args, bound: SocketAddr) -> SocketAddr {
     if let Some(a) = args.advertise_address {
         return a;
     }
-    if !bound.ip().is_unspecified() {
+    // an engine on loopback is reached from other hosts through this host's address
+    let sidecar_loopback = args.engine_url.is_some() && bound.ip().is_loopback();
+    if !bound.ip().is_unspecified() && !sidecar_loopback {
         return bound;
     }
     if let Some(ip) = std::env::var("POD_IP").ok().and_then(|v| v.parse().ok()) {

@@ -1,7 +1,9 @@
 //! Registers with the router over gRPC and keeps the lease alive.
 //!
 //! Register with retry (exponential backoff with jitter); heartbeat live load; on NOT_FOUND
-//! (lease expired, router restarted) register again.
+//! (lease expired, router restarted) register again. What is registered (the models) and
+//! the load heartbeats report come from the data plane behind the registration: the candle
+//! engine of this process, or an external engine a sidecar watches ([`crate::sidecar`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +20,36 @@ use tonic::transport::Channel;
 
 use crate::engine::EngineStats;
 
+/// Load as a heartbeat reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    pub in_flight: u32,
+    pub queued: u32,
+    /// Fraction of the KV cache in use, 0..1 (0 when unknown).
+    pub kv_cache_usage: f32,
+    pub tokens_per_second: f32,
+}
+
+/// Where heartbeats read load from.
+pub trait LoadSource: Send + Sync + 'static {
+    fn load(&self) -> Load;
+}
+
+impl LoadSource for EngineStats {
+    fn load(&self) -> Load {
+        Load {
+            in_flight: u32::try_from(self.in_flight()).unwrap_or(u32::MAX),
+            queued: u32::try_from(self.queued()).unwrap_or(u32::MAX),
+            kv_cache_usage: 0.0,
+            tokens_per_second: self.last_tps_milli.load(Ordering::Relaxed) as f32 / 1000.0,
+        }
+    }
+}
+
+/// The models a registration announces. Shared, so a sidecar can change them (an engine
+/// restarted with another model) before it registers again.
+pub type Models = Arc<std::sync::RwLock<Vec<ServedModel>>>;
+
 #[derive(Debug, Clone)]
 pub struct RegistrationConfig {
     pub router: String,
@@ -28,25 +60,33 @@ pub struct RegistrationConfig {
     pub worker_id: String,
     pub pool: String,
     pub address: String,
-    pub model: String,
-    pub max_context: u32,
-    pub modalities: Vec<String>,
+    pub models: Models,
     pub max_concurrency: u32,
     pub device: String,
+    /// `switchyard`, or the external engine a sidecar registers.
+    pub engine: String,
 }
 
 /// The worker's side of the registry conversation.
 pub struct Registration {
     cfg: RegistrationConfig,
-    stats: Arc<EngineStats>,
+    load: Arc<dyn LoadSource>,
+    /// Whether to be registered at all: a sidecar whose engine is down leaves routing
+    /// (false) and comes back when the engine does (true).
+    enabled: tokio::sync::watch::Receiver<bool>,
     lease: tokio::sync::Mutex<Option<String>>,
 }
 
 impl Registration {
-    pub fn new(cfg: RegistrationConfig, stats: Arc<EngineStats>) -> Arc<Self> {
+    pub fn new(
+        cfg: RegistrationConfig,
+        load: Arc<dyn LoadSource>,
+        enabled: tokio::sync::watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
-            stats,
+            load,
+            enabled,
             lease: tokio::sync::Mutex::new(None),
         })
     }
@@ -76,16 +116,25 @@ impl Registration {
         ))
     }
 
-    /// Runs forever: register, heartbeat, re-register when the lease is lost. Returns when the
-    /// router answers a drain command.
+    /// Runs forever: register, heartbeat, re-register when the lease is lost; while not
+    /// enabled, deregistered. Returns when the router answers a drain command.
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        let mut enabled = self.enabled.clone();
         loop {
+            if enabled.wait_for(|e| *e).await.is_err() {
+                return; // the switch is gone: the process is ending
+            }
             match self.register_once().await {
                 Ok((mut client, interval)) => {
                     backoff = Duration::from_millis(100);
-                    if self.heartbeat_loop(&mut client, interval).await {
-                        return;
+                    match self.heartbeat_loop(&mut client, interval).await {
+                        Beat::Drain => return,
+                        Beat::LeaseLost => {}
+                        Beat::Disabled => {
+                            self.deregister().await;
+                            tracing::info!("left {} (disabled)", self.cfg.router);
+                        }
                     }
                 }
                 Err(e) => {
@@ -110,13 +159,10 @@ impl Registration {
                 worker_id: c.worker_id.clone(),
                 pool: c.pool.clone(),
                 address: c.address.clone(),
-                models: vec![ServedModel {
-                    name: c.model.clone(),
-                    max_context: c.max_context,
-                    modalities: c.modalities.clone(),
-                }],
+                models: c.models.read().map(|m| m.clone()).unwrap_or_default(),
                 max_concurrency: c.max_concurrency,
                 device: c.device.clone(),
+                engine: c.engine.clone(),
             }))
             .await
             .map_err(|s| format!("{}: {}", s.code(), s.message()))?
@@ -129,33 +175,43 @@ impl Registration {
         ))
     }
 
-    /// Heartbeats until the lease is lost (false) or the router says drain (true).
+    /// Heartbeats until the lease is lost, the router says drain, or registration is
+    /// disabled.
     async fn heartbeat_loop(
         &self,
         client: &mut RegistryClient<Channel>,
         interval: Duration,
-    ) -> bool {
+    ) -> Beat {
         let mut tick = tokio::time::interval(interval);
+        let mut enabled = self.enabled.clone();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = enabled.changed() => {
+                    if changed.is_err() || !*enabled.borrow_and_update() {
+                        return Beat::Disabled;
+                    }
+                    continue;
+                }
+            }
             let Some(lease_id) = self.lease.lock().await.clone() else {
-                return false;
+                return Beat::LeaseLost;
             };
+            let load = self.load.load();
             let hb = HeartbeatRequest {
                 lease_id,
-                in_flight: self.stats.in_flight() as u32,
-                queued: self.stats.queued() as u32,
-                kv_cache_usage: 0.0,
-                tokens_per_second: self.stats.last_tps_milli.load(Ordering::Relaxed) as f32
-                    / 1000.0,
+                in_flight: load.in_flight,
+                queued: load.queued,
+                kv_cache_usage: load.kv_cache_usage,
+                tokens_per_second: load.tokens_per_second,
                 device_memory_bytes: 0,
             };
             match client.heartbeat(self.req(hb)).await {
-                Ok(r) if r.get_ref().command == Command::Drain as i32 => return true,
+                Ok(r) if r.get_ref().command == Command::Drain as i32 => return Beat::Drain,
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     tracing::warn!("lease lost ({}); registering again", s.message());
-                    return false;
+                    return Beat::LeaseLost;
                 }
                 Err(s) => tracing::warn!("heartbeat failed: {}", s.message()),
             }
@@ -187,4 +243,11 @@ impl Registration {
             let _ = c.deregister(self.req(DeregisterRequest { lease_id })).await;
         }
     }
+}
+
+/// How a heartbeat loop ended.
+enum Beat {
+    Drain,
+    LeaseLost,
+    Disabled,
 }

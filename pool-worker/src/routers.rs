@@ -11,24 +11,34 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::engine::EngineStats;
-use crate::registration::{Registration, RegistrationConfig};
+use crate::registration::{LoadSource, Registration, RegistrationConfig};
 
 /// Every registration this worker runs, by router URL.
 pub struct Routers {
     base: RegistrationConfig,
-    stats: Arc<EngineStats>,
+    load: Arc<dyn LoadSource>,
+    /// Registered (true) or out of routing (false) with every router at once.
+    enabled: tokio::sync::watch::Sender<bool>,
     live: Mutex<BTreeMap<String, (Arc<Registration>, tokio::task::AbortHandle)>>,
 }
 
 impl Routers {
-    /// `base` is every registration's settings but the router URL (and its TLS name).
-    pub fn new(base: RegistrationConfig, stats: Arc<EngineStats>) -> Arc<Self> {
+    /// `base` is every registration's settings but the router URL (and its TLS name);
+    /// `load` what heartbeats report. Registrations start enabled.
+    pub fn new(base: RegistrationConfig, load: Arc<dyn LoadSource>) -> Arc<Self> {
         Arc::new(Self {
             base,
-            stats,
+            load,
+            enabled: tokio::sync::watch::Sender::new(true),
             live: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Takes this worker out of routing on every router (deregistering), or puts it back
+    /// (registering anew): a sidecar does so as its engine goes down and comes back.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled
+            .send_if_modified(|e| std::mem::replace(e, on) != on);
     }
 
     fn live(
@@ -53,7 +63,7 @@ impl Routers {
         } else {
             cfg.tls = self.base.tls.clone();
         }
-        let r = Registration::new(cfg, Arc::clone(&self.stats));
+        let r = Registration::new(cfg, Arc::clone(&self.load), self.enabled.subscribe());
         let task = tokio::spawn(Arc::clone(&r).run());
         live.insert(url.to_string(), (r, task.abort_handle()));
     }

@@ -175,35 +175,43 @@ pub async fn forward(
             traceparent: traceparent.as_deref(),
             authorization: conn.and_then(|c| c.authorization.as_ref()),
         };
-        let answered = tokio::time::timeout_at(
-            deadline,
-            attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(AttemptError::network(
-                routing_rules::RetryOn::Timeout,
-                "the router's total timeout passed",
-            ))
-        });
-        // A JSON answer is held until its body comes (the worker writes it when the
-        // generation ends): a worker that dies before that is retried on the next one,
+        // a worker that leaves routing (lease expired, deregistered) while the request
+        // waits for its header is given up on at once: a frozen or partitioned host's
+        // connection would otherwise hold the request for the whole first-byte timeout
+        let sent = async {
+            tokio::select! {
+                biased;
+                () = worker.gone.cancelled() => Err(AttemptError::network(
+                    routing_rules::RetryOn::Reset,
+                    "the worker left routing (lease expired or deregistered) before it answered",
+                )),
+                r = attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out) => r,
+            }
+        };
+        let answered = tokio::time::timeout_at(deadline, sent)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AttemptError::network(
+                    routing_rules::RetryOn::Timeout,
+                    "the router's total timeout passed",
+                ))
+            });
+        // The commit point is the answer's first token, whatever the worker: a JSON answer
+        // is held until its body comes (the worker writes it when the generation ends), an
+        // event stream until its first `data:` event (engines such as vLLM, TGI and sglang
+        // send a stream's header before they have a token). A worker that fails before
+        // that — its connection broken, or the worker gone from routing (lease expired,
+        // deregistered) while its connection hangs — is retried on the next one,
         // invisibly, as a failure before the first byte is. The client is watched meanwhile.
         let answered = match answered {
-            Ok((mut up, resp)) if !relay::is_sse(&resp) => {
-                up.set_read_timeout(None);
-                let mut watch = true;
-                match relay::next_chunk(session, &mut up, deadline, &mut watch).await {
-                    relay::Next::Chunk(body) => Ok((up, resp, Some(body))),
-                    relay::Next::WorkerFailed(e) => Err(AttemptError::network(
-                        routing_rules::RetryOn::Reset,
-                        format!("the worker failed before its answer's body: {e}"),
-                    )),
-                    relay::Next::Timeout => Err(AttemptError::network(
-                        routing_rules::RetryOn::Timeout,
-                        "the router's total timeout passed",
-                    )),
-                    relay::Next::ClientGone(e) => {
+            Ok((mut up, resp)) => {
+                match hold_first(session, &mut up, &resp, &worker, deadline).await {
+                    Ok(held) => Ok((up, resp, held)),
+                    Err(Held::Failed(e)) => {
+                        up.shutdown().await;
+                        Err(e)
+                    }
+                    Err(Held::ClientGone(e)) => {
                         if let Some(t) = ctx.trace.as_mut() {
                             t.end_attempt(Some("client_gone"));
                         }
@@ -214,7 +222,6 @@ pub async fn forward(
                     }
                 }
             }
-            Ok((up, resp)) => Ok((up, resp, None)),
             Err(e) => Err(e),
         };
         match answered {
@@ -277,6 +284,106 @@ pub async fn forward(
     respond::error_with(session, ctx, &e, extra).await
 }
 
+/// Why holding an answer for its first token ended without it.
+enum Held {
+    /// The worker failed, or left routing: retry elsewhere.
+    Failed(AttemptError),
+    ClientGone(pingora::BError),
+}
+
+/// An event stream held longer than this without a `data:` event is passed on anyway
+/// (comments only: not an engine's answer as any known engine sends it).
+const HOLD_LIMIT: usize = 64 << 10;
+
+/// Reads the answer up to its first token: a JSON answer's first body bytes, an event
+/// stream's first `data:` event (with any comments before it). Returns what was read, in
+/// order, for the relay to send first (`None`: the body ended).
+async fn hold_first(
+    session: &mut Session,
+    up: &mut pingora::protocols::http::client::HttpSession,
+    resp: &pingora::http::ResponseHeader,
+    worker: &crate::registry::Worker,
+    deadline: tokio::time::Instant,
+) -> std::result::Result<Vec<Option<bytes::Bytes>>, Held> {
+    let sse = relay::is_sse(resp);
+    if !sse {
+        // a JSON answer comes when the generation ends: bounded by the total deadline (and
+        // the worker's presence in routing), not by the first-byte timeout
+        up.set_read_timeout(None);
+    }
+    let mut held: Vec<Option<bytes::Bytes>> = Vec::new();
+    let mut seen = 0usize;
+    let mut watch = true;
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = worker.gone.cancelled() => {
+                return Err(Held::Failed(AttemptError::network(
+                    routing_rules::RetryOn::Reset,
+                    "the worker left routing (lease expired or deregistered) before its first token",
+                )));
+            }
+            next = relay::next_chunk(session, up, deadline, &mut watch) => next,
+        };
+        match next {
+            relay::Next::Chunk(Some(chunk)) => {
+                seen += chunk.len();
+                held.push(Some(chunk));
+                if !sse || seen > HOLD_LIMIT || has_data_event(&held) {
+                    return Ok(held);
+                }
+            }
+            relay::Next::Chunk(None) => {
+                held.push(None);
+                return Ok(held);
+            }
+            relay::Next::WorkerFailed(e) => {
+                let reason = if matches!(e.etype(), ReadTimedout) {
+                    routing_rules::RetryOn::Timeout
+                } else {
+                    routing_rules::RetryOn::Reset
+                };
+                return Err(Held::Failed(AttemptError::network(
+                    reason,
+                    format!("the worker failed before its first token: {e}"),
+                )));
+            }
+            relay::Next::Timeout => {
+                return Err(Held::Failed(AttemptError::network(
+                    routing_rules::RetryOn::Timeout,
+                    "the router's total timeout passed",
+                )));
+            }
+            relay::Next::ClientGone(e) => return Err(Held::ClientGone(e)),
+        }
+    }
+}
+
+/// Whether `chunks` hold a whole server-sent event with a `data` field (lines ended by
+/// LF or CRLF, the event by an empty line).
+fn has_data_event(chunks: &[Option<bytes::Bytes>]) -> bool {
+    let mut line: Vec<u8> = Vec::new();
+    let mut data = false;
+    for b in chunks.iter().flatten().flat_map(|c| c.iter()) {
+        if *b != b'\n' {
+            line.push(*b);
+            continue;
+        }
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.is_empty() {
+            if data {
+                return true;
+            }
+        } else if line.starts_with(b"data:") || line == b"data" {
+            data = true;
+        }
+        line.clear();
+    }
+    false
+}
+
 /// The hop header to send: the client's (another router's) with this router's id added.
 /// (Borrowed, without an allocation, when the client sent none: the common case.)
 fn hops<'a>(session: &Session, own: &'a str) -> std::borrow::Cow<'a, str> {
@@ -298,6 +405,33 @@ fn hops<'a>(session: &Session, own: &'a str) -> std::borrow::Cow<'a, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_event_is_found_across_chunks_and_line_ends() {
+        let c = |parts: &[&str]| {
+            parts
+                .iter()
+                .map(|p| Some(bytes::Bytes::copy_from_slice(p.as_bytes())))
+                .collect::<Vec<_>>()
+        };
+        assert!(has_data_event(&c(&["data: {\"a\":1}\n\n"])));
+        assert!(has_data_event(&c(&["da", "ta: x\r", "\n\r\n"])));
+        assert!(has_data_event(&c(&[
+            ": ping\n\n",
+            "event: message\ndata: x\n",
+            "\n"
+        ])));
+        assert!(
+            !has_data_event(&c(&[": ping\n\n"])),
+            "a comment is no token"
+        );
+        assert!(
+            !has_data_event(&c(&["data: x\n"])),
+            "the event has not ended"
+        );
+        assert!(!has_data_event(&c(&["event: x\n\n"])));
+        assert!(!has_data_event(&c(&["xdata: x\n\n"])));
+    }
 
     #[test]
     fn budget_allows_floor_plus_ratio() {

@@ -190,6 +190,11 @@ impl RegistryApi for RegistryService {
                 address,
                 models,
                 r.device,
+                if r.engine.is_empty() {
+                    "switchyard".into()
+                } else {
+                    r.engine
+                },
             )
             .map_err(|e| Status::already_exists(e.to_string()))?;
         self.registry
@@ -214,7 +219,15 @@ impl RegistryApi for RegistryService {
         let r = req.into_inner();
         let drain = self
             .registry
-            .heartbeat(&r.lease_id, r.in_flight.saturating_add(r.queued))
+            .heartbeat(
+                &r.lease_id,
+                &crate::registry::Heartbeat {
+                    in_flight: r.in_flight,
+                    queued: r.queued,
+                    kv_cache_usage: r.kv_cache_usage,
+                    tokens_per_second: r.tokens_per_second,
+                },
+            )
             .map_err(|e| Status::not_found(e.to_string()))?;
         let command = if drain { Command::Drain } else { Command::None };
         Ok(Response::new(HeartbeatResponse {

@@ -343,9 +343,8 @@ impl Metrics {
             let Some(e) = by_pool.get_mut(&*w.pool) else {
                 continue;
             };
-            let reported = w.reported_load.load(Relaxed);
-            let ours = w.router_in_flight.load(Relaxed);
-            e.0 += u64::from(reported.max(ours));
+            // what the worker runs for others, and this router's requests now
+            e.0 += u64::from(w.load());
             if w.routing_state() == "live" {
                 e.1 += u64::from(w.max_concurrency.load(Relaxed).max(1));
                 e.2 += 1;

@@ -17,13 +17,13 @@ use crate::error::openai_body;
 use crate::proxy::SwitchyardProxy;
 use crate::usage::{HideUsage, UsageScan};
 
-/// A worker's answer: header read, and for a JSON answer its first body read (`held`:
-/// `Some(None)` when the body already ended).
+/// A worker's answer: header read, and its body up to the first token (`held`, in order;
+/// `None` when the body ended).
 pub struct Answer<'a> {
     pub upstream: HttpSession,
     pub header: ResponseHeader,
     pub peer: &'a HttpPeer,
-    pub held: Option<Option<Bytes>>,
+    pub held: Vec<Option<Bytes>>,
 }
 
 /// Whether an answer is a server-sent event stream.
@@ -131,19 +131,15 @@ pub async fn relay(
         mut upstream,
         header,
         peer,
-        mut held,
+        held,
     } = answer;
+    let mut held = held.into_iter();
     let mut resp = client_header(&header)?;
     resp.insert_header(crate::admit::REQUEST_ID, ctx.request_id.as_str())?;
     for (k, v) in &ctx.ratelimit {
         resp.insert_header(*k, v.as_str())?;
     }
     let sse = is_sse(&header);
-    // A JSON answer comes whole when the generation ends: the wait is bounded by the
-    // total deadline below, not by the first-byte timeout.
-    if !sse {
-        upstream.set_read_timeout(None);
-    }
     if shared.config.debug_headers {
         resp.insert_header("x-switchyard-pool", ctx.pool.as_deref().unwrap_or_default())?;
         resp.insert_header("x-switchyard-rule", &*decision.rule)?;
@@ -173,7 +169,7 @@ pub async fn relay(
     let mut first = true;
     let mut watch = true;
     loop {
-        let next = match held.take() {
+        let next = match held.next() {
             Some(chunk) => Next::Chunk(chunk),
             None => next_chunk(session, &mut upstream, deadline, &mut watch).await,
         };

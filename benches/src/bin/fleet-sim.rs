@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
                 }],
                 max_concurrency: 8,
                 device: "sim".into(),
+                engine: "sim".into(),
             };
             async move { c.register(req).await.map(|r| r.into_inner()) }
         });

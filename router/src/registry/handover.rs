@@ -20,6 +20,9 @@ pub struct ExportedLease {
     pub address: SocketAddr,
     pub models: Vec<ServedModel>,
     pub device: String,
+    /// Empty when exported by a router from before this field.
+    #[serde(default)]
+    pub engine: String,
     pub draining: bool,
     pub reported_load: u32,
     pub registered_unix: u64,
@@ -43,6 +46,7 @@ impl Registry {
                     address: w.address,
                     models: w.models.clone(),
                     device: w.device.clone(),
+                    engine: w.engine.clone(),
                     draining: w.state == WorkerState::Draining,
                     reported_load: w.reported_load.load(Ordering::Relaxed),
                     registered_unix: w.registered_unix,
@@ -73,14 +77,13 @@ impl Registry {
                 e.address,
                 e.models,
                 e.device,
+                e.engine,
                 e.registered_unix,
             );
             if e.draining {
                 worker.state = WorkerState::Draining;
             }
-            worker
-                .reported_load
-                .store(e.reported_load, Ordering::Relaxed);
+            worker.record_report(e.reported_load, 0, 0.0, 0.0);
             worker
                 .max_concurrency
                 .store(e.max_concurrency, Ordering::Relaxed);
@@ -125,7 +128,14 @@ mod tests {
     fn exported_leases_are_routable_and_renewable_in_the_next_process() {
         let old = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
         let live = old
-            .register("a".into(), Arc::from("p"), addr(), served_m(), "cpu".into())
+            .register(
+                "a".into(),
+                Arc::from("p"),
+                addr(),
+                served_m(),
+                "cpu".into(),
+                "switchyard".into(),
+            )
             .unwrap();
         let draining = old
             .register(
@@ -134,9 +144,11 @@ mod tests {
                 other(),
                 served_m(),
                 "cpu".into(),
+                "switchyard".into(),
             )
             .unwrap();
-        old.heartbeat(&live, 7).unwrap();
+        old.heartbeat(&live, &crate::registry::Heartbeat::running(7))
+            .unwrap();
         old.drain(&draining).unwrap();
         let exported = serde_json::to_string(&old.export()).unwrap();
 
@@ -147,8 +159,15 @@ mod tests {
         let ids: Vec<&str> = snap.routable("p", "m").map(|w| w.id.as_str()).collect();
         assert_eq!(ids, ["a"], "the draining worker stays out of routing");
         assert_eq!(snap.routable("p", "m").next().unwrap().load(), 7);
-        assert_eq!(new.heartbeat(&live, 1), Ok(false));
-        assert_eq!(new.heartbeat(&draining, 1), Ok(true), "still told to drain");
+        assert_eq!(
+            new.heartbeat(&live, &crate::registry::Heartbeat::running(1)),
+            Ok(false)
+        );
+        assert_eq!(
+            new.heartbeat(&draining, &crate::registry::Heartbeat::running(1)),
+            Ok(true),
+            "still told to drain"
+        );
         // importing twice (a retried upgrade) adds nothing
         assert_eq!(new.import(imported), 0);
         assert_eq!(new.export().len(), 2);

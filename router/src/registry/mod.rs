@@ -42,6 +42,25 @@ pub use worker::{ServedModel, Snapshot, Worker, WorkerState};
 
 use worker::clone_worker;
 
+/// A heartbeat's load report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heartbeat {
+    pub in_flight: u32,
+    pub queued: u32,
+    pub kv_cache_usage: f32,
+    pub tokens_per_second: f32,
+}
+
+impl Heartbeat {
+    /// A report of `n` requests running and nothing else.
+    pub fn running(n: u32) -> Self {
+        Self {
+            in_flight: n,
+            ..Self::default()
+        }
+    }
+}
+
 struct Lease {
     worker: Arc<Worker>,
     last_heartbeat: Instant,
@@ -129,6 +148,7 @@ impl Registry {
         address: SocketAddr,
         models: Vec<ServedModel>,
         device: String,
+        engine: String,
     ) -> Result<String, RegistryError> {
         let mut leases = self.leases();
         let now = Instant::now();
@@ -152,6 +172,7 @@ impl Registry {
             address,
             models,
             device,
+            engine,
             registered_unix,
         ));
         leases.insert(
@@ -166,17 +187,19 @@ impl Registry {
     }
 
     /// Renews a lease and records load. Returns whether the worker should drain.
-    pub fn heartbeat(&self, lease_id: &str, load: u32) -> Result<bool, RegistryError> {
+    pub fn heartbeat(&self, lease_id: &str, report: &Heartbeat) -> Result<bool, RegistryError> {
         let mut leases = self.leases();
         let lease = leases
             .get_mut(lease_id)
             .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
         lease.last_heartbeat = Instant::now();
         let draining = lease.worker.state == WorkerState::Draining;
-        lease
-            .worker
-            .reported_load
-            .store(load, std::sync::atomic::Ordering::Relaxed);
+        lease.worker.record_report(
+            report.in_flight,
+            report.queued,
+            report.kv_cache_usage,
+            report.tokens_per_second,
+        );
         Ok(draining)
     }
 
@@ -205,9 +228,10 @@ impl Registry {
 
     pub fn deregister(&self, lease_id: &str) -> Result<(), RegistryError> {
         let mut leases = self.leases();
-        leases
+        let gone = leases
             .remove(lease_id)
             .ok_or_else(|| RegistryError::UnknownLease(lease_id.into()))?;
+        gone.worker.gone.cancel();
         self.publish(&leases);
         Ok(())
     }
@@ -224,7 +248,10 @@ impl Registry {
         let ids = expired
             .iter()
             .filter_map(|k| leases.remove(k))
-            .map(|l| l.worker.id.clone())
+            .map(|l| {
+                l.worker.gone.cancel();
+                l.worker.id.clone()
+            })
             .collect::<Vec<_>>();
         if !ids.is_empty() {
             self.publish(&leases);
@@ -271,22 +298,25 @@ mod tests {
                 addr(),
                 served_m(),
                 "cpu".into(),
+                "switchyard".into(),
             )
             .unwrap();
         assert_eq!(r.snapshot().routable("cpu", "m").count(), 1);
         assert_eq!(r.snapshot().routable("cpu", "other").count(), 0);
-        r.heartbeat(&lease, 3).unwrap();
+        r.heartbeat(&lease, &crate::registry::Heartbeat::running(3))
+            .unwrap();
         assert_eq!(r.snapshot().routable("cpu", "m").next().unwrap().load(), 3);
         r.drain(&lease).unwrap();
         assert_eq!(r.snapshot().routable("cpu", "m").count(), 0);
         assert!(
-            r.heartbeat(&lease, 0).unwrap(),
+            r.heartbeat(&lease, &crate::registry::Heartbeat::running(0))
+                .unwrap(),
             "a draining worker is told to drain"
         );
         let later = Instant::now() + Duration::from_secs(1);
         assert_eq!(r.expire(later), vec!["w1".to_string()]);
         assert_eq!(
-            r.heartbeat(&lease, 0),
+            r.heartbeat(&lease, &crate::registry::Heartbeat::running(0)),
             Err(RegistryError::UnknownLease(lease.clone()))
         );
     }
@@ -303,6 +333,7 @@ mod tests {
                 addr(),
                 served_m(),
                 "cpu".into(),
+                "switchyard".into(),
             )
             .unwrap();
         let thief: SocketAddr = "127.0.0.1:6666".parse().unwrap();
@@ -312,7 +343,8 @@ mod tests {
                 Arc::from("cpu"),
                 thief,
                 served_m(),
-                "cpu".into()
+                "cpu".into(),
+                "switchyard".into(),
             ),
             Err(RegistryError::IdInUse { id: "w1".into() })
         );
@@ -324,7 +356,10 @@ mod tests {
             addr(),
             "traffic still goes to the real worker"
         );
-        assert!(r.heartbeat(&first, 0).is_ok());
+        assert!(
+            r.heartbeat(&first, &crate::registry::Heartbeat::running(0))
+                .is_ok()
+        );
         // the real worker restarting at its own address replaces its lease
         let again = r
             .register(
@@ -333,10 +368,17 @@ mod tests {
                 addr(),
                 served_m(),
                 "cpu".into(),
+                "switchyard".into(),
             )
             .unwrap();
-        assert!(r.heartbeat(&first, 0).is_err());
-        assert!(r.heartbeat(&again, 0).is_ok());
+        assert!(
+            r.heartbeat(&first, &crate::registry::Heartbeat::running(0))
+                .is_err()
+        );
+        assert!(
+            r.heartbeat(&again, &crate::registry::Heartbeat::running(0))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -349,9 +391,11 @@ mod tests {
                 addr(),
                 served_m(),
                 "cpu".into(),
+                "switchyard".into(),
             )
             .unwrap();
-        r.heartbeat(&l, u32::MAX).unwrap();
+        r.heartbeat(&l, &crate::registry::Heartbeat::running(u32::MAX))
+            .unwrap();
         let snap = r.snapshot();
         let w = snap.routable("cpu", "m").next().unwrap();
         w.router_in_flight

@@ -38,10 +38,28 @@ pub struct Worker {
     pub state: WorkerState,
     pub models: Vec<ServedModel>,
     pub device: String,
+    /// What serves the data plane: `switchyard`, an external engine a sidecar registered
+    /// (`vllm`, `llamacpp`, …), or empty for a static worker.
+    pub engine: String,
     /// Load the worker last reported (in-flight + queued). Shared by every snapshot of
     /// this worker, so a heartbeat updates it without republishing the registry.
     #[serde(serialize_with = "ser_atomic")]
     pub reported_load: Arc<AtomicU32>,
+    /// The part of the reported load that is not this router's: what the worker reported
+    /// less this router's requests in flight to it at that moment. Selection adds this
+    /// router's live count to it ([`Worker::load`]), so this router's own requests are
+    /// not counted twice until the next heartbeat.
+    #[serde(skip)]
+    pub others_load: Arc<AtomicU32>,
+    /// The last heartbeat's details (for `/admin/workers`).
+    #[serde(skip)]
+    pub report: Arc<Report>,
+    /// Cancelled when the worker leaves routing for good (its lease expired, or it
+    /// deregistered): attempts still waiting for its first token give up on it and fail
+    /// over, instead of waiting for a worker that is gone (a partitioned host's
+    /// connections do not fail by themselves).
+    #[serde(skip)]
+    pub gone: tokio_util::sync::CancellationToken,
     /// Requests this router has in flight to the worker right now.
     #[serde(serialize_with = "ser_atomic")]
     pub router_in_flight: Arc<AtomicU32>,
@@ -70,6 +88,28 @@ pub struct Worker {
     pub is_static: bool,
 }
 
+/// A heartbeat's load report as last received.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub in_flight: AtomicU32,
+    pub queued: AtomicU32,
+    /// Fraction of the KV cache in use ×1000.
+    pub kv_cache_milli: AtomicU32,
+    /// Generated tokens per second ×1000.
+    pub tokens_per_second_milli: AtomicU32,
+}
+
+impl Report {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "queued": self.queued.load(Ordering::Relaxed),
+            "kv_cache_usage": f64::from(self.kv_cache_milli.load(Ordering::Relaxed)) / 1000.0,
+            "tokens_per_second": f64::from(self.tokens_per_second_milli.load(Ordering::Relaxed)) / 1000.0,
+        })
+    }
+}
+
 /// Connection attempts in flight to one worker at once.
 pub const MAX_CONNECTS_IN_FLIGHT: usize = 32;
 
@@ -96,13 +136,32 @@ impl Worker {
         }
     }
 
-    /// Load for selection: what the worker reported plus what this router has in flight
-    /// to it. Saturating: a heartbeat claiming `u32::MAX` makes a worker look full, never
-    /// idle.
+    /// Load for selection: what the worker runs for others (its last report less this
+    /// router's requests at that moment) plus what this router has in flight to it now.
+    /// Saturating: a heartbeat claiming `u32::MAX` makes a worker look full, never idle.
     pub fn load(&self) -> u32 {
-        self.reported_load
+        self.others_load
             .load(Ordering::Relaxed)
             .saturating_add(self.router_in_flight.load(Ordering::Relaxed))
+    }
+
+    /// Records a heartbeat's report.
+    pub fn record_report(&self, in_flight: u32, queued: u32, kv_cache: f32, tps: f32) {
+        let total = in_flight.saturating_add(queued);
+        self.reported_load.store(total, Ordering::Relaxed);
+        let ours = self.router_in_flight.load(Ordering::Relaxed);
+        self.others_load
+            .store(total.saturating_sub(ours), Ordering::Relaxed);
+        let milli =
+            |x: f32| (f64::from(x).clamp(0.0, f64::from(u32::MAX) / 1000.0) * 1000.0) as u32;
+        self.report.in_flight.store(in_flight, Ordering::Relaxed);
+        self.report.queued.store(queued, Ordering::Relaxed);
+        self.report
+            .kv_cache_milli
+            .store(milli(kv_cache.min(1.0)), Ordering::Relaxed);
+        self.report
+            .tokens_per_second_milli
+            .store(milli(tps), Ordering::Relaxed);
     }
 
     /// A live worker that registered now (its counters and health fresh).
@@ -112,6 +171,7 @@ impl Worker {
         address: SocketAddr,
         models: Vec<ServedModel>,
         device: String,
+        engine: String,
         registered_unix: u64,
     ) -> Self {
         Self {
@@ -122,7 +182,11 @@ impl Worker {
             state: WorkerState::Live,
             models,
             device,
+            engine,
             reported_load: Arc::default(),
+            others_load: Arc::default(),
+            report: Arc::default(),
+            gone: Default::default(),
             router_in_flight: Arc::new(AtomicU32::new(0)),
             max_concurrency: Arc::default(),
             health: Arc::default(),
@@ -191,7 +255,11 @@ pub(super) fn clone_worker(w: &Worker) -> Worker {
         state: w.state,
         models: w.models.clone(),
         device: w.device.clone(),
+        engine: w.engine.clone(),
         reported_load: Arc::clone(&w.reported_load),
+        others_load: Arc::clone(&w.others_load),
+        report: Arc::clone(&w.report),
+        gone: w.gone.clone(),
         router_in_flight: Arc::clone(&w.router_in_flight),
         max_concurrency: Arc::clone(&w.max_concurrency),
         health: Arc::clone(&w.health),

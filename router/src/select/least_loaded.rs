@@ -55,7 +55,8 @@ mod tests {
     fn the_least_loaded_wins_and_ties_spread() {
         let (r, leases) = pool_of(4);
         for (i, l) in leases.iter().enumerate() {
-            r.heartbeat(l, [5, 1, 1, 9][i]).unwrap();
+            r.heartbeat(l, &crate::registry::Heartbeat::running([5, 1, 1, 9][i]))
+                .unwrap();
         }
         let snap = r.snapshot();
         let mut seen = std::collections::HashMap::new();

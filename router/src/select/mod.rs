@@ -144,6 +144,7 @@ pub(crate) mod tests {
                     std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                     models.clone(),
                     "cpu".into(),
+                    "switchyard".into(),
                 )
                 .unwrap()
             })

@@ -88,7 +88,8 @@ mod tests {
     fn large_pool_prefers_the_less_loaded_and_skips_tried_workers() {
         let (r, leases) = pool_of(100);
         for l in &leases[50..] {
-            r.heartbeat(l, 100).unwrap(); // w050..w099 busy
+            r.heartbeat(l, &crate::registry::Heartbeat::running(100))
+                .unwrap(); // w050..w099 busy
         }
         let snap = r.snapshot();
         let tried: Vec<String> = vec!["w001".into(), "w002".into()];
