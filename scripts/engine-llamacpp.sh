@@ -24,9 +24,9 @@ if [ ! -x "$CACHE/build/bin/llama-server" ]; then
     python3 - "$CACHE" "$VERSION" <<'PY'
 import json, sys, tarfile, urllib.parse, urllib.request, os, shutil
 cache, version = sys.argv[1], sys.argv[2]
-index = f"https://pypi.org/pypi/llama-cpp-python/{version}/json"
+index = "https://pypi.org/pypi/llama-cpp-python/json"
 meta = json.load(urllib.request.urlopen(index))
-sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+sdist = next(u for u in meta["releases"][version] if u["packagetype"] == "sdist")
 url = urllib.parse.urljoin(index, sdist["url"])
 path = os.path.join(cache, sdist["filename"])
 with urllib.request.urlopen(url) as r, open(path, "wb") as f:

@@ -7,8 +7,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use integration::{TestEnv, header};
+use integration::{TestEnv, eventually, header};
 use serde_json::{Value, json};
+use std::time::Duration;
 
 /// A CA, a server certificate from it for `localhost`, and a second CA the server does not
 /// chain to; PEM files in `dir`.
@@ -187,6 +188,35 @@ async fn an_https_upstream_with_an_api_key_is_served_and_never_sees_the_clients_
         .unwrap();
     assert!(!pools.contains("sk-upstream-secret"), "{pools}");
     assert!(!env.log("router.log").contains("sk-upstream-secret"));
+
+    // active health checks go over the pools' own HTTPS settings: the worker the pool's CA
+    // does not vouch for is unhealthy, the others are checked healthy
+    let states = eventually(Duration::from_secs(10), "health checks", || async {
+        let ws = env.workers_json().await.ok()?;
+        let state = |pool: &str| {
+            ws.iter()
+                .find(|w| w["pool"] == pool)
+                .map(|w| w["routing_state"].as_str().unwrap_or("").to_string())
+        };
+        let s = (state("ext")?, state("wrong-ca")?, state("no-key")?);
+        (s.1 == "unhealthy").then_some(s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(states.0, "live");
+    assert_eq!(states.2, "live", "the health path wants no key");
+    let m = env.metrics().await.unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l
+                .starts_with("switchyard_router_health_check_failures_total{pool=\"wrong-ca\"}")),
+        "{m}"
+    );
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("switchyard_router_health_check_failures_total{pool=\"ext\"}")),
+        "the right CA passes"
+    );
 }
 
 /// A bad upstream section is refused with every problem listed: a missing CA file, a key

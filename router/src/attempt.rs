@@ -149,17 +149,21 @@ async fn connection(
         .map_err(|e| AttemptError::network(RetryOn::Connect, e))
 }
 
-fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
-    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(7 + PASSED_ON.len()))?;
-    // the name the worker is known by (see [`peer`]); an IP address as `ip:port`
-    let host = match peer.sni.parse::<std::net::IpAddr>() {
+/// The `Host` a request to `peer` carries: the name the worker is known by (see [`peer`]),
+/// an IP address as `ip:port`.
+pub fn host(peer: &HttpPeer) -> String {
+    match peer.sni.parse::<std::net::IpAddr>() {
         Ok(_) => peer._address.to_string(),
         Err(_) => match peer._address.as_inet() {
             Some(a) => format!("{}:{}", peer.sni, a.port()),
             None => peer.sni.clone(),
         },
-    };
-    req.insert_header("host", host)?;
+    }
+}
+
+fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
+    let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(7 + PASSED_ON.len()))?;
+    req.insert_header("host", host(peer))?;
     if let Some(a) = out.authorization {
         req.insert_header(http::header::AUTHORIZATION, a.clone())?;
     }

@@ -4,30 +4,27 @@
 //! router asks them: `GET <path>` every interval, a 2xx answer within the interval (at most
 //! 2 s) is healthy. A failed check takes the worker out of selection at once (state
 //! `unhealthy`; like an ejected one, it is reached only when no pool of the route has a
-//! healthy worker); the first passing check brings it back. A pool's `upstream.api_key` is
-//! sent with the check; pools with `upstream.tls` are not checked actively (the checker
-//! speaks plain HTTP): their workers rely on passive outlier detection (ejection).
+//! healthy worker); the first passing check brings it back.
+//!
+//! A check goes the way requests go: through pingora's connector with the peer requests
+//! use ([`crate::attempt::peer`]), so a pool's `upstream` settings apply to it — HTTPS
+//! verified against the pool's CA, the router's client certificate, the `Host` and SNI,
+//! and the pool's `api_key`. A worker whose certificate the pool does not trust fails its
+//! check, as its requests would.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
 
 use crate::registry::Worker;
 use crate::state::Shared;
 
 pub async fn run(shared: Arc<Shared>, every: Duration, path: String) {
     let timeout = every.min(Duration::from_secs(2));
-    let client = match reqwest::Client::builder()
-        .no_proxy()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("health checks disabled: {e}");
-            return;
-        }
-    };
+    // a connector of its own: checks never take or leave a pooled request connection
+    let connector = Arc::new(Connector::new(None));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -36,11 +33,11 @@ pub async fn run(shared: Arc<Shared>, every: Duration, path: String) {
         let upstreams = shared.upstreams.load_full();
         for w in shared.registry.statics() {
             let conn = upstreams.get(&w.pool).cloned();
-            if conn.as_ref().is_some_and(|c| c.tls.is_some()) {
-                continue; // HTTPS pools rely on passive outlier detection (see the module docs)
-            }
-            let (client, path, shared) = (client.clone(), path.clone(), Arc::clone(&shared));
-            checks.spawn(async move { check(&shared, &client, &w, &path, conn.as_deref()).await });
+            let (connector, path, shared) =
+                (Arc::clone(&connector), path.clone(), Arc::clone(&shared));
+            checks.spawn(async move {
+                check(&shared, &connector, timeout, &w, &path, conn.as_deref()).await
+            });
         }
         while checks.join_next().await.is_some() {}
     }
@@ -48,20 +45,41 @@ pub async fn run(shared: Arc<Shared>, every: Duration, path: String) {
 
 async fn check(
     shared: &Shared,
-    client: &reqwest::Client,
+    connector: &Connector,
+    timeout: Duration,
     w: &Worker,
     path: &str,
     conn: Option<&crate::upstream::PoolConn>,
 ) {
-    let url = format!("http://{}{path}", w.address);
-    let mut req = client.get(&url);
-    if let Some(a) = conn.and_then(|c| c.authorization.as_ref()) {
-        req = req.header(reqwest::header::AUTHORIZATION, a.as_bytes());
-    }
-    let failure = match req.send().await {
-        Ok(r) if r.status().is_success() => None,
-        Ok(r) => Some(format!("answered {}", r.status())),
-        Err(e) => Some(e.to_string()),
+    let mut peer = crate::attempt::peer(&shared.config, w, conn);
+    peer.options.connection_timeout = Some(timeout);
+    peer.options.read_timeout = Some(timeout);
+    let scheme = if conn.is_some_and(|c| c.tls.is_some()) {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}{path}", w.address);
+    let asked = async {
+        let (mut session, _) = connector.get_http_session(&peer).await?;
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(2))?;
+        req.insert_header("host", crate::attempt::host(&peer))?;
+        if let Some(a) = conn.and_then(|c| c.authorization.as_ref()) {
+            req.insert_header(http::header::AUTHORIZATION, a.clone())?;
+        }
+        session.write_request_header(Box::new(req)).await?;
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
+        let status = session.response_header().map(|h| h.status);
+        session.shutdown().await;
+        Ok::<_, pingora::BError>(status)
+    };
+    let failure = match tokio::time::timeout(timeout, asked).await {
+        Ok(Ok(Some(s))) if s.is_success() => None,
+        Ok(Ok(Some(s))) => Some(format!("answered {s}")),
+        Ok(Ok(None)) => Some("no response header".to_string()),
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {timeout:?}")),
     };
     if let Some(why) = &failure {
         shared
