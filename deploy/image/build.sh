@@ -194,21 +194,22 @@ rm -rf "$rootfs"/usr/share/man "$rootfs"/usr/share/info "$rootfs"/usr/share/loca
 find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete 2>/dev/null || true
 find "$rootfs/dev" -mindepth 1 -delete
 
-# /etc/ssl/certs as update-ca-certificates makes it: a .pem link per certificate enabled in
-# /etc/ca-certificates.conf, and the bundle ca-certificates.crt (which rustls-native-certs,
-# used by the router's pingora and the worker's HTTP clients, loads).
+# /etc/ssl/certs as ca-certificates' postinst and update-ca-certificates make it (neither
+# runs in chrootless mode): every certificate enabled in /etc/ca-certificates.conf (all,
+# Debian's default), a .pem link for each, and the bundle ca-certificates.crt, which
+# rustls-native-certs (the router's pingora, the workers' HTTP clients) loads.
 certs="$rootfs/etc/ssl/certs"
 mkdir -p "$certs"
+(cd "$rootfs/usr/share/ca-certificates" && find . -name '*.crt' -type f | sed 's|^\./||' | LC_ALL=C sort) \
+  > "$rootfs/etc/ca-certificates.conf"
 : > "$certs/ca-certificates.crt"
 n_certs=0
 while read -r crt; do
-  case "$crt" in ''|'#'*|'!'*) continue ;; esac
-  [ -f "$rootfs/usr/share/ca-certificates/$crt" ] || continue
-  name=$(basename "$crt" .crt)
-  ln -sf "/usr/share/ca-certificates/$crt" "$certs/$name.pem"
-  sed -e '$a\' "$rootfs/usr/share/ca-certificates/$crt" >> "$certs/ca-certificates.crt"
+  ln -sf "/usr/share/ca-certificates/$crt" "$certs/$(basename "$crt" .crt).pem"
+  awk 1 "$rootfs/usr/share/ca-certificates/$crt" >> "$certs/ca-certificates.crt"
   n_certs=$((n_certs + 1))
 done < "$rootfs/etc/ca-certificates.conf"
+chmod 0644 "$rootfs/etc/ca-certificates.conf"
 [ "$n_certs" -gt 100 ] || die "only $n_certs CA certificates found in the root filesystem"
 chmod 0644 "$certs/ca-certificates.crt"
 
@@ -238,6 +239,7 @@ protocols: files
 services:  files
 EOF
 
+rootfs_kb=$(du -sk "$rootfs" | cut -f1)   # Debian's part, before the binaries and model
 install -d -m 0755 "$rootfs/usr/local/bin" "$rootfs/etc/switchyard" "$rootfs/models"
 for b in "${bins[@]}"; do
   install -m 0755 -o 0 -g 0 "$bin_dir/$b" "$rootfs/usr/local/bin/$b"
@@ -252,7 +254,6 @@ fi
 chmod 1777 "$rootfs/tmp"
 # Every file the commit's time, so the layer depends on the inputs only.
 find "$rootfs" -newermt "@$SOURCE_DATE_EPOCH" -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} + 2>/dev/null || true
-rootfs_kb=$(du -sk --exclude=./usr/local/bin --exclude=./models "$rootfs" | cut -f1)
 
 # --- image -------------------------------------------------------------------------------
 step "buildah: from scratch, copy the root filesystem, config, commit"

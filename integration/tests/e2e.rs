@@ -780,6 +780,18 @@ async fn a_prompt_longer_than_the_context_window_is_refused_before_forwarding() 
         v["error"]["message"].as_str().unwrap().contains("2048"),
         "{v}"
     );
+    // on /v1/completions the field at fault is the prompt
+    let r = env
+        .http
+        .post(format!("{}/v1/completions", env.proxy))
+        .json(&json!({ "model": "tiny", "max_tokens": 4, "prompt": "word ".repeat(5000) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "prompt", "{v}");
     // a prompt that fits is served
     let r = env.chat(&chat_body("tiny", 30, 2, false)).await.unwrap();
     assert_eq!(r.status(), 200);

@@ -74,7 +74,13 @@ pub enum ProxyError {
     #[error(
         "This model's maximum context length is {window} tokens, but the prompt has at least {at_least} tokens"
     )]
-    ContextLengthExceeded { window: u32, at_least: u64 },
+    ContextLengthExceeded {
+        window: u32,
+        at_least: u64,
+        /// The field that holds the prompt: `messages` (chat) or `prompt` (completions,
+        /// embeddings' `input`).
+        param: &'static str,
+    },
     /// The router's total timeout passed before any worker answered.
     #[error("no worker answered within the router's total timeout")]
     GatewayTimeout,
@@ -194,7 +200,7 @@ impl ProxyError {
         let param = match self {
             Self::BadRequest(_, p) => *p,
             Self::UnknownModel(_) => Some("model"),
-            Self::ContextLengthExceeded { .. } => Some("messages"),
+            Self::ContextLengthExceeded { param, .. } => Some(*param),
             _ => None,
         };
         openai_body(&self.to_string(), kind, code, param)

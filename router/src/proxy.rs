@@ -241,6 +241,11 @@ impl SwitchyardProxy {
             let e = ProxyError::ContextLengthExceeded {
                 window: m.context_window,
                 at_least: ctx.classified.prompt_tokens_lower,
+                param: match ctx.endpoint {
+                    Some(routing_rules::Endpoint::Completions) => "prompt",
+                    Some(routing_rules::Endpoint::Embeddings) => "input",
+                    _ => "messages",
+                },
             };
             return respond::error(session, ctx, &e).await;
         }
