@@ -542,6 +542,16 @@ async fn image_parts_go_to_h100_served_by_the_labelled_sim_backend() {
         h100["models"][0]["modalities"],
         json!(["text", "image", "audio"])
     );
+    // its heartbeats report the decode speed it simulates, as a real worker's do
+    let tps = integration::eventually(Duration::from_secs(5), "a decode speed", || async {
+        let ws = env.workers_json().await.ok()?;
+        let w = ws.iter().find(|w| w["pool"] == "h100-spot")?;
+        let tps = w["reported"]["tokens_per_second"].as_f64()?;
+        (tps > 0.0).then_some(tps)
+    })
+    .await
+    .unwrap();
+    assert!(tps <= 60.0, "at most the profile's 50 tokens/s: {tps}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

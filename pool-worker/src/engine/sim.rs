@@ -77,6 +77,12 @@ pub(super) fn run_sim(
                     let per_token = first_token_at.elapsed().as_secs_f64() / (n - 1) as f64;
                     m.time_per_output_token.observe(per_token);
                 }
+                // the heartbeat's decode speed, as the real engine reports it
+                let secs = started.elapsed().as_secs_f64().max(1e-6);
+                stats.last_tps_milli.store(
+                    (n as f64 / secs * 1000.0) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let _ = job.events.send(Event::Done(Usage {
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
