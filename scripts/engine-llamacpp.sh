@@ -49,10 +49,12 @@ PY
 fi
 
 scripts/fetch-model.sh >/dev/null
+# the whole workspace, as scripts/test.sh builds it (building two packages alone unifies
+# features differently and rebuilds candle)
 if [ "$PROFILE" = release ]; then
-  cargo build --release -p router -p pool-worker --bins
+  cargo build --release --workspace --bins
 else
-  cargo build -p router -p pool-worker --bins
+  cargo build --workspace --bins
 fi
 TARGET=${CARGO_TARGET_DIR:-target}
 exec python3 scripts/engine_llamacpp.py \

@@ -8,7 +8,7 @@
 #   sudo deploy/image/build.sh                        # binaries from target/release
 #   sudo deploy/image/build.sh --build                # cargo build --release first
 #   sudo deploy/image/build.sh --bin-dir target/debug # any directory holding both binaries
-#   deploy/image/check.sh                             # what the image contains; runs it
+#   sudo deploy/image/check.sh                        # what the image contains; runs it
 #
 # Options:
 #   --bin-dir DIR      where switchyard and switchyard-worker are
@@ -92,6 +92,9 @@ done
 case "$uid" in ''|*[!0-9]*) die "--uid must be a number" ;; esac
 [ "$uid" -ne 0 ] || die "--uid 0: the image's user must not be root"
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap writes root-owned files; buildah mounts the container)"
+# The paths below (x86_64-linux-gnu, the loader check.sh runs) and the image's platform are
+# amd64's; other architectures are not built or tested.
+[ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] || die "only amd64 (a Debian amd64 host) is supported"
 
 start=$(date +%s)
 step() { printf '[%3ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
@@ -133,13 +136,14 @@ for b in "${bins[@]}"; do
   case "$deps" in *"not a dynamic executable"*|*"statically linked"*) continue ;; esac
   case "$deps" in *"not found"*) die "$b: a library is not found on this host: $deps" ;; esac
   while read -r lib; do
-    pkg=$(dpkg -S "$lib" 2>/dev/null | head -1 | cut -d: -f1) \
-      || pkg=$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null | head -1 | cut -d: -f1) || true
+    # dpkg knows the path as the package ships it: /lib/... on bookworm, /usr/lib/... later.
+    pkg=$(dpkg -S "$lib" 2>/dev/null | grep -v '^diversion' | head -1 | cut -d: -f1) \
+      || pkg=$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null | grep -v '^diversion' | head -1 | cut -d: -f1) || true
     [ -n "$pkg" ] || die "cannot tell which Debian package holds $lib (needed by $b)"
     lib_pkgs+=("$pkg")
   done < <(printf '%s\n' "$deps" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}')
 done
-mapfile -t lib_pkgs < <(printf '%s\n' "${lib_pkgs[@]}" | sort -u)
+mapfile -t lib_pkgs < <(printf '%s\n' "${lib_pkgs[@]}" | sed '/^$/d' | sort -u)
 
 # --- root filesystem ---------------------------------------------------------------------
 if [ -z "$suite" ]; then
@@ -169,7 +173,8 @@ cleanup() {
 trap cleanup EXIT
 
 rootfs="$work/rootfs"
-packages="base-files,netbase,ca-certificates$(printf ',%s' "${lib_pkgs[@]}")"
+packages="base-files,netbase,ca-certificates"
+for pkg in "${lib_pkgs[@]}"; do packages+=",$pkg"; done
 step "mmdebstrap $suite (custom, chrootless): $packages"
 # chrootless: the host's dpkg installs into the directory, so the image needs no dpkg or
 # shell of its own. Maintainer scripts that support DPKG_ROOT run; ca-certificates' does
@@ -197,7 +202,8 @@ find "$rootfs/dev" -mindepth 1 -delete
 # /etc/ssl/certs as ca-certificates' postinst and update-ca-certificates make it (neither
 # runs in chrootless mode): every certificate enabled in /etc/ca-certificates.conf (all,
 # Debian's default), a .pem link for each, and the bundle ca-certificates.crt, which
-# rustls-native-certs (the router's pingora, the workers' HTTP clients) loads.
+# rustls-native-certs loads for the router's HTTPS upstreams (pingora) unless a pool names
+# its own CA.
 certs="$rootfs/etc/ssl/certs"
 mkdir -p "$certs"
 (cd "$rootfs/usr/share/ca-certificates" && find . -name '*.crt' -type f | sed 's|^\./||' | LC_ALL=C sort) \

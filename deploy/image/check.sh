@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --no-run) run=0; shift ;;
     --no-install) install=0; shift ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    -h|--help) sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) echo "check.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -430,8 +430,8 @@ fi
 P=(podman --root "$work/storage" --runroot "$work/run" --tmpdir "$work/tmp" --storage-driver vfs
    --cgroup-manager cgroupfs --events-backend file)
 if ! out=$("${P[@]}" load -i "$archive" 2>&1); then echo "SKIP running: podman load: $out"; finish; fi
-image=$(sed -n 's/^Loaded image(s)\{0,1\}: //p' <<<"$out" | head -1)
-[ -n "$image" ] || image=$("${P[@]}" images -q | head -1)
+image=$(sed -n 's/^Loaded image[^:]*: //p' <<<"$out" | head -1)
+[ -n "$image" ] || image=$("${P[@]}" images -q 2>/dev/null | head -1) || true
 check "podman load: $image" test -n "$image"
 
 # Try podman's defaults first; then what is known to stand in the way in sandboxes: rlimits

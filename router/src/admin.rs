@@ -250,6 +250,7 @@ async fn workers(State(s): State<Arc<Shared>>) -> Response {
                 "load": w.load(), "reported_load": w.reported_load.load(std::sync::atomic::Ordering::Relaxed),
                 "router_in_flight": w.router_in_flight.load(std::sync::atomic::Ordering::Relaxed),
                 "reported": w.report.json(),
+                "max_concurrency": w.max_concurrency.load(std::sync::atomic::Ordering::Relaxed),
                 "models": w.models, "device": w.device, "engine": w.engine, "static": w.is_static,
                 "lease_age_s": now.duration_since(w.registered_at).as_secs_f64(),
             })
