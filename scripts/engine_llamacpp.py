@@ -1,6 +1,7 @@
 """Drives scripts/engine-llamacpp.sh: a real llama.cpp server behind the registration sidecar.
 
-Fleet (all on loopback): a router; llama-server (SmolLM2, --parallel 2, --metrics) with
+Fleet (all on loopback): a router; llama-server (SmolLM2, --parallel 2, --metrics,
+--api-key; the pool's `upstream.api_key` is that key) with
 its sidecar in pool `llamacpp-spot`; one of our candle workers with the same model in
 `cpu-ondemand`. Rules send `smollm2` to [llamacpp-spot, cpu-ondemand]. Checks, in order:
 
@@ -35,6 +36,9 @@ import urllib.error
 import urllib.request
 
 FAILED = []
+# llama-server is started with --api-key: the sidecar reads its models and metrics with it,
+# the router sends it as the pool's upstream key; clients never have it
+API_KEY = "sk-llama-secret"
 
 
 def check(ok, what):
@@ -167,7 +171,7 @@ models:
     context_window: 2048
     default_max_tokens: 64
 pools:
-  llamacpp-spot: {{ class: cpu, capacity: spot,      cost_per_hour: 0.10 }}
+  llamacpp-spot: {{ class: cpu, capacity: spot,      cost_per_hour: 0.10, upstream: {{ api_key: {{ env: LLAMA_API_KEY }} }} }}
   cpu-ondemand:  {{ class: cpu, capacity: on_demand, cost_per_hour: 0.20 }}
 rules:
   - name: all
@@ -187,6 +191,7 @@ rules:
 
 
 def run(fleet, a, model, rules):
+    os.environ["LLAMA_API_KEY"] = API_KEY  # the router reads the pool's key from it
     _, line = fleet.spawn("router", [a.switchyard, "serve", "--rules", rules, "--listen", "127.0.0.1:0",
                                      "--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                                      "--heartbeat-ms", "200", "--lease-ttl-ms", "1000"])
@@ -200,7 +205,7 @@ def run(fleet, a, model, rules):
     s.close()
     llama_cmd = [a.llama_server, "--model", model, "--alias", "smollm2", "--host", "127.0.0.1",
                  "--port", str(port), "--metrics", "--parallel", "2", "--ctx-size", "4096",
-                 "--threads", "1"]
+                 "--threads", "1", "--api-key", API_KEY]
     engine_url = f"http://127.0.0.1:{port}"
 
     def start_llama():
@@ -211,6 +216,7 @@ def run(fleet, a, model, rules):
 
     print(f"llama-server ready in {start_llama():.1f} s")
     sidecar, _ = fleet.spawn("sidecar", [a.worker, "--engine-url", engine_url, "--engine", "llamacpp",
+                                         "--engine-api-key", API_KEY,
                                          "--router", grpc, "--pool", "llamacpp-spot",
                                          "--worker-id", "llamacpp-0", "--engine-poll-ms", "200",
                                          "--listen", "127.0.0.1:0", "--drain-timeout-s", "120"])
@@ -236,6 +242,16 @@ def run(fleet, a, model, rules):
     check(w["models"][0]["name"] == "smollm2", "model id from llama-server --alias")
     check(w["models"][0]["max_context"] == 2048, "context per slot from llama.cpp (4096 / 2 slots)")
     check(w["max_concurrency"] == 2, "slots as max concurrency")
+
+    # the engine enforces its key: only the router's requests (with the pool's key) pass
+    try:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{engine_url}/v1/chat/completions", data=b'{"messages":[{"role":"user","content":"hi"}]}',
+            headers={"content-type": "application/json"}), timeout=10)
+        status = 200
+    except urllib.error.HTTPError as e:
+        status = e.code
+    check(status == 401, f"llama-server refuses a request without its API key ({status})")
 
     # 2 routing and load
     lat = []
