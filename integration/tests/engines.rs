@@ -214,7 +214,17 @@ async fn an_engine_killed_before_its_first_token_is_failed_over_with_no_client_e
         })
         .collect();
     let kill = async {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // every stream's header sent, no token yet
+        eventually(
+            Duration::from_secs(10),
+            "3 streams on the engine",
+            || async {
+                let w = engine_entry(&env).await?;
+                (w["reported"]["in_flight"] == 3).then_some(())
+            },
+        )
+        .await
+        .expect("the streams reached the engine");
         engine.signal("KILL");
     };
     let (results, ()) = tokio::join!(futures::future::join_all(clients), kill);
@@ -284,15 +294,22 @@ async fn a_frozen_engine_leaves_routing_and_a_request_waiting_on_it_fails_over()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_the_sidecar_drains_the_engine_before_it_leaves() -> Result<()> {
     let (env, engine, mut sidecar) = fleet().await?;
-    // a stream that takes ~3 s on the engine
+    // a stream and a JSON answer that take ~3 s on the engine
     engine
         .control(&env.http, json!({ "token_ms": 300 }))
         .await?;
     let long = stream(&env);
+    let json_body = chat_body("ext-model", 10, 8, false);
+    let long_json = async {
+        let r = env.chat(&json_body).await?;
+        let pool = header(&r, "x-switchyard-pool");
+        let v: Value = r.json().await?;
+        anyhow::Ok((pool, v))
+    };
     let drain = async {
-        eventually(Duration::from_secs(5), "the stream to run", || async {
+        eventually(Duration::from_secs(5), "both to run", || async {
             let w = engine_entry(&env).await?;
-            (w["reported"]["in_flight"] == 1).then_some(())
+            (w["reported"]["in_flight"] == 2).then_some(())
         })
         .await?;
         sidecar.signal("TERM");
@@ -306,8 +323,13 @@ async fn sigterm_on_the_sidecar_drains_the_engine_before_it_leaves() -> Result<(
         anyhow::ensure!(r.status() == 200);
         Ok::<_, anyhow::Error>(header(&r, "x-switchyard-pool"))
     };
-    let (long, during) = tokio::join!(long, drain);
+    let (long, long_json, during) = tokio::join!(long, long_json, drain);
     assert_eq!(during?, "l40s-ondemand");
+    // the JSON answer, held by the router until its body, finished on the engine too: the
+    // drain kept the engine's lease (a lease let expire would have given up on it)
+    let (pool, v) = long_json?;
+    assert_eq!(pool, "vllm-spot", "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], ENGINE_TEXT);
     let (pool, text, done, error) = long?;
     assert_eq!(pool, "vllm-spot");
     assert_eq!(

@@ -287,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
             "shutting down: draining for up to {drain_timeout:?}"
         );
         shutdown_state.draining.store(true, Ordering::Relaxed);
+        reg.close();
         let all = reg.all();
         futures::future::join_all(
             all.iter()
@@ -301,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        futures::future::join_all(all.iter().map(|r| r.deregister())).await;
+        futures::future::join_all(all.iter().map(|r| r.leave())).await;
     };
     // Each token is a small SSE write: send it at once rather than letting Nagle hold it
     // for the router's delayed ACK (up to 40 ms per token).
@@ -331,7 +332,10 @@ async fn sidecar(args: Args) -> anyhow::Result<()> {
     };
     let url = url.trim_end_matches('/').to_string();
     let engine_addr = engine_address(&url)
-        .with_context(|| format!("--engine-url {url}: not http://host:port"))?;
+        .filter(|_| url.starts_with("http://") && url.matches('/').count() == 2)
+        .with_context(|| {
+            format!("--engine-url {url}: not http://host:port (no path: the sidecar adds /v1/models, /metrics, …)")
+        })?;
     if args.backend != "real" || args.tokenizer.is_some() || args.model_name.is_some() {
         anyhow::bail!(
             "--backend, --tokenizer and --model-name describe a model this process serves; with --engine-url the engine serves its own"
@@ -361,7 +365,18 @@ async fn sidecar(args: Args) -> anyhow::Result<()> {
     let server = tokio::spawn(async move { server.await });
 
     tracing::info!(engine = args.engine.name(), %url, "waiting for the engine");
-    let (found, slots) = engine.wait_ready().await;
+    // a stop before the engine is ready ends the sidecar at once (nothing registered)
+    let mut early = preempt_rx.clone();
+    let ready = tokio::select! {
+        r = engine.wait_ready() => Some(r),
+        _ = shutdown_signal() => None,
+        _ = early.wait_for(Option::is_some) => None,
+    };
+    let Some((found, slots)) = ready else {
+        tracing::info!("stopped before the engine was ready");
+        server.abort();
+        return Ok(());
+    };
     engine.load.up.store(true, Ordering::Relaxed);
     let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
     tracing::info!(models = ?names, "the engine serves");
@@ -398,6 +413,7 @@ async fn sidecar(args: Args) -> anyhow::Result<()> {
     tracing::info!(reason, "draining the engine for up to {deadline:?}");
     admin.draining.store(true, Ordering::Relaxed);
     watcher.abort();
+    routers.close();
     sidecar::drain(&engine, &routers, deadline, reason).await;
     server.abort();
     tracing::info!("deregistered; exiting");

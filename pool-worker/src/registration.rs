@@ -71,24 +71,34 @@ pub struct RegistrationConfig {
 pub struct Registration {
     cfg: RegistrationConfig,
     load: Arc<dyn LoadSource>,
-    /// Whether to be registered at all: a sidecar whose engine is down leaves routing
-    /// (false) and comes back when the engine does (true).
-    enabled: tokio::sync::watch::Receiver<bool>,
+    /// Whether to be registered at all, and the generation of that switch: a sidecar
+    /// whose engine is down leaves routing (false) and comes back when the engine does
+    /// (true, the generation moved on: registered anew even when the two changes came
+    /// between two heartbeats, so the routers get the engine's models as they are now).
+    enabled: tokio::sync::watch::Receiver<(bool, u64)>,
     lease: tokio::sync::Mutex<Option<String>>,
+    /// Draining or left for good: never registered again. Heartbeats go on through a
+    /// drain, so routers keep the worker (as draining) until it deregisters.
+    done: std::sync::atomic::AtomicBool,
 }
 
 impl Registration {
     pub fn new(
         cfg: RegistrationConfig,
         load: Arc<dyn LoadSource>,
-        enabled: tokio::sync::watch::Receiver<bool>,
+        enabled: tokio::sync::watch::Receiver<(bool, u64)>,
     ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             load,
             enabled,
             lease: tokio::sync::Mutex::new(None),
+            done: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn done(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
@@ -116,20 +126,27 @@ impl Registration {
         ))
     }
 
-    /// Runs forever: register, heartbeat, re-register when the lease is lost; while not
-    /// enabled, deregistered. Returns when the router answers a drain command.
+    /// Runs until the worker drains or leaves: register, heartbeat, re-register when the
+    /// lease is lost; while not enabled, deregistered.
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         let mut enabled = self.enabled.clone();
         loop {
-            if enabled.wait_for(|e| *e).await.is_err() {
+            if self.done() {
+                return;
+            }
+            if enabled.wait_for(|e| e.0).await.is_err() {
                 return; // the switch is gone: the process is ending
+            }
+            let generation = enabled.borrow_and_update().1;
+            if self.done() {
+                return;
             }
             match self.register_once().await {
                 Ok((mut client, interval)) => {
                     backoff = Duration::from_millis(100);
-                    match self.heartbeat_loop(&mut client, interval).await {
-                        Beat::Drain => return,
+                    match self.heartbeat_loop(&mut client, interval, generation).await {
+                        Beat::Done => return,
                         Beat::LeaseLost => {}
                         Beat::Disabled => {
                             self.deregister().await;
@@ -175,12 +192,15 @@ impl Registration {
         ))
     }
 
-    /// Heartbeats until the lease is lost, the router says drain, or registration is
-    /// disabled.
+    /// Heartbeats until the lease is lost, registration is disabled (or switched off and
+    /// on since `generation`), or the worker has left. A drain goes on heartbeating: the
+    /// routers then know the worker lives until it deregisters, and a worker that dies
+    /// mid-drain is noticed by its lease expiring.
     async fn heartbeat_loop(
         &self,
         client: &mut RegistryClient<Channel>,
         interval: Duration,
+        generation: u64,
     ) -> Beat {
         let mut tick = tokio::time::interval(interval);
         let mut enabled = self.enabled.clone();
@@ -188,14 +208,19 @@ impl Registration {
             tokio::select! {
                 _ = tick.tick() => {}
                 changed = enabled.changed() => {
-                    if changed.is_err() || !*enabled.borrow_and_update() {
+                    let now = *enabled.borrow_and_update();
+                    if changed.is_err() || !now.0 || now.1 != generation {
                         return Beat::Disabled;
                     }
                     continue;
                 }
             }
             let Some(lease_id) = self.lease.lock().await.clone() else {
-                return Beat::LeaseLost;
+                return if self.done() {
+                    Beat::Done
+                } else {
+                    Beat::LeaseLost
+                };
             };
             let load = self.load.load();
             let hb = HeartbeatRequest {
@@ -207,9 +232,13 @@ impl Registration {
                 device_memory_bytes: 0,
             };
             match client.heartbeat(self.req(hb)).await {
-                Ok(r) if r.get_ref().command == Command::Drain as i32 => return Beat::Drain,
+                // the router repeats the drain this worker announced: heartbeats go on
+                Ok(r) if r.get_ref().command == Command::Drain as i32 => {}
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {
+                    if self.done() {
+                        return Beat::Done;
+                    }
                     tracing::warn!("lease lost ({}); registering again", s.message());
                     return Beat::LeaseLost;
                 }
@@ -218,8 +247,10 @@ impl Registration {
         }
     }
 
-    /// Announces a drain with a deadline (best effort).
+    /// Announces a drain with a deadline (best effort). From now on the worker is never
+    /// registered again; heartbeats go on until [`Self::leave`].
     pub async fn drain(&self, deadline_s: u32, reason: &str) {
+        self.done.store(true, Ordering::Relaxed);
         let Some(lease_id) = self.lease.lock().await.clone() else {
             return;
         };
@@ -234,8 +265,14 @@ impl Registration {
         }
     }
 
-    /// Leaves routing (best effort).
-    pub async fn deregister(&self) {
+    /// Leaves routing for good (best effort): the end of a drain.
+    pub async fn leave(&self) {
+        self.done.store(true, Ordering::Relaxed);
+        self.deregister().await;
+    }
+
+    /// Leaves routing (best effort); registered again once enabled.
+    async fn deregister(&self) {
         let Some(lease_id) = self.lease.lock().await.take() else {
             return;
         };
@@ -247,7 +284,7 @@ impl Registration {
 
 /// How a heartbeat loop ended.
 enum Beat {
-    Drain,
+    Done,
     LeaseLost,
     Disabled,
 }

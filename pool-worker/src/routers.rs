@@ -17,9 +17,13 @@ use crate::registration::{LoadSource, Registration, RegistrationConfig};
 pub struct Routers {
     base: RegistrationConfig,
     load: Arc<dyn LoadSource>,
-    /// Registered (true) or out of routing (false) with every router at once.
-    enabled: tokio::sync::watch::Sender<bool>,
+    /// Registered (true) or out of routing (false) with every router at once, and how
+    /// many times it was switched on.
+    enabled: tokio::sync::watch::Sender<(bool, u64)>,
     live: Mutex<BTreeMap<String, (Arc<Registration>, tokio::task::AbortHandle)>>,
+    /// Shutting down: no router is joined any more (one found by DNS mid-drain would get a
+    /// live registration of a worker about to leave).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Routers {
@@ -29,16 +33,22 @@ impl Routers {
         Arc::new(Self {
             base,
             load,
-            enabled: tokio::sync::watch::Sender::new(true),
+            enabled: tokio::sync::watch::Sender::new((true, 0)),
             live: Mutex::new(BTreeMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Takes this worker out of routing on every router (deregistering), or puts it back
     /// (registering anew): a sidecar does so as its engine goes down and comes back.
     pub fn set_enabled(&self, on: bool) {
-        self.enabled
-            .send_if_modified(|e| std::mem::replace(e, on) != on);
+        self.enabled.send_if_modified(|e| {
+            if e.0 == on {
+                return false;
+            }
+            *e = (on, e.1 + u64::from(on));
+            true
+        });
     }
 
     fn live(
@@ -52,6 +62,9 @@ impl Routers {
     /// does. `tls_name`: the name the router's certificate carries, when `url` holds an
     /// address found for that name.
     pub fn join(&self, url: &str, tls_name: Option<&str>) {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut live = self.live();
         if live.contains_key(url) {
             return;
@@ -73,6 +86,12 @@ impl Routers {
         if let Some((_, task)) = self.live().remove(url) {
             task.abort();
         }
+    }
+
+    /// Joins no router from now on (the worker is shutting down).
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every registration now (to drain and deregister at shutdown).

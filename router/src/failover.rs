@@ -180,12 +180,13 @@ pub async fn forward(
         // connection would otherwise hold the request for the whole first-byte timeout
         let sent = async {
             tokio::select! {
+                // an answer that is there wins over the worker's leaving
                 biased;
+                r = attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out) => r,
                 () = worker.gone.cancelled() => Err(AttemptError::network(
                     routing_rules::RetryOn::Reset,
                     "the worker left routing (lease expired or deregistered) before it answered",
                 )),
-                r = attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out) => r,
             }
         };
         let answered = tokio::time::timeout_at(deadline, sent)
@@ -208,7 +209,8 @@ pub async fn forward(
                 match hold_first(session, &mut up, &resp, &worker, deadline).await {
                     Ok(held) => Ok((up, resp, held)),
                     Err(Held::Failed(e)) => {
-                        up.shutdown().await;
+                        // bounded: a frozen peer may never take a TLS close_notify
+                        let _ = tokio::time::timeout(Duration::from_secs(1), up.shutdown()).await;
                         Err(e)
                     }
                     Err(Held::ClientGone(e)) => {
@@ -312,24 +314,27 @@ async fn hold_first(
         up.set_read_timeout(None);
     }
     let mut held: Vec<Option<bytes::Bytes>> = Vec::new();
+    let mut scan = SseScan::default();
     let mut seen = 0usize;
     let mut watch = true;
     loop {
         let next = tokio::select! {
+            // bytes that are there win over the worker's leaving
             biased;
+            next = relay::next_chunk(session, up, deadline, &mut watch) => next,
             () = worker.gone.cancelled() => {
                 return Err(Held::Failed(AttemptError::network(
                     routing_rules::RetryOn::Reset,
                     "the worker left routing (lease expired or deregistered) before its first token",
                 )));
             }
-            next = relay::next_chunk(session, up, deadline, &mut watch) => next,
         };
         match next {
             relay::Next::Chunk(Some(chunk)) => {
                 seen += chunk.len();
+                let event = sse && scan.feed(&chunk);
                 held.push(Some(chunk));
-                if !sse || seen > HOLD_LIMIT || has_data_event(&held) {
+                if !sse || event || seen > HOLD_LIMIT {
                     return Ok(held);
                 }
             }
@@ -359,29 +364,49 @@ async fn hold_first(
     }
 }
 
-/// Whether `chunks` hold a whole server-sent event with a `data` field (lines ended by
-/// LF or CRLF, the event by an empty line).
-fn has_data_event(chunks: &[Option<bytes::Bytes>]) -> bool {
-    let mut line: Vec<u8> = Vec::new();
-    let mut data = false;
-    for b in chunks.iter().flatten().flat_map(|c| c.iter()) {
-        if *b != b'\n' {
-            line.push(*b);
-            continue;
-        }
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        if line.is_empty() {
-            if data {
-                return true;
+/// Finds the end of a server-sent event with a `data` field, fed the stream's bytes as
+/// they come (lines end with LF, CRLF or CR; an event ends with an empty line).
+#[derive(Default)]
+struct SseScan {
+    /// The current line's first bytes (enough to tell `data`), and its length.
+    head: [u8; 5],
+    len: usize,
+    /// The last byte was a CR (an LF right after it ends no further line).
+    after_cr: bool,
+    /// The event so far has a `data` field.
+    data: bool,
+}
+
+impl SseScan {
+    /// Feeds `bytes`; true once an event with data has ended.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
+            if b == b'\n' && after_cr {
+                continue; // the LF of a CRLF
             }
-        } else if line.starts_with(b"data:") || line == b"data" {
-            data = true;
+            if b != b'\n' && b != b'\r' {
+                if self.len < self.head.len() {
+                    self.head[self.len] = b;
+                }
+                self.len += 1;
+                continue;
+            }
+            // a line ended
+            if self.len == 0 {
+                if self.data {
+                    return true;
+                }
+            } else {
+                let head = &self.head[..self.len.min(5)];
+                if head == b"data:" || (self.len == 4 && head == b"data") {
+                    self.data = true;
+                }
+            }
+            self.len = 0;
         }
-        line.clear();
+        false
     }
-    false
 }
 
 /// The hop header to send: the client's (another router's) with this router's id added.
@@ -408,29 +433,32 @@ mod tests {
 
     #[test]
     fn a_data_event_is_found_across_chunks_and_line_ends() {
-        let c = |parts: &[&str]| {
-            parts
-                .iter()
-                .map(|p| Some(bytes::Bytes::copy_from_slice(p.as_bytes())))
-                .collect::<Vec<_>>()
+        let has_data_event = |parts: &[&str]| {
+            let mut scan = SseScan::default();
+            parts.iter().any(|p| scan.feed(p.as_bytes()))
         };
-        assert!(has_data_event(&c(&["data: {\"a\":1}\n\n"])));
-        assert!(has_data_event(&c(&["da", "ta: x\r", "\n\r\n"])));
-        assert!(has_data_event(&c(&[
+        let c = |parts: &'static [&'static str]| parts;
+        assert!(has_data_event(c(&["data: {\"a\":1}\n\n"])));
+        assert!(has_data_event(c(&["da", "ta: x\r", "\n\r\n"])));
+        assert!(has_data_event(c(&[
             ": ping\n\n",
             "event: message\ndata: x\n",
             "\n"
         ])));
+        assert!(!has_data_event(c(&[": ping\n\n"])), "a comment is no token");
         assert!(
-            !has_data_event(&c(&[": ping\n\n"])),
-            "a comment is no token"
-        );
-        assert!(
-            !has_data_event(&c(&["data: x\n"])),
+            !has_data_event(c(&["data: x\n"])),
             "the event has not ended"
         );
-        assert!(!has_data_event(&c(&["event: x\n\n"])));
-        assert!(!has_data_event(&c(&["xdata: x\n\n"])));
+        assert!(!has_data_event(c(&["event: x\n\n"])));
+        assert!(!has_data_event(c(&["xdata: x\n\n"])));
+        assert!(has_data_event(c(&["data: x\r\r"])), "CR line ends");
+        assert!(
+            has_data_event(c(&["data\n", "\n"])),
+            "a data field with no value"
+        );
+        assert!(!has_data_event(c(&["datax\n\n"])));
+        assert!(has_data_event(c(&["data: x\r\n", "\r\n"])));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! | llama.cpp server | `llamacpp:requests_processing` | `llamacpp:requests_deferred` | `llamacpp:kv_cache_usage_ratio` (older builds) | `llamacpp:tokens_predicted_total` |
 //!
 //! Every series of a name is summed (vLLM labels each model; a data-parallel engine may
-//! export one series per rank).
+//! export one series per rank), but the KV-cache fraction, where the fullest rank's counts.
 
 use std::time::Instant;
 
@@ -132,10 +132,20 @@ impl EngineKind {
                 self.name()
             )
         })?;
+        // a fraction: the fullest of several ranks' caches, not their sum
+        let max = |names: &[&str]| -> Option<f64> {
+            names.iter().find_map(|n| {
+                samples
+                    .iter()
+                    .filter(|(m, _)| m == n)
+                    .map(|(_, v)| *v)
+                    .reduce(f64::max)
+            })
+        };
         Ok(Scrape {
             running,
             waiting: sum(names.waiting).unwrap_or(0.0),
-            kv_cache_usage: sum(names.kv_cache),
+            kv_cache_usage: max(names.kv_cache),
             tokens_total: sum(names.tokens_total),
             tokens_per_second: sum(names.tokens_per_second),
         })
@@ -441,6 +451,11 @@ mod tests {
                     sglang:num_running_reqs{dp_rank=\"0\",model_name=\"m\"} 2.0\n\
                     sglang:num_running_reqs{dp_rank=\"1\",model_name=\"m\"} 3.0\n";
         assert_eq!(EngineKind::Sglang.parse_metrics(text).unwrap().running, 5.0);
+        let kv = "sglang:num_running_reqs 1\nsglang:token_usage{dp_rank=\"0\"} 0.3\nsglang:token_usage{dp_rank=\"1\"} 0.5\n";
+        assert_eq!(
+            EngineKind::Sglang.parse_metrics(kv).unwrap().kv_cache_usage,
+            Some(0.5)
+        );
     }
 
     #[test]

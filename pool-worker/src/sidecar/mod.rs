@@ -7,9 +7,10 @@
 //!    context windows) in its API ([`engines`]);
 //! 2. registers the engine with every router like a worker of our own (pool, device,
 //!    models, lease), heartbeating the load read from the engine's `/metrics` every poll;
-//! 3. takes it out of routing (deregisters) as soon as the engine stops answering its
-//!    health check — a dead engine leaves every router within one poll instead of a lease
-//!    TTL — and registers it again, models found anew, once it answers;
+//! 3. takes it out of routing (deregisters) as soon as the engine refuses connections — a
+//!    dead engine leaves every router within one poll instead of a lease TTL — or fails
+//!    its health check [`STRIKES`] times in a row (hung), and registers it again, models
+//!    found anew, once it answers;
 //! 4. on SIGTERM or `POST /admin/preempt` announces the drain to the routers, waits until
 //!    the engine reports no request running or waiting (or the deadline), deregisters and
 //!    exits. Engines without metrics (`openai`) cannot show that: the sidecar then waits
@@ -58,8 +59,6 @@ pub struct EngineLoad {
     waiting: AtomicU32,
     kv_milli: AtomicU32,
     tps_milli: AtomicU64,
-    /// Whether load has been read from the engine's metrics at least once.
-    pub known: AtomicBool,
 }
 
 impl LoadSource for EngineLoad {
@@ -82,7 +81,6 @@ impl EngineLoad {
         self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
         self.tps_milli
             .store((tps.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
-        self.known.store(true, Ordering::Relaxed);
     }
 
     fn busy(&self) -> u32 {
@@ -129,6 +127,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(cfg: EngineConfig) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
+            .no_proxy()
             .timeout(Duration::from_secs(2))
             .connect_timeout(Duration::from_secs(1))
             .build()?;
@@ -169,7 +168,11 @@ impl Engine {
     pub async fn probe(&self) -> Result<(), (bool, String)> {
         let path = self.cfg.kind.health_path();
         let url = format!("{}{path}", self.cfg.url);
-        match self.http.get(&url).send().await {
+        let mut req = self.http.get(&url);
+        if let Some(k) = &self.cfg.api_key {
+            req = req.bearer_auth(k);
+        }
+        match req.send().await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err((false, format!("{url}: {}", r.status()))),
             Err(e) => Err((e.is_connect(), format!("{url}: {e}"))),
@@ -255,9 +258,15 @@ impl Engine {
     }
 }
 
+/// Failed health checks in a row (timeouts, errors) that take an engine out of routing.
+/// A refused connection takes it out at once: the process is gone. A busy engine may be
+/// slow to answer its health check (vLLM's under load, sglang's generates a token), and
+/// leaving routing gives up on every request still waiting on it.
+const STRIKES: u32 = 3;
+
 /// Polls the engine until the process ends: load into heartbeats; out of routing while it
-/// fails its health check (twice in a row, or once when it refuses connections: the
-/// process is gone), back in once it passes, its models found anew.
+/// fails its health check ([`STRIKES`] times in a row, or once when it refuses
+/// connections), back in once it passes, its models found anew.
 pub async fn watch(engine: Arc<Engine>, routers: Arc<Routers>, models: Models) {
     let mut rate = engines::Rate::default();
     let mut tick = tokio::time::interval(engine.cfg.poll);
@@ -268,7 +277,7 @@ pub async fn watch(engine: Arc<Engine>, routers: Arc<Routers>, models: Models) {
         let was_up = engine.load.up.load(Ordering::Relaxed);
         if let Err((refused, why)) = engine.probe().await {
             failures += 1;
-            if was_up && (refused || failures >= 2) {
+            if was_up && (refused || failures >= STRIKES) {
                 tracing::warn!("the engine fails its health check ({why}): leaving routing");
                 engine.load.up.store(false, Ordering::Relaxed);
                 routers.set_enabled(false);
@@ -371,30 +380,26 @@ pub async fn drain(engine: &Engine, routers: &Routers, deadline: Duration, reaso
     let end = start + deadline;
     let mut rate = engines::Rate::default();
     let metrics = engine.cfg.kind.metrics_path().is_some();
-    // the load as of now, not as of the last poll
-    let _ = engine.scrape(&mut rate).await;
     loop {
         if tokio::time::Instant::now() >= end {
             tracing::warn!("drain deadline reached");
             break;
         }
-        // (a request routed just before the drain reached the routers may not show in the
-        // engine's metrics at once: idle counts only after a second)
+        // idle is what a scrape made now says, never the last poll's figure; and only after
+        // a second (a request routed just before the drain reached the routers may not
+        // show in the engine's metrics at once)
+        let read = metrics && engine.scrape(&mut rate).await.is_ok();
         let settled = start.elapsed() >= Duration::from_secs(1);
-        if metrics
-            && settled
-            && engine.load.known.load(Ordering::Relaxed)
-            && engine.load.busy() == 0
-        {
+        if read && settled && engine.load.busy() == 0 {
             tracing::info!("the engine is idle");
             break;
         }
-        if metrics && !engine.healthy().await {
+        // only a refused connection means the engine is gone (a slow one still works)
+        if metrics && matches!(engine.probe().await, Err((true, _))) {
             tracing::info!("the engine is gone");
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = engine.scrape(&mut rate).await;
     }
-    futures::future::join_all(all.iter().map(|r| r.deregister())).await;
+    futures::future::join_all(all.iter().map(|r| r.leave())).await;
 }
