@@ -7,8 +7,7 @@
 //! its build does not fit CI's time.) The fleet: the engine in the spot pool
 //! `vllm-spot`, one of our workers (tiny model, same model name) in `l40s-ondemand`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,56 +31,40 @@ rules:
 
 const ENGINE_TEXT: &str = "hello from a server that is not Switchyard";
 
-/// The stand-in engine; killed when dropped.
+/// The stand-in engine (a [`Proc`]: killed when dropped, stopped or not).
 struct EngineServer {
-    child: std::process::Child,
+    proc: Proc,
     url: String,
 }
 
-impl Drop for EngineServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl EngineServer {
-    fn start() -> Result<Self> {
+    fn start(dir: &std::path::Path) -> Result<Self> {
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("upstream/openai_server.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .args([
-                "--engine",
-                "vllm",
-                "--model",
-                "ext-model",
-                "--max-model-len",
-                "3000",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("python3")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let port: u16 = line
-            .trim()
-            .strip_prefix("LISTENING ")
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).args([
+            "--engine",
+            "vllm",
+            "--model",
+            "ext-model",
+            "--max-model-len",
+            "3000",
+        ]);
+        let proc = Proc::spawn(cmd, &dir.join("engine.log"))?;
+        let port: u16 = proc
+            .line
+            .split_whitespace()
+            .nth(1)
             .and_then(|p| p.parse().ok())
-            .with_context(|| format!("no LISTENING line: {line:?}"))?;
+            .with_context(|| format!("no port in {:?}", proc.line))?;
         Ok(Self {
-            child,
+            proc,
             url: format!("http://127.0.0.1:{port}"),
         })
     }
 
     fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status();
+        self.proc.signal(sig);
     }
 
     async fn control(&self, http: &reqwest::Client, v: Value) -> Result<()> {
@@ -100,7 +83,7 @@ async fn fleet() -> Result<(Running, EngineServer, Proc)> {
     let mut ours = WorkerSpec::new("l40s-ondemand");
     ours.model_name = "ext-model".into();
     let env = TestEnv::new().rules(RULES).worker(ours).start().await?;
-    let engine = EngineServer::start()?;
+    let engine = EngineServer::start(env.dir.path())?;
     let mut cmd = Command::new(bin("switchyard-worker")?);
     cmd.args(["--engine-url", &engine.url, "--engine", "vllm"])
         .args(["--router", &env.grpc, "--pool", "vllm-spot"])

@@ -377,7 +377,7 @@ async fn sidecar(args: Args) -> anyhow::Result<()> {
         server.abort();
         return Ok(());
     };
-    engine.load.up.store(true, Ordering::Relaxed);
+    engine.load.set_up(true);
     let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
     tracing::info!(models = ?names, "the engine serves");
     let models = Arc::new(std::sync::RwLock::new(found));

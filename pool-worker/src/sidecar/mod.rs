@@ -22,7 +22,7 @@
 pub mod engines;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -30,6 +30,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use prometheus::{Gauge, IntGauge};
 use proto::ServedModel;
 
 use crate::registration::{Load, LoadSource, Models};
@@ -51,69 +52,103 @@ pub struct EngineConfig {
     pub poll: Duration,
 }
 
-/// The engine's load as last read, for heartbeats and `/metrics`.
-#[derive(Debug, Default)]
+/// The engine's load as last read: what heartbeats report and the sidecar's `/metrics`
+/// export (one prometheus registry of its own).
+#[derive(Debug)]
 pub struct EngineLoad {
-    pub up: AtomicBool,
-    running: AtomicU32,
-    waiting: AtomicU32,
-    kv_milli: AtomicU32,
-    tps_milli: AtomicU64,
+    registry: prometheus::Registry,
+    up: IntGauge,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_cache: Gauge,
+    tokens_per_second: Gauge,
 }
 
 impl LoadSource for EngineLoad {
     fn load(&self) -> Load {
+        let count = |g: &IntGauge| u32::try_from(g.get().max(0)).unwrap_or(u32::MAX);
         Load {
-            in_flight: self.running.load(Ordering::Relaxed),
-            queued: self.waiting.load(Ordering::Relaxed),
-            kv_cache_usage: self.kv_milli.load(Ordering::Relaxed) as f32 / 1000.0,
-            tokens_per_second: self.tps_milli.load(Ordering::Relaxed) as f32 / 1000.0,
+            in_flight: count(&self.running),
+            queued: count(&self.waiting),
+            kv_cache_usage: self.kv_cache.get() as f32,
+            tokens_per_second: self.tokens_per_second.get() as f32,
         }
     }
 }
 
 impl EngineLoad {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let int = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let up = int(
+            "switchyard_sidecar_engine_up",
+            "Whether the engine answers its health check.",
+        )?;
+        let running = int(
+            "switchyard_sidecar_engine_requests_running",
+            "Requests the engine runs, from its metrics.",
+        )?;
+        let waiting = int(
+            "switchyard_sidecar_engine_requests_waiting",
+            "Requests waiting in the engine, from its metrics.",
+        )?;
+        let float = |name: &str, help: &str| -> prometheus::Result<Gauge> {
+            let g = Gauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let kv_cache = float(
+            "switchyard_sidecar_engine_kv_cache_usage",
+            "Fraction of the engine's KV cache in use.",
+        )?;
+        let tokens_per_second = float(
+            "switchyard_sidecar_engine_tokens_per_second",
+            "Tokens the engine generates per second.",
+        )?;
+        Ok(Self {
+            registry,
+            up,
+            running,
+            waiting,
+            kv_cache,
+            tokens_per_second,
+        })
+    }
+
+    /// Whether the engine passes its health check (as the sidecar last saw it).
+    pub fn is_up(&self) -> bool {
+        self.up.get() == 1
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
     fn record(&self, s: &engines::Scrape, tps: f64) {
-        let count = |x: f64| x.clamp(0.0, f64::from(u32::MAX)).round() as u32;
-        self.running.store(count(s.running), Ordering::Relaxed);
-        self.waiting.store(count(s.waiting), Ordering::Relaxed);
-        let kv = s.kv_cache_usage.unwrap_or(0.0).clamp(0.0, 1.0);
-        self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
-        self.tps_milli
-            .store((tps.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
+        let count = |x: f64| x.clamp(0.0, f64::from(u32::MAX)).round() as i64;
+        self.running.set(count(s.running));
+        self.waiting.set(count(s.waiting));
+        self.kv_cache
+            .set(s.kv_cache_usage.unwrap_or(0.0).clamp(0.0, 1.0));
+        self.tokens_per_second.set(tps.max(0.0));
     }
 
-    fn busy(&self) -> u32 {
-        self.running
-            .load(Ordering::Relaxed)
-            .saturating_add(self.waiting.load(Ordering::Relaxed))
+    fn busy(&self) -> i64 {
+        self.running.get().max(0) + self.waiting.get().max(0)
     }
 
-    /// The sidecar's view in Prometheus text.
-    fn encode(&self) -> String {
-        let l = self.load();
-        format!(
-            "# HELP switchyard_sidecar_engine_up Whether the engine answers its health check.\n\
-             # TYPE switchyard_sidecar_engine_up gauge\n\
-             switchyard_sidecar_engine_up {}\n\
-             # HELP switchyard_sidecar_engine_requests_running Requests the engine runs, from its metrics.\n\
-             # TYPE switchyard_sidecar_engine_requests_running gauge\n\
-             switchyard_sidecar_engine_requests_running {}\n\
-             # HELP switchyard_sidecar_engine_requests_waiting Requests waiting in the engine, from its metrics.\n\
-             # TYPE switchyard_sidecar_engine_requests_waiting gauge\n\
-             switchyard_sidecar_engine_requests_waiting {}\n\
-             # HELP switchyard_sidecar_engine_kv_cache_usage Fraction of the engine's KV cache in use.\n\
-             # TYPE switchyard_sidecar_engine_kv_cache_usage gauge\n\
-             switchyard_sidecar_engine_kv_cache_usage {}\n\
-             # HELP switchyard_sidecar_engine_tokens_per_second Tokens the engine generates per second.\n\
-             # TYPE switchyard_sidecar_engine_tokens_per_second gauge\n\
-             switchyard_sidecar_engine_tokens_per_second {}\n",
-            u8::from(self.up.load(Ordering::Relaxed)),
-            l.in_flight,
-            l.queued,
-            l.kv_cache_usage,
-            l.tokens_per_second,
-        )
+    fn encode(&self) -> prometheus::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut out,
+        )?;
+        Ok(out)
     }
 }
 
@@ -134,16 +169,21 @@ impl Engine {
         Ok(Self {
             cfg,
             http,
-            load: Arc::default(),
+            load: Arc::new(EngineLoad::new()?),
         })
     }
 
-    async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
+    /// GET `path` of the engine, with its key.
+    async fn send(&self, path: &str) -> reqwest::Result<reqwest::Response> {
         let mut req = self.http.get(format!("{}{path}", self.cfg.url));
         if let Some(k) = &self.cfg.api_key {
             req = req.bearer_auth(k);
         }
-        req.send()
+        req.send().await
+    }
+
+    async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
+        self.send(path)
             .await
             .map_err(|e| format!("{}{path}: {e}", self.cfg.url))
     }
@@ -168,11 +208,7 @@ impl Engine {
     pub async fn probe(&self) -> Result<(), (bool, String)> {
         let path = self.cfg.kind.health_path();
         let url = format!("{}{path}", self.cfg.url);
-        let mut req = self.http.get(&url);
-        if let Some(k) = &self.cfg.api_key {
-            req = req.bearer_auth(k);
-        }
-        match req.send().await {
+        match self.send(path).await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err((false, format!("{url}: {}", r.status()))),
             Err(e) => Err((e.is_connect(), format!("{url}: {e}"))),
@@ -274,12 +310,12 @@ pub async fn watch(engine: Arc<Engine>, routers: Arc<Routers>, models: Models) {
     let mut failures = 0u32;
     loop {
         tick.tick().await;
-        let was_up = engine.load.up.load(Ordering::Relaxed);
+        let was_up = engine.load.is_up();
         if let Err((refused, why)) = engine.probe().await {
             failures += 1;
             if was_up && (refused || failures >= STRIKES) {
                 tracing::warn!("the engine fails its health check ({why}): leaving routing");
-                engine.load.up.store(false, Ordering::Relaxed);
+                engine.load.set_up(false);
                 routers.set_enabled(false);
             }
             continue;
@@ -293,7 +329,7 @@ pub async fn watch(engine: Arc<Engine>, routers: Arc<Routers>, models: Models) {
                     if let Ok(mut m) = models.write() {
                         *m = found;
                     }
-                    engine.load.up.store(true, Ordering::Relaxed);
+                    engine.load.set_up(true);
                     routers.set_enabled(true);
                 }
                 Err(e) => {
@@ -330,7 +366,7 @@ pub fn router(state: Arc<Admin>) -> Router {
 async fn health(State(s): State<Arc<Admin>>) -> Response {
     if s.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else if !s.engine.load.up.load(Ordering::Relaxed) {
+    } else if !s.engine.load.is_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "engine down").into_response()
     } else {
         "ok".into_response()
@@ -338,11 +374,13 @@ async fn health(State(s): State<Arc<Admin>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Admin>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.engine.load.encode(),
-    )
-        .into_response()
+    match s.engine.load.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(e) => {
+            tracing::warn!("metrics: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 async fn preempt(
