@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
         model: "m",
         modalities: text,
         tried: &[],
+        continuation: false,
     };
     for policy in [&PowerOfTwo as &dyn Policy, &LeastLoaded] {
         for pool in ["p10", "p100", "p1000"] {

@@ -239,7 +239,7 @@ impl TestEnv {
             .build()?;
         let mut workers = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
-            workers.push(spawn_worker(dir.path(), &grpc, &tiny, i, w)?);
+            workers.push(spawn_worker(dir.path(), &grpc, &tiny, i, "", w)?);
         }
         let env = Running {
             dir,
@@ -273,8 +273,15 @@ impl TestEnv {
     }
 }
 
-/// Starts worker `i` of `spec` (log `worker-<i>.log`, id `<pool>-<i>`).
-fn spawn_worker(dir: &Path, grpc: &str, tiny: &Path, i: usize, w: &WorkerSpec) -> Result<Worker> {
+/// Starts worker `i` of `spec` (log `worker-<i><suffix>.log`, id `<pool>-<i><suffix>`).
+fn spawn_worker(
+    dir: &Path,
+    grpc: &str,
+    tiny: &Path,
+    i: usize,
+    suffix: &str,
+    w: &WorkerSpec,
+) -> Result<Worker> {
     let mut cmd = Command::new(bin("switchyard-worker")?);
     cmd.arg("--model").arg(w.model.as_deref().unwrap_or(tiny));
     cmd.args([
@@ -285,13 +292,13 @@ fn spawn_worker(dir: &Path, grpc: &str, tiny: &Path, i: usize, w: &WorkerSpec) -
         "--pool",
         &w.pool,
         "--worker-id",
-        &format!("{}-{i}", w.pool),
+        &format!("{}-{i}{suffix}", w.pool),
     ]);
     if w.fault_injection {
         cmd.arg("--fault-injection");
     }
     cmd.args(&w.args);
-    let proc = Proc::spawn(cmd, &dir.join(format!("worker-{i}.log")))?;
+    let proc = Proc::spawn(cmd, &dir.join(format!("worker-{i}{suffix}.log")))?;
     let url = proc
         .line
         .split_whitespace()
@@ -363,6 +370,17 @@ impl Running {
     /// Kills worker `i` (SIGKILL: a preemption without notice) and starts it again with the
     /// same arguments and id; it registers again once its old lease has expired.
     pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        self.respawn(i, "")
+    }
+
+    /// Kills worker `i` (SIGKILL) and starts a replacement with a new id (`<pool>-<i>-<n>`),
+    /// as a spot pool replaces a preempted node: it registers at once (the old lease
+    /// still runs out on its own).
+    pub fn replace_worker(&mut self, i: usize, n: usize) -> Result<()> {
+        self.respawn(i, &format!("-{n}"))
+    }
+
+    fn respawn(&mut self, i: usize, suffix: &str) -> Result<()> {
         let _ = self.workers[i].proc.child.kill();
         let _ = self.workers[i].proc.child.wait();
         self.workers[i] = spawn_worker(
@@ -370,6 +388,7 @@ impl Running {
             &self.grpc,
             &self.tiny_model,
             i,
+            suffix,
             &self.specs[i],
         )?;
         Ok(())

@@ -296,6 +296,54 @@ async fn bad_inputs_get_openai_errors() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "unsupported_parameter");
+
+    // a continuation (what a resumed stream sends) needs its assistant message last, and
+    // `add_generation_prompt: false` means nothing without it
+    for (extra, last_role, param) in [
+        (
+            json!({ "continue_final_message": true }),
+            "user",
+            "messages",
+        ),
+        (
+            json!({ "continue_final_message": true, "add_generation_prompt": true }),
+            "assistant",
+            "add_generation_prompt",
+        ),
+        (
+            json!({ "add_generation_prompt": false }),
+            "user",
+            "add_generation_prompt",
+        ),
+        (
+            json!({ "continue_final_message": "yes" }),
+            "assistant",
+            "continue_final_message",
+        ),
+    ] {
+        let mut body = chat_body("tiny", 10, 4, false);
+        body["messages"] = json!([
+            { "role": "user", "content": "hi" },
+            { "role": last_role, "content": "Hel" },
+        ]);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = env.chat(&body).await.unwrap();
+        assert_eq!(r.status(), 400, "{extra}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
+    // and a well-formed one is answered
+    let mut body = chat_body("tiny", 10, 4, false);
+    body["messages"] = json!([
+        { "role": "user", "content": "hi" },
+        { "role": "assistant", "content": "Hel" },
+    ]);
+    body["continue_final_message"] = json!(true);
+    body["add_generation_prompt"] = json!(false);
+    let r = env.chat(&body).await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,6 +282,8 @@ const ACCEPTED: &[&str] = &[
     "stream_options",
     "n",
     "user",
+    "continue_final_message",
+    "add_generation_prompt",
 ];
 
 struct Parsed {
@@ -314,6 +316,7 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
     if obj.get("n").is_some_and(|n| n.as_u64() != Some(1)) {
         return Err(WorkerError::bad("only n=1 is supported", Some("n")));
     }
+    let mut continues_words = 0;
     let prompt = match kind {
         Kind::Chat => {
             let msgs = obj
@@ -327,11 +330,49 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
                 ));
             }
             let accepts = &s.engine.model.modalities;
-            Prompt::Chat(
-                msgs.iter()
-                    .map(|m| message(m, accepts))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
+            let mut msgs = msgs
+                .iter()
+                .map(|m| message(m, accepts))
+                .collect::<Result<Vec<_>, _>>()?;
+            let flag = |k: &'static str| match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(_) => Err(WorkerError::bad(
+                    format!("`{k}` must be a boolean"),
+                    Some(k),
+                )),
+            };
+            let continuing = flag("continue_final_message")?.unwrap_or(false);
+            match (continuing, flag("add_generation_prompt")?) {
+                (true, Some(true)) => {
+                    return Err(WorkerError::bad(
+                        "`continue_final_message` and `add_generation_prompt` cannot both be true",
+                        Some("add_generation_prompt"),
+                    ));
+                }
+                (false, Some(false)) => {
+                    return Err(WorkerError::bad(
+                        "`add_generation_prompt: false` is supported only with `continue_final_message: true`",
+                        Some("add_generation_prompt"),
+                    ));
+                }
+                _ => {}
+            }
+            if continuing {
+                let answer = msgs
+                    .pop()
+                    .filter(|m| m.role == "assistant")
+                    .ok_or_else(|| {
+                        WorkerError::bad(
+                            "`continue_final_message` needs an assistant message last",
+                            Some("messages"),
+                        )
+                    })?;
+                continues_words = answer.content.split_whitespace().count();
+                Prompt::Continue(msgs, answer.content)
+            } else {
+                Prompt::Chat(msgs)
+            }
         }
         Kind::Completion => Prompt::Text(
             obj.get("prompt")
@@ -402,6 +443,8 @@ fn parse(s: &AppState, kind: Kind, body: &[u8]) -> Result<Parsed, WorkerError> {
             seed,
             stop,
             ignore_eos: false,
+            continues_words,
+            replay_tokens: 0,
         },
         stream,
         include_usage,
@@ -558,9 +601,14 @@ async fn serve(
     // and the registration heartbeat run on the same runtime.
     let model = Arc::clone(&s.engine.model);
     let t_tokenize = Instant::now();
-    let prompt = tokio::task::spawn_blocking(move || model.tokenize(p.prompt))
+    let (prompt, answer) = tokio::task::spawn_blocking(move || model.tokenize_parts(p.prompt))
         .await
         .map_err(|e| WorkerError::Engine(format!("tokenization stopped: {e}")))??;
+    // a greedy continuation replays its answer's start as decode produced it (see
+    // `GenParams::replay_tokens`); a sampled one is not the same sample either way
+    if p.params.temperature == Some(0.0) {
+        p.params.replay_tokens = answer;
+    }
     if let Some(t) = trace {
         let n = i64::try_from(prompt.len()).unwrap_or(i64::MAX);
         t.stage(

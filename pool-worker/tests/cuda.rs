@@ -176,6 +176,8 @@ async fn engine_on_cuda_streams_every_requested_token() {
                 seed: 3,
                 stop: vec![],
                 ignore_eos: true,
+                continues_words: 0,
+                replay_tokens: 0,
             },
             events: tx,
         })

@@ -378,6 +378,7 @@ async fn explain(
         model: &features.model,
         modalities: features.modalities,
         tried: &[],
+        continuation: false,
     };
     let counts: Vec<(&str, usize, usize)> = explained
         .decision

@@ -33,6 +33,8 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// Workers tried, by id: never tried twice for one request.
     pub tried: Vec<String>,
+    /// Streams resumed on another worker after their worker failed mid-answer.
+    pub resumed: u32,
     /// Each failed attempt: `(pool, worker id, retry class)`, for the log.
     pub failures: Vec<(Arc<str>, String, &'static str)>,
     /// The status the client got (499: the client left before an answer could be sent).
@@ -69,6 +71,7 @@ impl RequestCtx {
             pool: None,
             attempts: 0,
             tried: Vec::new(),
+            resumed: 0,
             failures: Vec::new(),
             status: 0,
             ttft: None,

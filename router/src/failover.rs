@@ -89,7 +89,6 @@ pub async fn forward(
     };
     shared.retry_budget.record_request();
     let snapshot = shared.registry.snapshot();
-    let rules = shared.rules.load();
     let retry = &decision.retry;
     let hops = hops(session, &shared.hop_id);
     let mut last: Option<(Arc<str>, AttemptError)> = None;
@@ -97,7 +96,6 @@ pub async fn forward(
     let mut next_pool = 0;
     // the total timeout bounds failover too: no attempt starts, and none waits, past it
     let deadline = tokio::time::Instant::from(ctx.started + shared.config.total_timeout);
-    let upstreams = shared.upstreams.load();
     while ctx.attempts < retry.max_attempts {
         if tokio::time::Instant::now() >= deadline {
             return respond::error(session, ctx, &ProxyError::GatewayTimeout).await;
@@ -111,14 +109,7 @@ pub async fn forward(
             }
             break;
         };
-        let policy =
-            select::policy_for(rules.rules.pool(pool).map(|p| p.select).unwrap_or_default());
-        let ask = Ask {
-            model: ctx.model(),
-            modalities: ctx.classified.features.modalities,
-            tried: &ctx.tried,
-        };
-        let Some(worker) = select::pick(&snapshot, pool, policy, &ask, reach) else {
+        let Some(worker) = pick_in(shared, &snapshot, ctx, pool, reach, false) else {
             next_pool += 1; // nothing (more) here: the next pool
             continue;
         };
@@ -129,15 +120,7 @@ pub async fn forward(
             // a retry into a pool that already failed this request (the same pool, or one
             // met again in the second sweep) spends the budget
             if ctx.failures.iter().any(|(p, ..)| p == pool) {
-                if !shared
-                    .retry_budget
-                    .try_retry(retry.budget_ratio, retry.budget_floor)
-                {
-                    shared
-                        .metrics
-                        .retry_budget_exhausted
-                        .with_label_values(&[pool])
-                        .inc();
+                if !budget_allows(shared, retry, pool) {
                     next_pool += 1; // the budget bounds retries within a tier, not failover
                     continue;
                 }
@@ -156,75 +139,20 @@ pub async fn forward(
             ctx.tried.push(worker.id.clone());
             continue;
         };
-        ctx.attempts += 1;
-        ctx.tried.push(worker.id.clone());
-        let in_flight = InFlight::new(Arc::clone(&worker));
-        let conn = upstreams.get(pool);
-        let peer = attempt::peer(&shared.config, &worker, conn.map(|c| &**c));
         let t0 = Instant::now();
-        let traceparent = ctx
-            .trace
-            .as_mut()
-            .map(|t| t.start_attempt(pool, &worker.id, ctx.attempts));
-        let out = Outgoing {
-            path: &ctx.path,
-            body: &body,
-            client: session.req_header(),
-            hops: &hops,
-            request_id: &ctx.request_id,
-            traceparent: traceparent.as_deref(),
-            authorization: conn.and_then(|c| c.authorization.as_ref()),
-        };
-        // a worker that leaves routing (lease expired, deregistered) while the request
-        // waits for its header is given up on at once: a frozen or partitioned host's
-        // connection would otherwise hold the request for the whole first-byte timeout
-        let sent = async {
-            tokio::select! {
-                // an answer that is there wins over the worker's leaving
-                biased;
-                r = attempt::attempt(&proxy.connector, &shared.config, &worker, &peer, &out) => r,
-                () = worker.gone.cancelled() => Err(AttemptError::network(
-                    routing_rules::RetryOn::Reset,
-                    "the worker left routing (lease expired or deregistered) before it answered",
-                )),
-            }
-        };
-        let answered = tokio::time::timeout_at(deadline, sent)
-            .await
-            .unwrap_or_else(|_| {
-                Err(AttemptError::network(
-                    routing_rules::RetryOn::Timeout,
-                    "the router's total timeout passed",
-                ))
-            });
-        // The commit point is the answer's first token, whatever the worker: a JSON answer
-        // is held until its body comes (the worker writes it when the generation ends), an
-        // event stream until its first `data:` event (engines such as vLLM, TGI and sglang
-        // send a stream's header before they have a token). A worker that fails before
-        // that — its connection broken, or the worker gone from routing (lease expired,
-        // deregistered) while its connection hangs — is retried on the next one,
-        // invisibly, as a failure before the first byte is. The client is watched meanwhile.
-        let answered = match answered {
-            Ok((mut up, resp)) => {
-                match hold_first(session, &mut up, &resp, &worker, deadline).await {
-                    Ok(held) => Ok((up, resp, held)),
-                    Err(Held::Failed(e)) => {
-                        // bounded: a frozen peer may never take a TLS close_notify
-                        let _ = tokio::time::timeout(Duration::from_secs(1), up.shutdown()).await;
-                        Err(e)
-                    }
-                    Err(Held::ClientGone(e)) => {
-                        if let Some(t) = ctx.trace.as_mut() {
-                            t.end_attempt(Some("client_gone"));
-                        }
-                        ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
-                        ctx.status = 499;
-                        up.shutdown().await;
-                        return Err(e);
-                    }
+        let (tried, in_flight, peer) =
+            attempt_at(proxy, session, ctx, pool, &worker, &body, &hops, deadline).await;
+        let answered = match tried {
+            Tried::Answered(up, resp, held) => Ok((up, resp, held)),
+            Tried::Failed(e) => Err(e),
+            Tried::ClientGone(e) => {
+                if let Some(t) = ctx.trace.as_mut() {
+                    t.end_attempt(Some("client_gone"));
                 }
+                ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                ctx.status = 499;
+                return Err(e);
             }
-            Err(e) => Err(e),
         };
         match answered {
             Ok((up, resp, first_body)) => {
@@ -240,33 +168,35 @@ pub async fn forward(
                     t.answered();
                 }
                 // The commit point: no failover after this. The body and its reservation
-                // go now, not when a long stream ends.
-                drop((body, held));
+                // go now, not when a long stream ends; unless the stream may be resumed
+                // mid-answer on another worker (see `crate::resume`), which needs them.
+                let resumable = relay::is_sse(&resp)
+                    && retry.resumes()
+                    && matches!(
+                        ctx.endpoint,
+                        Some(
+                            routing_rules::Endpoint::ChatCompletions
+                                | routing_rules::Endpoint::Completions
+                        )
+                    );
+                let kept = resumable.then_some((body, held));
                 let answer = relay::Answer {
                     upstream: up,
                     header: resp,
-                    peer: &peer,
+                    peer,
                     held: first_body,
+                    worker: Arc::clone(&worker),
+                    pool: pool.clone(),
+                    in_flight,
                 };
-                let relayed = relay::relay(proxy, session, ctx, decision, answer).await;
-                ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                let relayed = relay::relay(proxy, session, ctx, decision, answer, kept).await;
                 if let Some(t) = ctx.trace.as_mut() {
                     t.relayed(ctx.completion_tokens);
                 }
                 return relayed;
             }
             Err(failed) => {
-                ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
-                if let Some(t) = ctx.trace.as_mut() {
-                    t.end_attempt(Some(failed.reason_name()));
-                }
-                if failed.against_worker() && worker.health.record_failure() {
-                    tracing::warn!(worker = %worker.id, %pool, "worker ejected");
-                    shared.metrics.ejections.with_label_values(&[pool]).inc();
-                }
-                tracing::warn!(worker = %worker.id, %pool, reason = failed.reason_name(), "attempt failed: {}", failed.detail);
-                ctx.failures
-                    .push((pool.clone(), worker.id.clone(), failed.reason_name()));
+                attempt_failed(shared, ctx, pool, &worker, in_flight, &failed);
                 last = Some((pool.clone(), failed));
             }
         }
@@ -284,6 +214,307 @@ pub async fn forward(
         extra.push(("x-switchyard-attempts", ctx.attempts.to_string()));
     }
     respond::error_with(session, ctx, &e, extra).await
+}
+
+/// Takes a retry into `pool` from the retry budget; counts a refusal.
+fn budget_allows(
+    shared: &crate::state::Shared,
+    retry: &routing_rules::RetryPolicy,
+    pool: &str,
+) -> bool {
+    let allowed = shared
+        .retry_budget
+        .try_retry(retry.budget_ratio, retry.budget_floor);
+    if !allowed {
+        shared
+            .metrics
+            .retry_budget_exhausted
+            .with_label_values(&[pool])
+            .inc();
+    }
+    allowed
+}
+
+/// A worker of `pool` that may take the request (`continuation`: a resumed stream's).
+fn pick_in(
+    shared: &crate::state::Shared,
+    snapshot: &crate::registry::Snapshot,
+    ctx: &RequestCtx,
+    pool: &str,
+    reach: Reach,
+    continuation: bool,
+) -> Option<Arc<crate::registry::Worker>> {
+    let rules = shared.rules.load();
+    let policy = select::policy_for(rules.rules.pool(pool).map(|p| p.select).unwrap_or_default());
+    let ask = Ask {
+        model: ctx.model(),
+        modalities: ctx.classified.features.modalities,
+        tried: &ctx.tried,
+        continuation,
+    };
+    select::pick(snapshot, pool, policy, &ask, reach)
+}
+
+/// One attempt at `worker` of `pool`: counted, traced, sent with `body`, and its answer
+/// held up to the first token. Returns how it went, the worker's share of time running
+/// and the peer it went to.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_at(
+    proxy: &SwitchyardProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    pool: &Arc<str>,
+    worker: &Arc<crate::registry::Worker>,
+    body: &bytes::Bytes,
+    hops: &str,
+    deadline: tokio::time::Instant,
+) -> (Tried, InFlight, pingora::upstreams::peer::HttpPeer) {
+    let shared = &proxy.shared;
+    ctx.attempts += 1;
+    ctx.tried.push(worker.id.clone());
+    let in_flight = InFlight::new(Arc::clone(worker));
+    let upstreams = shared.upstreams.load();
+    let conn = upstreams.get(pool);
+    let peer = attempt::peer(&shared.config, worker, conn.map(|c| &**c));
+    let traceparent = ctx
+        .trace
+        .as_mut()
+        .map(|t| t.start_attempt(pool, &worker.id, ctx.attempts));
+    let out = Outgoing {
+        path: &ctx.path,
+        body,
+        client: session.req_header(),
+        hops,
+        request_id: &ctx.request_id,
+        traceparent: traceparent.as_deref(),
+        authorization: conn.and_then(|c| c.authorization.as_ref()),
+    };
+    let sent = send(proxy, worker, &peer, &out, deadline).await;
+    (hold(session, sent, worker, deadline).await, in_flight, peer)
+}
+
+/// Books a failed attempt: the worker's time, the trace, the worker's health (ejection),
+/// the request's failures.
+fn attempt_failed(
+    shared: &crate::state::Shared,
+    ctx: &mut RequestCtx,
+    pool: &Arc<str>,
+    worker: &crate::registry::Worker,
+    in_flight: InFlight,
+    failed: &AttemptError,
+) {
+    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+    if let Some(t) = ctx.trace.as_mut() {
+        t.end_attempt(Some(failed.reason_name()));
+    }
+    if failed.against_worker() && worker.health.record_failure() {
+        tracing::warn!(worker = %worker.id, %pool, "worker ejected");
+        shared.metrics.ejections.with_label_values(&[pool]).inc();
+    }
+    tracing::warn!(worker = %worker.id, %pool, reason = failed.reason_name(), "attempt failed: {}", failed.detail);
+    ctx.failures
+        .push((pool.clone(), worker.id.clone(), failed.reason_name()));
+}
+
+/// How sending a request to one worker went. (Returned once per attempt and taken apart
+/// at once: boxing the answer would cost an allocation per request for nothing.)
+#[allow(clippy::large_enum_variant)]
+enum Tried {
+    /// Its answer's header, and its body up to the first token.
+    Answered(
+        pingora::protocols::http::client::HttpSession,
+        pingora::http::ResponseHeader,
+        Vec<Option<bytes::Bytes>>,
+    ),
+    /// The worker failed before its first token (or left routing): retry elsewhere.
+    Failed(AttemptError),
+    /// The client left meanwhile.
+    ClientGone(pingora::BError),
+}
+
+/// Sends `out` to `worker` and reads its answer's header, bounded by the total
+/// `deadline` (then [`hold`] reads it up to the first token).
+async fn send(
+    proxy: &SwitchyardProxy,
+    worker: &crate::registry::Worker,
+    peer: &pingora::upstreams::peer::HttpPeer,
+    out: &Outgoing<'_>,
+    deadline: tokio::time::Instant,
+) -> std::result::Result<
+    (
+        pingora::protocols::http::client::HttpSession,
+        pingora::http::ResponseHeader,
+    ),
+    AttemptError,
+> {
+    let shared = &proxy.shared;
+    // a worker that leaves routing (lease expired, deregistered) while the request waits
+    // for its header is given up on at once: a frozen or partitioned host's connection
+    // would otherwise hold the request for the whole first-byte timeout
+    let sent = async {
+        tokio::select! {
+            // an answer that is there wins over the worker's leaving
+            biased;
+            r = attempt::attempt(&proxy.connector, &shared.config, worker, peer, out) => r,
+            () = worker.gone.cancelled() => Err(AttemptError::network(
+                routing_rules::RetryOn::Reset,
+                "the worker left routing (lease expired or deregistered) before it answered",
+            )),
+        }
+    };
+    tokio::time::timeout_at(deadline, sent)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AttemptError::network(
+                routing_rules::RetryOn::Timeout,
+                "the router's total timeout passed",
+            ))
+        })
+}
+
+/// Reads a worker's answer (from [`send`]) up to its first token.
+async fn hold(
+    session: &mut Session,
+    answered: std::result::Result<
+        (
+            pingora::protocols::http::client::HttpSession,
+            pingora::http::ResponseHeader,
+        ),
+        AttemptError,
+    >,
+    worker: &crate::registry::Worker,
+    deadline: tokio::time::Instant,
+) -> Tried {
+    // The commit point is the answer's first token, whatever the worker: a JSON answer is
+    // held until its body comes (the worker writes it when the generation ends), an event
+    // stream until its first `data:` event (engines such as vLLM, TGI and sglang send a
+    // stream's header before they have a token). A worker that fails before that — its
+    // connection broken, or the worker gone from routing (lease expired, deregistered)
+    // while its connection hangs — is retried on the next one, invisibly, as a failure
+    // before the first byte is. The client is watched meanwhile.
+    let (mut up, resp) = match answered {
+        Ok(a) => a,
+        Err(e) => return Tried::Failed(e),
+    };
+    match hold_first(session, &mut up, &resp, worker, deadline).await {
+        Ok(held) => Tried::Answered(up, resp, held),
+        Err(Held::Failed(e)) => {
+            // bounded: a frozen peer may never take a TLS close_notify
+            let _ = tokio::time::timeout(Duration::from_secs(1), up.shutdown()).await;
+            Tried::Failed(e)
+        }
+        Err(Held::ClientGone(e)) => {
+            up.shutdown().await;
+            Tried::ClientGone(e)
+        }
+    }
+}
+
+/// How resuming a broken stream went ([`resume`]).
+pub enum Resumed {
+    /// Another worker took the continuation: its answer, up to its first token.
+    Answer(Box<relay::Answer>),
+    /// No worker could (or the attempts or the total timeout ran out); the last reason.
+    Failed(String),
+    /// The client left meanwhile.
+    ClientGone(pingora::BError),
+}
+
+/// Sends the continuation `body` of a stream broken mid-answer in `from` to another
+/// worker that takes continuations: the same pool first, then the rest of the route in
+/// its order (spot before on-demand), then the pools before it; healthy workers first.
+/// Attempts count against `retry.max_attempts`, and a retry into a pool that already
+/// failed this request spends the retry budget, as in [`forward`].
+pub async fn resume(
+    proxy: &SwitchyardProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    decision: &routing_rules::RouteDecision,
+    body: &bytes::Bytes,
+    from: &Arc<str>,
+) -> Resumed {
+    let shared = &proxy.shared;
+    let snapshot = shared.registry.snapshot();
+    let retry = &decision.retry;
+    let hops = hops(session, &shared.hop_id);
+    let deadline = tokio::time::Instant::from(ctx.started + shared.config.total_timeout);
+    let at = decision.targets.iter().position(|p| p == from).unwrap_or(0);
+    let order: Vec<&Arc<str>> = decision.targets[at..]
+        .iter()
+        .chain(&decision.targets[..at])
+        .collect();
+    let mut last = String::from("no worker that takes a continuation is live on the route");
+    for reach in [Reach::Healthy, Reach::AnyLive] {
+        let mut i = 0;
+        while let Some(pool) = order.get(i).copied() {
+            if ctx.attempts >= retry.max_attempts {
+                return Resumed::Failed(format!("{last}; no attempts left"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Resumed::Failed("the router's total timeout passed".into());
+            }
+            let Some(worker) = pick_in(shared, &snapshot, ctx, pool, reach, true) else {
+                i += 1;
+                continue;
+            };
+            if ctx.failures.iter().any(|(p, ..)| p == pool) && !budget_allows(shared, retry, pool) {
+                i += 1;
+                continue;
+            }
+            let Some(_probe) = worker.health.probe() else {
+                ctx.tried.push(worker.id.clone());
+                continue;
+            };
+            shared
+                .metrics
+                .retries
+                .with_label_values(&[from, pool, "resume"])
+                .inc();
+            let (tried, in_flight, peer) =
+                attempt_at(proxy, session, ctx, pool, &worker, body, &hops, deadline).await;
+            match tried {
+                Tried::Answered(up, resp, held) if resp.status.is_success() => {
+                    worker.health.record_success();
+                    if let Some(t) = ctx.trace.as_mut() {
+                        t.answered();
+                    }
+                    return Resumed::Answer(Box::new(relay::Answer {
+                        upstream: up,
+                        header: resp,
+                        peer,
+                        held,
+                        worker: Arc::clone(&worker),
+                        pool: pool.clone(),
+                        in_flight,
+                    }));
+                }
+                Tried::Answered(mut up, resp, _) => {
+                    // a 4xx to the continuation (an engine that refuses it): not this one
+                    up.shutdown().await;
+                    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                    if let Some(t) = ctx.trace.as_mut() {
+                        t.end_attempt(Some("refused"));
+                    }
+                    last = format!("{} refused the continuation ({})", worker.id, resp.status);
+                    tracing::warn!(worker = %worker.id, %pool, "{last}");
+                    ctx.failures
+                        .push((pool.clone(), worker.id.clone(), "refused"));
+                }
+                Tried::Failed(failed) => {
+                    attempt_failed(shared, ctx, pool, &worker, in_flight, &failed);
+                    last = failed.summary().to_string();
+                }
+                Tried::ClientGone(e) => {
+                    if let Some(t) = ctx.trace.as_mut() {
+                        t.end_attempt(Some("client_gone"));
+                    }
+                    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+                    return Resumed::ClientGone(e);
+                }
+            }
+        }
+    }
+    Resumed::Failed(last)
 }
 
 /// Why holding an answer for its first token ended without it.

@@ -13,7 +13,7 @@
 //! | failover | [`failover`] | the attempt loop: tiers, retry budget, outcomes |
 //! | select | [`select`] | eligibility and the selection policies (one file each) |
 //! | attempt | [`attempt`] | one request to one worker, up to its response header |
-//! | relay | [`relay`] | the answer streamed back; usage counted ([`usage`]) |
+//! | relay | [`relay`] | the answer streamed back; usage counted ([`usage`]); a stream broken mid-answer resumed ([`resume`]) |
 //! | respond | [`respond`] | answers the router gives itself ([`error`] holds the error model) |
 //! | log | [`log`] | metrics ([`metrics`]) and the access line |
 //!
@@ -47,6 +47,7 @@ pub mod registry;
 pub mod relay;
 pub mod reload;
 pub mod respond;
+pub mod resume;
 pub mod select;
 pub mod shared_limits;
 pub mod state;

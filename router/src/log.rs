@@ -34,7 +34,8 @@ pub fn model_label<'a>(rules: &'a CompiledRules, model: &str) -> &'a str {
 /// Records the request's metrics and writes its access line: one JSON object (with
 /// `--log-format json`, the default off a terminal) whose `message` is `request`. Fields:
 /// `request_id`, `status`, `model`, `tenant` (the key's derived id, never the key), `rule`,
-/// `pool` and `worker` that answered, `attempts`, `failures` (`pool/worker:reason`, space
+/// `pool` and `worker` that answered, `attempts`, `resumed` (streams continued on another
+/// worker after theirs failed mid-answer), `failures` (`pool/worker:reason`, space
 /// separated), `prompt_tokens` and whether `exact`, `completion_tokens`, `ttft_ms`, `ms`,
 /// `cost_usd` (every attempt's share), `error`.
 ///
@@ -126,6 +127,7 @@ pub fn record(
         pool,
         worker,
         attempts = ctx.attempts,
+        resumed = ctx.resumed,
         failures = %Failures(&ctx.failures),
         prompt_tokens = features.prompt_tokens,
         exact = ctx.classified.exact,

@@ -69,6 +69,9 @@ pub struct Metrics {
     /// Retries into a pool that the retry budget refused (the request moved on to the next
     /// pool, or failed), by pool.
     pub retry_budget_exhausted: IntCounterVec,
+    /// Streams whose worker failed mid-answer, by pool (the continuation's, when resumed)
+    /// and outcome: `resumed`, `complete` (the answer was whole), `limit_reached`, `failed`.
+    pub resumes: IntCounterVec,
     /// 1 while the limits store every replica shares (`--limits-redis`) answers, else 0.
     pub limits_store_up: IntGauge,
     /// Limit checks decided by this router's own buckets because the shared store could
@@ -231,6 +234,14 @@ impl Metrics {
             &["pool"],
         )?;
         registry.register(Box::new(retry_budget_exhausted.clone()))?;
+        let resumes = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_stream_resumes_total",
+                "Streams whose worker failed mid-answer, by pool (the continuation's when resumed) and outcome (resumed, complete, limit_reached, failed).",
+            ),
+            &["pool", "outcome"],
+        )?;
+        registry.register(Box::new(resumes.clone()))?;
         let limits_store_up = IntGauge::new(
             "switchyard_router_limits_store_up",
             "1 while the shared limits store (--limits-redis) answers, else 0 (limits are then this router's own).",
@@ -312,6 +323,7 @@ impl Metrics {
             log_lines_dropped,
             tenant_rejected,
             retry_budget_exhausted,
+            resumes,
             limits_store_up,
             limits_local_decisions,
             pool_demand,

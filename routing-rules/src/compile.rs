@@ -984,7 +984,10 @@ impl Compiler {
             r.backoff_ms.map_or(base.backoff, Duration::from_millis),
         );
         match policy {
-            Ok(p) => p,
+            Ok(mut p) => {
+                p.resume = r.resume.unwrap_or(base.resume);
+                p
+            }
             Err(e) => {
                 for v in &e.problems {
                     self.problem(format!("{path}.{}", v.field), loc, v.message());

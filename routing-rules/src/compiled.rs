@@ -187,6 +187,9 @@ pub struct RetryPolicy {
     pub on: Vec<RetryOn>,
     #[serde(with = "millis")]
     pub backoff: Duration,
+    /// A stream whose worker fails mid-answer is resumed on another worker, as a
+    /// continuation of what the client already has (when `on` includes `reset`).
+    pub resume: bool,
 }
 
 mod millis {
@@ -210,6 +213,7 @@ impl Default for RetryPolicy {
                 RetryOn::Timeout,
             ],
             backoff: Duration::from_millis(0),
+            resume: true,
         }
     }
 }
@@ -284,11 +288,17 @@ impl RetryPolicy {
             budget_floor,
             on,
             backoff,
+            resume: true,
         })
     }
 
     pub fn retries_on(&self, reason: RetryOn) -> bool {
         self.on.contains(&reason)
+    }
+
+    /// Whether a stream broken mid-answer is resumed on another worker.
+    pub fn resumes(&self) -> bool {
+        self.resume && self.retries_on(RetryOn::Reset)
     }
 }
 

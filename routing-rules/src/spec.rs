@@ -390,4 +390,7 @@ pub struct RetrySpec {
     pub on: Option<Vec<RetryOn>>,
     #[schemars(range(max = 10000))]
     pub backoff_ms: Option<u64>,
+    /// Resume a stream whose worker fails mid-answer on another worker, as a continuation
+    /// of the text already sent (default true; needs `reset` in `on`).
+    pub resume: Option<bool>,
 }

@@ -98,6 +98,8 @@ async fn run_job(
             seed: 7,
             stop: vec![],
             ignore_eos: true,
+            continues_words: 0,
+            replay_tokens: 0,
         },
         events: tx,
     })?;

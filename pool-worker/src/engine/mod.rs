@@ -53,6 +53,16 @@ pub struct GenParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks only; not an API option).
     pub ignore_eos: bool,
+    /// Words of the answer the prompt already ends with (a continuation,
+    /// `continue_final_message`): the simulated backend's filler goes on from there. The
+    /// model reads them in its prompt.
+    pub continues_words: usize,
+    /// Tokens at the prompt's end (a continued answer's start) fed one per step, as decode
+    /// fed them when the answer was generated, instead of prefilled with the rest: the
+    /// cache then holds what the uninterrupted generation's did, so a greedy continuation
+    /// picks the tokens it would have (prefill's many-row products differ from decode's in
+    /// the last bits, enough to flip a near tie). 0: the whole prompt is prefilled.
+    pub replay_tokens: usize,
 }
 
 /// What a job reports, in order: zero or more `Text`, then exactly one `Done` or `Failed`.
@@ -196,9 +206,10 @@ impl Engine {
                 });
                 let stats = Arc::clone(&stats);
                 let max_context = model.max_context;
+                let costs = sim::word_costs(&model.tokenizer);
                 std::thread::Builder::new()
                     .name("sim-engine".into())
-                    .spawn(move || run_sim(rx, profile, stats, max_context))
+                    .spawn(move || run_sim(rx, profile, stats, max_context, costs))
             }
         };
         spawned.map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;
@@ -234,6 +245,8 @@ impl Engine {
             seed: 0,
             stop: vec![],
             ignore_eos: false,
+            continues_words: 0,
+            replay_tokens: 0,
         };
         self.submit(Job {
             prompt,

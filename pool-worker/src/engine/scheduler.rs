@@ -57,6 +57,25 @@ impl Seq {
     fn prefilling(&self) -> bool {
         self.prefilled < self.prompt.len()
     }
+
+    /// Whether the prompt left is a continued answer's start, fed one token per step as
+    /// decode fed it ([`GenParams::replay_tokens`]).
+    fn replaying(&self) -> bool {
+        self.prefilling() && self.prefilled >= self.prompt.len() - self.params.replay_tokens
+    }
+
+    /// The prompt tokens this step feeds: up to `chunk` of the prompt, stopping where a
+    /// replayed answer starts; then that answer one token at a time.
+    fn prompt_step(&self, chunk: usize) -> std::ops::Range<usize> {
+        let start = self.prefilled;
+        let replay_from = self.prompt.len() - self.params.replay_tokens;
+        let end = if start >= replay_from {
+            start + 1
+        } else {
+            (start + chunk).min(replay_from)
+        };
+        start..end.min(self.prompt.len())
+    }
 }
 
 /// What happened to a sequence after a token.
@@ -119,6 +138,8 @@ impl Actor {
             return;
         }
         self.stats.metrics.in_flight.inc();
+        let mut job = job;
+        job.params.replay_tokens = job.params.replay_tokens.min(job.prompt.len());
         let budget = job
             .params
             .max_tokens
@@ -147,16 +168,18 @@ impl Actor {
     /// One batched forward pass over the running sequences, then one token for each
     /// sequence whose prompt is complete.
     fn step(&mut self, running: &mut Vec<Seq>) {
-        // Every decoding sequence, and at most one prompt chunk; in `running` order, which
-        // is the order of the logits' rows.
+        // Every decoding (or replaying) sequence, and at most one prompt chunk; in
+        // `running` order, which is the order of the logits' rows.
         let mut chosen: Vec<usize> = (0..running.len())
-            .filter(|&i| !running[i].prefilling())
+            .filter(|&i| !running[i].prefilling() || running[i].replaying())
             .collect();
         let chunk = match chosen.is_empty() && self.weights.device().is_cpu() {
             true => PREFILL_CHUNK_ALONE,
             false => PREFILL_CHUNK,
         };
-        if let Some(i) = (0..running.len()).find(|&i| running[i].prefilling()) {
+        if let Some(i) =
+            (0..running.len()).find(|&i| running[i].prefilling() && !running[i].replaying())
+        {
             chosen.push(i);
             chosen.sort_unstable();
         }
@@ -168,8 +191,7 @@ impl Actor {
                 .filter(|(i, _)| chosen.contains(i))
                 .map(|(_, seq)| {
                     let tokens: &[u32] = if seq.prefilling() {
-                        let end = (seq.prefilled + chunk).min(seq.prompt.len());
-                        &seq.prompt[seq.prefilled..end]
+                        &seq.prompt[seq.prompt_step(chunk)]
                     } else {
                         match seq.generated.last() {
                             Some(t) => std::slice::from_ref(t),
@@ -202,8 +224,7 @@ impl Actor {
         for (row, &i) in chosen.iter().enumerate() {
             let seq = &mut running[i];
             if seq.prefilling() {
-                let end = (seq.prefilled + chunk).min(seq.prompt.len());
-                seq.prefilled = end;
+                seq.prefilled = seq.prompt_step(chunk).end;
                 if seq.prefilling() {
                     continue; // more prompt to go; these logits are not needed
                 }

@@ -13,6 +13,25 @@ pub struct SimProfile {
     pub tokens_per_s: f64,
 }
 
+/// The filler, one word per streamed event, over and over.
+const WORDS: [&str; 8] = [
+    "simulated ",
+    "tokens ",
+    "from ",
+    "the ",
+    "sim ",
+    "backend ",
+    "of ",
+    "switchyard. ",
+];
+
+/// What each filler word costs in the model tokenizer's tokens (at least 1): the sim
+/// spends `max_tokens` and reports usage in them, so its counts agree with what a router
+/// counts of its text with the same tokenizer (a resumed stream's budget, its usage).
+pub(super) fn word_costs(tokenizer: &tokenizers::Tokenizer) -> [usize; 8] {
+    WORDS.map(|w| tokenizer.encode(w, false).map_or(1, |e| e.len().max(1)))
+}
+
 /// The simulated backend: every job streams on its own thread at the profile's pace, so the
 /// worker behaves like hardware with many concurrent streams.
 pub(super) fn run_sim(
@@ -20,17 +39,8 @@ pub(super) fn run_sim(
     profile: SimProfile,
     stats: Arc<EngineStats>,
     max_context: usize,
+    costs: [usize; 8],
 ) {
-    const WORDS: [&str; 8] = [
-        "simulated ",
-        "tokens ",
-        "from ",
-        "the ",
-        "sim ",
-        "backend ",
-        "of ",
-        "switchyard. ",
-    ];
     while let Ok((job, queued_at)) = rx.recv() {
         stats.metrics.queue_depth.dec();
         stats
@@ -50,29 +60,32 @@ pub(super) fn run_sim(
                 let first_token_at = Instant::now();
                 let per_token =
                     std::time::Duration::from_secs_f64(1.0 / profile.tokens_per_s.max(0.001));
+                // tokens spent, as the model's tokenizer counts the words sent
                 let mut n = 0;
                 // as a real model, bounded by what the context window leaves
                 let budget = job
                     .params
                     .max_tokens
                     .min(max_context.saturating_sub(job.prompt.len()));
-                for i in 0..budget {
+                let mut i = 0;
+                while n < budget {
                     if job.events.is_closed() {
                         break; // client gone
                     }
-                    if i > 0 {
-                        std::thread::sleep(per_token);
-                    }
-                    if job
-                        .events
-                        .send(Event::Text(WORDS[i % WORDS.len()].to_string()))
-                        .is_err()
-                    {
+                    let w = (job.params.continues_words + i) % WORDS.len();
+                    // a word comes when its tokens would have been generated (the first
+                    // token at the time to first token)
+                    let wait = costs[w] - usize::from(i == 0);
+                    std::thread::sleep(per_token * u32::try_from(wait).unwrap_or(u32::MAX));
+                    if job.events.send(Event::Text(WORDS[w].to_string())).is_err() {
                         break;
                     }
-                    n += 1;
-                    m.generated_tokens.inc();
+                    i += 1;
+                    n += costs[w];
+                    m.generated_tokens.inc_by(costs[w] as u64);
                 }
+                // the last word may run past the budget: usage stops at it, as a model's would
+                let n = n.min(budget);
                 if n > 1 {
                     let per_token = first_token_at.elapsed().as_secs_f64() / (n - 1) as f64;
                     m.time_per_output_token.observe(per_token);
@@ -87,7 +100,7 @@ pub(super) fn run_sim(
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
-                    finish_length: n == budget,
+                    finish_length: n >= budget,
                     timing: super::Timing {
                         queued: Some(queued_at),
                         admitted: Some(started),

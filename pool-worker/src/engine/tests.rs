@@ -111,6 +111,8 @@ fn job(
             seed,
             stop: vec![],
             ignore_eos: true,
+            continues_words: 0,
+            replay_tokens: 0,
         },
         events,
     }

@@ -204,6 +204,14 @@ impl Worker {
         self.models.iter().any(|m| m.name == model) || (self.is_static && self.models.is_empty())
     }
 
+    /// Whether the worker's engine continues a chat's final assistant message
+    /// (`continue_final_message`, [`crate::resume`]): Switchyard's worker, vLLM and sglang.
+    /// llama.cpp and TGI are left out (their servers take no such option), as are static
+    /// workers (the engine behind them is unknown).
+    pub fn continues(&self) -> bool {
+        matches!(self.engine.as_str(), "switchyard" | "vllm" | "sglang")
+    }
+
     /// Whether the worker takes `model` with these input modalities (a worker that
     /// advertises no modalities is taken at its word for any; static workers take all).
     pub fn accepts(&self, model: &str, modalities: routing_rules::ModalitySet) -> bool {

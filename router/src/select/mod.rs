@@ -32,6 +32,9 @@ pub struct Ask<'a> {
     pub modalities: ModalitySet,
     /// Workers already tried for this request.
     pub tried: &'a [String],
+    /// The request continues an answer another worker began ([`crate::resume`]): only
+    /// engines that take a continuation qualify.
+    pub continuation: bool,
 }
 
 /// Whether `w` may take this request: live (not draining), serving the model with these
@@ -41,6 +44,7 @@ pub fn takes(w: &Worker, ask: &Ask) -> bool {
     w.state == WorkerState::Live
         && w.accepts(ask.model, ask.modalities)
         && !ask.tried.contains(&w.id)
+        && (!ask.continuation || w.continues())
 }
 
 /// Which workers a selection may reach.
@@ -157,6 +161,7 @@ pub(crate) mod tests {
             model,
             modalities: ModalitySet::default(),
             tried,
+            continuation: false,
         }
     }
 
