@@ -270,6 +270,39 @@ async fn resume_can_be_turned_off_per_rule() {
     );
 }
 
+/// A stream resumed twice (both spot workers cut it after three frames; the on-demand one
+/// finishes it): every continuation starts from the request as the client sent it, with
+/// all the text it has, so nothing is repeated or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumed_twice_is_still_whole() {
+    let env = TestEnv::new()
+        .rules(RULES)
+        .worker(sim("l40s-spot").faulty())
+        .worker(sim("l40s-spot").faulty())
+        .worker(sim("l40s-ondemand"))
+        .start()
+        .await
+        .unwrap();
+    for i in 0..2 {
+        env.faults(i, json!({ "drop_after_tokens": 3 }))
+            .await
+            .unwrap();
+    }
+    let r = env.chat(&body(300)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    check_sim_stream(&text).unwrap();
+    let m = env.metrics().await.unwrap();
+    assert!(
+        m.contains(
+            r#"switchyard_router_stream_resumes_total{outcome="resumed",pool="l40s-spot"} 1"#
+        ) && m.contains(
+            r#"switchyard_router_stream_resumes_total{outcome="resumed",pool="l40s-ondemand"} 1"#
+        ),
+        "{m}"
+    );
+}
+
 /// The sim backend's filler, word after word.
 const WORDS: [&str; 8] = [
     "simulated ",

@@ -47,6 +47,7 @@ pub fn peer(config: &Config, worker: &Worker, conn: Option<&PoolConn>) -> HttpPe
 }
 
 /// What one attempt sends.
+#[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
     pub path: &'a str,
     pub body: &'a Bytes,

@@ -27,8 +27,10 @@ pub struct RequestCtx {
     /// The request body and its reservation in the body budget. Held until a worker
     /// answers (any attempt may replay it); dropped at the commit point.
     pub body: Option<(Bytes, Held)>,
-    /// The pool whose worker answered.
+    /// The pool whose worker answered, and that worker (the last, when a stream was
+    /// resumed).
     pub pool: Option<Arc<str>>,
+    pub worker: Option<String>,
     /// Attempts made, the first included.
     pub attempts: u32,
     /// Workers tried, by id: never tried twice for one request.
@@ -69,6 +71,7 @@ impl RequestCtx {
             decision: None,
             body: None,
             pool: None,
+            worker: None,
             attempts: 0,
             tried: Vec::new(),
             resumed: 0,

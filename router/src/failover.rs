@@ -140,8 +140,45 @@ pub async fn forward(
             continue;
         };
         let t0 = Instant::now();
-        let (tried, in_flight, peer) =
-            attempt_at(proxy, session, ctx, pool, &worker, &body, &hops, deadline).await;
+        // with deadline escalation (and a later pool to escalate to) the attempt may be
+        // raced by a hedge: the answer is then whichever produced a token first
+        let Outcome {
+            tried,
+            in_flight,
+            peer,
+            worker,
+            pool,
+        } = match retry.escalate_after {
+            Some(after) if next_pool + 1 < decision.targets.len() => {
+                escalate(
+                    proxy,
+                    session,
+                    ctx,
+                    decision,
+                    &snapshot,
+                    next_pool,
+                    Arc::clone(&worker),
+                    &body,
+                    &hops,
+                    deadline,
+                    after,
+                    reach,
+                )
+                .await
+            }
+            _ => {
+                let (tried, in_flight, peer) =
+                    attempt_at(proxy, session, ctx, pool, &worker, &body, &hops, deadline).await;
+                Outcome {
+                    tried,
+                    in_flight,
+                    peer,
+                    worker: Arc::clone(&worker),
+                    pool: pool.clone(),
+                }
+            }
+        };
+        let pool = &pool;
         let answered = match tried {
             Tried::Answered(up, resp, held) => Ok((up, resp, held)),
             Tried::Failed(e) => Err(e),
@@ -163,6 +200,7 @@ pub async fn forward(
                     .with_label_values(&[pool])
                     .observe(t0.elapsed().as_secs_f64());
                 ctx.pool = Some(pool.clone());
+                ctx.worker = Some(worker.id.clone());
                 ctx.status = resp.status.as_u16();
                 if let Some(t) = ctx.trace.as_mut() {
                     t.answered();
@@ -255,6 +293,39 @@ fn pick_in(
     select::pick(snapshot, pool, policy, &ask, reach)
 }
 
+/// An attempt about to start: counted in the request, the worker's share of time running,
+/// the peer, and the trace context it carries (when traced).
+struct Prepared {
+    in_flight: InFlight,
+    peer: pingora::upstreams::peer::HttpPeer,
+    traceparent: Option<String>,
+}
+
+/// Counts an attempt at `worker` of `pool` (`traced`: with its own span in the trace).
+fn prepare(
+    shared: &crate::state::Shared,
+    ctx: &mut RequestCtx,
+    pool: &str,
+    worker: &Arc<crate::registry::Worker>,
+    traced: bool,
+) -> Prepared {
+    ctx.attempts += 1;
+    ctx.tried.push(worker.id.clone());
+    let upstreams = shared.upstreams.load();
+    let conn = upstreams.get(pool);
+    Prepared {
+        in_flight: InFlight::new(Arc::clone(worker)),
+        peer: attempt::peer(&shared.config, worker, conn.map(|c| &**c)),
+        traceparent: if traced {
+            ctx.trace
+                .as_mut()
+                .map(|t| t.start_attempt(pool, &worker.id, ctx.attempts))
+        } else {
+            None
+        },
+    }
+}
+
 /// One attempt at `worker` of `pool`: counted, traced, sent with `body`, and its answer
 /// held up to the first token. Returns how it went, the worker's share of time running
 /// and the peer it went to.
@@ -270,27 +341,178 @@ async fn attempt_at(
     deadline: tokio::time::Instant,
 ) -> (Tried, InFlight, pingora::upstreams::peer::HttpPeer) {
     let shared = &proxy.shared;
-    ctx.attempts += 1;
-    ctx.tried.push(worker.id.clone());
-    let in_flight = InFlight::new(Arc::clone(worker));
+    let p = prepare(shared, ctx, pool, worker, true);
     let upstreams = shared.upstreams.load();
-    let conn = upstreams.get(pool);
-    let peer = attempt::peer(&shared.config, worker, conn.map(|c| &**c));
-    let traceparent = ctx
-        .trace
-        .as_mut()
-        .map(|t| t.start_attempt(pool, &worker.id, ctx.attempts));
     let out = Outgoing {
         path: &ctx.path,
         body,
         client: session.req_header(),
         hops,
         request_id: &ctx.request_id,
-        traceparent: traceparent.as_deref(),
-        authorization: conn.and_then(|c| c.authorization.as_ref()),
+        traceparent: p.traceparent.as_deref(),
+        authorization: upstreams.get(pool).and_then(|c| c.authorization.as_ref()),
     };
-    let sent = send(proxy, worker, &peer, &out, deadline).await;
-    (hold(session, sent, worker, deadline).await, in_flight, peer)
+    let sent = send(proxy, worker, &p.peer, &out, deadline).await;
+    (
+        hold(Some(session), sent, worker, deadline).await,
+        p.in_flight,
+        p.peer,
+    )
+}
+
+/// What an attempt (escalated or not) came to, and whose it was.
+struct Outcome {
+    tried: Tried,
+    in_flight: InFlight,
+    peer: pingora::upstreams::peer::HttpPeer,
+    worker: Arc<crate::registry::Worker>,
+    pool: Arc<str>,
+}
+
+/// Deadline escalation: an attempt at `worker` of the route's pool `at` which has no first
+/// token `after` it started is also started on a later pool of the route (a hedge, when the
+/// retry budget allows one); the first of the two to produce a token is served, and the
+/// other is dropped, which closes its connection (a worker stops generating for a request
+/// whose connection closed, so no request runs to completion twice). While the two race,
+/// neither watches the client: one that leaves is seen when the answer is relayed.
+#[allow(clippy::too_many_arguments)]
+async fn escalate(
+    proxy: &SwitchyardProxy,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    decision: &routing_rules::RouteDecision,
+    snapshot: &crate::registry::Snapshot,
+    at: usize,
+    worker: Arc<crate::registry::Worker>,
+    body: &bytes::Bytes,
+    hops: &str,
+    deadline: tokio::time::Instant,
+    after: Duration,
+    reach: Reach,
+) -> Outcome {
+    let shared = &proxy.shared;
+    let pool = decision.targets[at].clone();
+    let upstreams = shared.upstreams.load();
+    let (path, request_id) = (ctx.path.clone(), ctx.request_id.clone());
+    let mut first = prepare(shared, ctx, &pool, &worker, true);
+    let traceparent = first.traceparent.take();
+    let out = Outgoing {
+        path: &path,
+        body,
+        client: session.req_header(),
+        hops,
+        request_id: &request_id,
+        traceparent: traceparent.as_deref(),
+        authorization: upstreams.get(&pool).and_then(|c| c.authorization.as_ref()),
+    };
+    // each leg of the race owns what it uses (the winner's worker and peer are returned)
+    let leg = |w: Arc<crate::registry::Worker>, peer: pingora::upstreams::peer::HttpPeer, out| async move {
+        let sent = send(proxy, &w, &peer, &out, deadline).await;
+        hold(None, sent, &w, deadline).await
+    };
+    let primary = leg(Arc::clone(&worker), first.peer.clone(), out);
+    tokio::pin!(primary);
+    let done = tokio::select! {
+        t = &mut primary => Some(t),
+        () = tokio::time::sleep(after) => None,
+    };
+    let alone = |tried, p: Prepared, worker, pool| Outcome {
+        tried,
+        in_flight: p.in_flight,
+        peer: p.peer,
+        worker,
+        pool,
+    };
+    if let Some(tried) = done {
+        return alone(tried, first, worker, pool);
+    }
+    // no first token by the deadline: a worker of a later pool, if the budget allows
+    let hedge = decision.targets[at + 1..]
+        .iter()
+        .find_map(|p| pick_in(shared, snapshot, ctx, p, reach, false).map(|w| (p.clone(), w)))
+        .filter(|(p, _)| budget_allows(shared, &decision.retry, p));
+    let Some((pool2, worker2)) = hedge else {
+        let tried = primary.await;
+        return alone(tried, first, worker, pool);
+    };
+    let second = prepare(shared, ctx, &pool2, &worker2, false);
+    let out2 = Outgoing {
+        traceparent: None,
+        authorization: upstreams.get(&pool2).and_then(|c| c.authorization.as_ref()),
+        ..out
+    };
+    let hedged = leg(Arc::clone(&worker2), second.peer.clone(), out2);
+    tokio::pin!(hedged);
+    let escalations = |served: &str| {
+        shared
+            .metrics
+            .escalations
+            .with_label_values(&[&pool, &pool2, served])
+            .inc();
+    };
+    // the first token wins (the loser's future, and its connection, are dropped when this
+    // returns, at once); a failure leaves the other to finish alone
+    tokio::select! {
+        t = &mut primary => match t {
+            Tried::Answered(..) => {
+                escalations("first");
+                outpaced(ctx, &pool2, &worker2, second.in_flight);
+                alone(t, first, worker, pool)
+            }
+            failed => {
+                book_failed(shared, ctx, &pool, &worker, first.in_flight, failed);
+                escalations("escalated");
+                let tried = hedged.await;
+                alone(tried, second, worker2, pool2)
+            }
+        },
+        t = &mut hedged => match t {
+            Tried::Answered(..) => {
+                escalations("escalated");
+                if let Some(tr) = ctx.trace.as_mut() {
+                    tr.end_attempt(Some("escalated"));
+                }
+                outpaced(ctx, &pool, &worker, first.in_flight);
+                alone(t, second, worker2, pool2)
+            }
+            failed => {
+                book_failed(shared, ctx, &pool2, &worker2, second.in_flight, failed);
+                escalations("first");
+                let tried = primary.await;
+                alone(tried, first, worker, pool)
+            }
+        },
+    }
+}
+
+/// Books the attempt that lost an escalation race (cancelled; no fault of its worker).
+fn outpaced(
+    ctx: &mut RequestCtx,
+    pool: &Arc<str>,
+    worker: &crate::registry::Worker,
+    in_flight: InFlight,
+) {
+    ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+    ctx.failures
+        .push((pool.clone(), worker.id.clone(), "outpaced"));
+}
+
+/// Books an attempt of an escalation race that failed before the other finished.
+fn book_failed(
+    shared: &crate::state::Shared,
+    ctx: &mut RequestCtx,
+    pool: &Arc<str>,
+    worker: &crate::registry::Worker,
+    in_flight: InFlight,
+    tried: Tried,
+) {
+    match tried {
+        Tried::Failed(e) => attempt_failed(shared, ctx, pool, worker, in_flight, &e),
+        // not reached: a race watches no client
+        Tried::Answered(..) | Tried::ClientGone(_) => {
+            ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
+        }
+    }
 }
 
 /// Books a failed attempt: the worker's time, the trace, the worker's health (ejection),
@@ -372,9 +594,10 @@ async fn send(
         })
 }
 
-/// Reads a worker's answer (from [`send`]) up to its first token.
+/// Reads a worker's answer (from [`send`]) up to its first token, watching the client
+/// when given its `session` (two attempts racing each other cannot both watch it).
 async fn hold(
-    session: &mut Session,
+    session: Option<&mut Session>,
     answered: std::result::Result<
         (
             pingora::protocols::http::client::HttpSession,
@@ -473,7 +696,11 @@ pub async fn resume(
             let (tried, in_flight, peer) =
                 attempt_at(proxy, session, ctx, pool, &worker, body, &hops, deadline).await;
             match tried {
-                Tried::Answered(up, resp, held) if resp.status.is_success() => {
+                // a continuation is an event stream (a worker answering it otherwise did
+                // not take it as one)
+                Tried::Answered(up, resp, held)
+                    if resp.status.is_success() && relay::is_sse(&resp) =>
+                {
                     worker.health.record_success();
                     if let Some(t) = ctx.trace.as_mut() {
                         t.answered();
@@ -532,7 +759,7 @@ const HOLD_LIMIT: usize = 64 << 10;
 /// stream's first `data:` event (with any comments before it). Returns what was read, in
 /// order, for the relay to send first (`None`: the body ended).
 async fn hold_first(
-    session: &mut Session,
+    mut session: Option<&mut Session>,
     up: &mut pingora::protocols::http::client::HttpSession,
     resp: &pingora::http::ResponseHeader,
     worker: &crate::registry::Worker,
@@ -552,7 +779,12 @@ async fn hold_first(
         let next = tokio::select! {
             // bytes that are there win over the worker's leaving
             biased;
-            next = relay::next_chunk(session, up, deadline, &mut watch) => next,
+            next = async {
+                match session.as_deref_mut() {
+                    Some(s) => relay::next_chunk(s, up, deadline, &mut watch).await,
+                    None => relay::next_chunk_unwatched(up, deadline).await,
+                }
+            } => next,
             () = worker.gone.cancelled() => {
                 return Err(Held::Failed(AttemptError::network(
                     routing_rules::RetryOn::Reset,

@@ -113,11 +113,7 @@ pub fn record(
             a.answered(ctx.status);
         }
     }
-    let worker = if ctx.pool.is_some() {
-        ctx.tried.last().map(String::as_str)
-    } else {
-        None
-    };
+    let worker = ctx.worker.as_deref();
     tracing::info!(
         request_id = ctx.request_id,
         status = ctx.status,

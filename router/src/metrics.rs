@@ -72,6 +72,9 @@ pub struct Metrics {
     /// Streams whose worker failed mid-answer, by pool (the continuation's, when resumed)
     /// and outcome: `resumed`, `complete` (the answer was whole), `limit_reached`, `failed`.
     pub resumes: IntCounterVec,
+    /// Attempts raced by a hedge on a later pool after `retry.escalate_after_ms` without a
+    /// first token, by the two pools and which one was served (`first`, `escalated`).
+    pub escalations: IntCounterVec,
     /// 1 while the limits store every replica shares (`--limits-redis`) answers, else 0.
     pub limits_store_up: IntGauge,
     /// Limit checks decided by this router's own buckets because the shared store could
@@ -242,6 +245,14 @@ impl Metrics {
             &["pool", "outcome"],
         )?;
         registry.register(Box::new(resumes.clone()))?;
+        let escalations = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_escalations_total",
+                "Attempts with no first token by the rule's escalate_after_ms, raced by a hedge on a later pool of the route, by the two pools and which was served (first, escalated).",
+            ),
+            &["from_pool", "to_pool", "served"],
+        )?;
+        registry.register(Box::new(escalations.clone()))?;
         let limits_store_up = IntGauge::new(
             "switchyard_router_limits_store_up",
             "1 while the shared limits store (--limits-redis) answers, else 0 (limits are then this router's own).",
@@ -324,6 +335,7 @@ impl Metrics {
             tenant_rejected,
             retry_budget_exhausted,
             resumes,
+            escalations,
             limits_store_up,
             limits_local_decisions,
             pool_demand,

@@ -97,6 +97,18 @@ pub async fn next_chunk(
     }
 }
 
+/// The worker's next body bytes, bounded by `deadline`, without watching the client.
+pub async fn next_chunk_unwatched(
+    upstream: &mut HttpSession,
+    deadline: tokio::time::Instant,
+) -> Next {
+    match tokio::time::timeout_at(deadline, upstream.read_response_body()).await {
+        Ok(Ok(chunk)) => Next::Chunk(chunk),
+        Ok(Err(e)) => Next::WorkerFailed(e),
+        Err(_) => Next::Timeout,
+    }
+}
+
 /// Response headers that describe one connection, not the answer (RFC 9110 §7.6.1), and
 /// so are never passed on; nor is any header the upstream's `Connection` lists.
 /// `transfer-encoding` is not passed on as such either: pingora frames the body anew.
@@ -313,8 +325,11 @@ pub async fn relay(
             Next::WorkerFailed(e) => {
                 tracing::warn!(%pool, worker = %worker.id, "the worker failed mid-answer: {e}");
                 if let Some(r) = resumable.as_mut() {
-                    upstream.shutdown().await;
+                    // bounded: a frozen peer may never take a TLS close_notify
+                    let _ = tokio::time::timeout(Duration::from_secs(1), upstream.shutdown()).await;
                     finish(ctx, &pool, &mut in_flight);
+                    // the unfinished frame the client never got goes with the worker
+                    let _ = r.track.finish();
                     if worker.health.record_failure() {
                         tracing::warn!(worker = %worker.id, %pool, "worker ejected");
                         shared.metrics.ejections.with_label_values(&[&pool]).inc();
@@ -330,6 +345,7 @@ pub async fn relay(
                                 .inc();
                             ctx.resumed += 1;
                             ctx.pool = Some(next.pool.clone());
+                            ctx.worker = Some(next.worker.id.clone());
                             upstream = next.upstream;
                             peer = next.peer;
                             worker = next.worker;
@@ -359,7 +375,8 @@ pub async fn relay(
                                     break;
                                 }
                             }
-                            ctx.completion_tokens = usage.completion_tokens;
+                            ctx.completion_tokens =
+                                usage.completion_tokens.or(ctx.completion_tokens);
                             break match failed {
                                 Some(e) => Err(e),
                                 None => Ok(false),
@@ -485,6 +502,8 @@ async fn resume_stream(
     };
     let body = match plan {
         Plan::LimitReached => {
+            // the answer used its whole budget: the usage frame is lost with the worker
+            ctx.completion_tokens.get_or_insert(carried);
             return Resume::End(
                 vec![resume::limit_frames(track, r.endpoint)],
                 "limit_reached",
@@ -494,9 +513,9 @@ async fn resume_stream(
     };
     match failover::resume(proxy, session, ctx, decision, &body, from).await {
         failover::Resumed::Answer(a) => {
+            // (a later resume starts again from the request as the client sent it, with
+            // all the text the client has by then)
             r.splice = Some(Splice::new(&r.track, carried));
-            // a later resume continues from the text the client has then
-            r.body = body;
             Resume::Continue(a)
         }
         failover::Resumed::Failed(why) => Resume::Failed(why),

@@ -518,6 +518,10 @@ mod tests {
             None
         );
         assert_eq!(t.text, "Hello \"w\"");
+        let _ = t.finish(); // the worker failed: what it had not finished is dropped
+        let next = Bytes::from(chat_frame(" next"));
+        assert_eq!(t.feed(next.clone()), Some(next), "the next frame alone");
+        assert_eq!(t.text, "Hello \"w\" next");
     }
 
     #[test]
@@ -578,8 +582,9 @@ mod tests {
         assert_eq!(v["continue_final_message"], true);
         assert_eq!(v["add_generation_prompt"], false);
         assert_eq!(v["temperature"], 0);
-        // resumed again: the text goes on in the same message
-        let Plan::Continue(c2) = continuation(&c, Endpoint::ChatCompletions, " there", 1).unwrap()
+        // resumed again: from the request as sent, with all the text the client has
+        let Plan::Continue(c2) =
+            continuation(body, Endpoint::ChatCompletions, "Hello there", 4).unwrap()
         else {
             panic!()
         };
@@ -587,6 +592,15 @@ mod tests {
         assert_eq!(v["messages"].as_array().unwrap().len(), 2);
         assert_eq!(v["messages"][1]["content"], "Hello there");
         assert_eq!(v["max_tokens"], 6);
+        // a client continuing its own assistant message: the text goes on after it
+        let own = br#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Dear"}],"continue_final_message":true,"add_generation_prompt":false}"#;
+        let Plan::Continue(c3) = continuation(own, Endpoint::ChatCompletions, " Sir", 1).unwrap()
+        else {
+            panic!()
+        };
+        let v: Value = serde_json::from_slice(&c3).unwrap();
+        assert_eq!(v["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(v["messages"][1]["content"], "Dear Sir");
         assert_eq!(
             continuation(body, Endpoint::ChatCompletions, "Hello", 10),
             Ok(Plan::LimitReached)

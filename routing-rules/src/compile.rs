@@ -986,6 +986,18 @@ impl Compiler {
         match policy {
             Ok(mut p) => {
                 p.resume = r.resume.unwrap_or(base.resume);
+                p.escalate_after = match r.escalate_after_ms {
+                    None => base.escalate_after,
+                    Some(ms @ 1..=60_000) => Some(Duration::from_millis(ms)),
+                    Some(ms) => {
+                        self.problem(
+                            format!("{path}.escalate_after_ms"),
+                            loc,
+                            format!("must be 1..=60000, got {ms}"),
+                        );
+                        base.escalate_after
+                    }
+                };
                 p
             }
             Err(e) => {

@@ -190,6 +190,20 @@ pub struct RetryPolicy {
     /// A stream whose worker fails mid-answer is resumed on another worker, as a
     /// continuation of what the client already has (when `on` includes `reset`).
     pub resume: bool,
+    /// An attempt with no first token after this is also started on the next pool of the
+    /// route (deadline escalation); `None`: never.
+    #[serde(with = "opt_millis")]
+    pub escalate_after: Option<Duration>,
+}
+
+mod opt_millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod millis {
@@ -214,6 +228,7 @@ impl Default for RetryPolicy {
             ],
             backoff: Duration::from_millis(0),
             resume: true,
+            escalate_after: None,
         }
     }
 }
@@ -289,6 +304,7 @@ impl RetryPolicy {
             on,
             backoff,
             resume: true,
+            escalate_after: None,
         })
     }
 

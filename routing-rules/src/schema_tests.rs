@@ -147,6 +147,9 @@ fn schema_refuses_what_the_compiler_refuses_by_shape() {
         format!("{pools}default: {{ route: [] }}\n"),
         format!("{pools}default: {{ route: [a] }}\nretry: {{ backoff_ms: 20000 }}\n"),
         format!("{pools}default: {{ route: [a] }}\nretry: {{ max_attempts: 0 }}\n"),
+        format!("{pools}default: {{ route: [a] }}\nretry: {{ escalate_after_ms: 0 }}\n"),
+        format!("{pools}default: {{ route: [a] }}\nretry: {{ escalate_after_ms: 60001 }}\n"),
+        format!("{pools}default: {{ route: [a] }}\nretry: {{ resume: maybe }}\n"),
         "version: 2\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\ndefault: { route: [a] }\n".into(),
         "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1, select: random }\ndefault: { route: [a] }\n".into(),
         "version: 1\nmodels:\n  m: { tokenizer: { gguf: a, json: b }, context_window: 8 }\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\ndefault: { route: [a] }\n".into(),
@@ -154,6 +157,35 @@ fn schema_refuses_what_the_compiler_refuses_by_shape() {
         assert!(!schema_errors(&v, &bad).is_empty(), "schema accepts:\n{bad}");
         assert!(compile(&bad, Path::new(".")).is_err(), "compiler accepts:\n{bad}");
     }
+}
+
+/// `resume` and `escalate_after_ms` reach the compiled policy, inherited by rules that
+/// leave them out.
+#[test]
+fn resume_and_escalation_are_compiled_and_inherited() {
+    let yaml = "version: 1\npools:\n  a: { class: cpu, capacity: spot, cost_per_hour: 1 }\n  b: { class: cpu, capacity: on_demand, cost_per_hour: 2 }\nretry: { escalate_after_ms: 800 }\nrules:\n  - name: off\n    when: { stream: true }\n    route: [a, b]\n    retry: { resume: false, escalate_after_ms: 250 }\ndefault: { route: [a, b] }\n";
+    assert!(schema_errors(&validator(), yaml).is_empty());
+    let rules = compile(yaml, Path::new(".")).unwrap();
+    let policy = |stream: bool| {
+        let f = crate::RequestFeatures {
+            stream,
+            ..Default::default()
+        };
+        rules.route(&f).retry
+    };
+    let off = policy(true);
+    assert!(!off.resumes());
+    assert_eq!(
+        off.escalate_after,
+        Some(std::time::Duration::from_millis(250))
+    );
+    let default = policy(false);
+    assert!(default.resumes(), "on by default");
+    assert_eq!(
+        default.escalate_after,
+        Some(std::time::Duration::from_millis(800)),
+        "inherited from the file's retry"
+    );
 }
 
 #[test]

@@ -393,4 +393,9 @@ pub struct RetrySpec {
     /// Resume a stream whose worker fails mid-answer on another worker, as a continuation
     /// of the text already sent (default true; needs `reset` in `on`).
     pub resume: Option<bool>,
+    /// Deadline escalation: an attempt with no first token this long after it started is
+    /// also started on the next pool of the route; the first to produce a token is
+    /// served and the other cancelled (a hedge, taken from the retry budget).
+    #[schemars(range(min = 1, max = 60000))]
+    pub escalate_after_ms: Option<u64>,
 }
