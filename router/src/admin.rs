@@ -36,6 +36,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/admin/registry/leases", get(leases))
         .route("/admin/tenants", get(tenants))
         .route("/admin/cost", get(cost))
+        .route("/admin/drift", get(drift))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
@@ -446,6 +447,15 @@ async fn reload(State(s): State<Arc<Shared>>) -> Response {
             "internal_error",
         ),
     }
+}
+
+/// Each tenant's drift ([`crate::drift`]): the last window against its baseline.
+async fn drift(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(serde_json::json!({
+        "window_s": s.drift.window().as_secs_f64(),
+        "tenants": s.drift.report(),
+    }))
+    .into_response()
 }
 
 #[cfg(test)]

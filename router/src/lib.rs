@@ -35,6 +35,7 @@ pub mod classify;
 pub mod conn;
 pub mod cost;
 pub mod ctx;
+pub mod drift;
 pub mod error;
 pub mod failover;
 pub mod grpc;

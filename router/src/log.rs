@@ -80,6 +80,9 @@ pub fn record(
         // Every attempt's pool is charged its share of the worker's time, failed attempts
         // included: the worker spent it.
         let tenant = tenant_label(&rules.rules, features.tenant.as_deref());
+        if ctx.decision.is_some() {
+            shared.drift.record(tenant, model, features);
+        }
         let price = |p: &str| rules.rules.pool(p).map(|p| p.cost_per_hour);
         if ctx.pool.is_some() || !ctx.worker_seconds.is_empty() {
             shared.ledger.record(

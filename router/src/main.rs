@@ -187,6 +187,14 @@ struct ServeArgs {
     /// an SSE error event (`timeout`).
     #[arg(long, default_value_t = 600_000)]
     total_timeout_ms: u64,
+    /// Drift window (s): each tenant's traffic in a window (prompt tokens, max_tokens,
+    /// modalities, models) is compared with the windows before it
+    /// (`switchyard_router_drift_psi`, `/admin/drift`).
+    #[arg(long, default_value_t = 300.0)]
+    drift_window_s: f64,
+    /// Windows before the current one that make its drift baseline.
+    #[arg(long, default_value_t = 12)]
+    drift_baseline_windows: usize,
     /// Time budget for exact token counting before the bound is used.
     #[arg(long, default_value_t = 50)]
     classify_budget_ms: u64,
@@ -357,6 +365,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let metrics = Arc::new(Metrics::new()?);
     let config = Config {
+        drift_window: Duration::try_from_secs_f64(args.drift_window_s).unwrap_or(Duration::ZERO),
+        drift_baseline_windows: args.drift_baseline_windows,
         max_body_bytes: args.max_body_bytes,
         max_header_bytes: args.max_header_bytes,
         classify_budget: Duration::from_millis(args.classify_budget_ms),
@@ -552,6 +562,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     expiry.abort_handle(),
                 ));
                 tokio::spawn(reload_on_sighup(Arc::clone(&cp_shared)));
+                // drift windows end on time, whether or not requests come
+                let drift = Arc::clone(&cp_shared);
+                tokio::spawn(async move {
+                    let every = (drift.drift.window() / 10)
+                        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        drift.drift.tick();
+                    }
+                });
                 // static workers named by host: their addresses followed (DNS)
                 let resolver = Arc::clone(&cp_shared);
                 tokio::spawn(async move {

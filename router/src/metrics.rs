@@ -75,6 +75,9 @@ pub struct Metrics {
     /// Attempts raced by a hedge on a later pool after `retry.escalate_after_ms` without a
     /// first token, by the two pools and which one was served (`first`, `escalated`).
     pub escalations: IntCounterVec,
+    /// Each tenant's drift: the population stability index of its last window's traffic
+    /// against the windows before it, by feature ([`crate::drift`]).
+    pub drift_psi: prometheus::GaugeVec,
     /// 1 while the limits store every replica shares (`--limits-redis`) answers, else 0.
     pub limits_store_up: IntGauge,
     /// Limit checks decided by this router's own buckets because the shared store could
@@ -253,6 +256,14 @@ impl Metrics {
             &["from_pool", "to_pool", "served"],
         )?;
         registry.register(Box::new(escalations.clone()))?;
+        let drift_psi = prometheus::GaugeVec::new(
+            Opts::new(
+                "switchyard_router_drift_psi",
+                "Population stability index of each tenant's last drift window against the windows before it, by feature (prompt_tokens, max_tokens, modality, model); above 0.25 is a significant shift, 0 when too few requests to say.",
+            ),
+            &["tenant", "feature"],
+        )?;
+        registry.register(Box::new(drift_psi.clone()))?;
         let limits_store_up = IntGauge::new(
             "switchyard_router_limits_store_up",
             "1 while the shared limits store (--limits-redis) answers, else 0 (limits are then this router's own).",
@@ -336,6 +347,7 @@ impl Metrics {
             retry_budget_exhausted,
             resumes,
             escalations,
+            drift_psi,
             limits_store_up,
             limits_local_decisions,
             pool_demand,

@@ -16,6 +16,10 @@ use crate::registry::Registry;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Drift windows ([`crate::drift`]): each window's traffic is compared with this many
+    /// windows before it.
+    pub drift_window: Duration,
+    pub drift_baseline_windows: usize,
     pub max_body_bytes: usize,
     /// Request headers beyond this many bytes get 431.
     pub max_header_bytes: usize,
@@ -62,6 +66,8 @@ impl Config {
         positive("--send-timeout-ms", self.send_timeout.is_zero());
         positive("--header-timeout-ms", self.header_timeout.is_zero());
         positive("--max-connections", self.max_connections == 0);
+        positive("--drift-window-s", self.drift_window.is_zero());
+        positive("--drift-baseline-windows", self.drift_baseline_windows == 0);
         if self.max_buffered_bytes < self.max_body_bytes {
             problems.push(format!(
                 "--max-buffered-bytes ({}) must hold at least one body of --max-body-bytes ({})",
@@ -100,6 +106,8 @@ pub struct Shared {
     pub otel: Option<proto::otel::Otel>,
     /// What each tenant, model and pool cost, by minute, over the last day.
     pub ledger: crate::cost::Ledger,
+    /// Each tenant's traffic against its recent past ([`crate::drift`]).
+    pub drift: crate::drift::Drift,
 }
 
 impl Shared {
@@ -110,7 +118,13 @@ impl Shared {
         config: Config,
         otel: Option<proto::otel::Otel>,
     ) -> Arc<Self> {
+        let drift = crate::drift::Drift::new(
+            config.drift_window,
+            config.drift_baseline_windows,
+            metrics.drift_psi.clone(),
+        );
         let s = Arc::new(Self {
+            drift,
             rules,
             registry,
             metrics,
@@ -141,6 +155,8 @@ mod tests {
     fn good() -> Config {
         let s = Duration::from_secs(1);
         Config {
+            drift_window: s,
+            drift_baseline_windows: 1,
             max_body_bytes: 10,
             max_header_bytes: 10,
             classify_budget: s,
