@@ -381,9 +381,22 @@ async fn explain(
         tried: &[],
         continuation: false,
     };
-    let counts: Vec<(&str, usize, usize)> = explained
-        .decision
-        .targets
+    // a rule with a latency objective: the route as the SLO-aware choice orders it now
+    let slo = explained.decision.slo_ttft_p95.map(|objective| {
+        let utilization = |p: &str| crate::slo::utilization(&snap, p);
+        let views = s
+            .slo
+            .views(&explained.decision.targets, objective, &utilization, false);
+        let mut order: Vec<&crate::slo::PoolView> = views.iter().filter(|v| !v.spilling).collect();
+        order.extend(views.iter().filter(|v| v.spilling));
+        let order: Vec<Arc<str>> = order.into_iter().map(|v| Arc::clone(&v.pool)).collect();
+        (objective, views, order)
+    });
+    let route: Vec<Arc<str>> = match &slo {
+        Some((_, _, order)) => order.clone(),
+        None => explained.decision.targets.to_vec(),
+    };
+    let counts: Vec<(&str, usize, usize)> = route
         .iter()
         .map(|pool| {
             let (healthy, live) = select::count(&snap, pool, &ask);
@@ -404,6 +417,12 @@ async fn explain(
     let mut out = explained.to_json();
     out["targets_now"] = json!(targets);
     out["would_serve"] = json!(would_serve);
+    if let Some((objective, views, _)) = &slo {
+        out["slo"] = json!({
+            "ttft_p95_ms": objective.as_millis() as u64,
+            "pools": views,
+        });
+    }
     out["rules_generation"] = json!(loaded.generation);
     axum::Json(out).into_response()
 }

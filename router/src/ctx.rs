@@ -37,6 +37,8 @@ pub struct RequestCtx {
     pub tried: Vec<String>,
     /// Streams resumed on another worker after their worker failed mid-answer.
     pub resumed: u32,
+    /// Pools of the route moved behind the others for the rule's latency objective.
+    pub spilled: Vec<Arc<str>>,
     /// Each failed attempt: `(pool, worker id, retry class)`, for the log.
     pub failures: Vec<(Arc<str>, String, &'static str)>,
     /// The status the client got (499: the client left before an answer could be sent).
@@ -75,6 +77,7 @@ impl RequestCtx {
             attempts: 0,
             tried: Vec::new(),
             resumed: 0,
+            spilled: Vec::new(),
             failures: Vec::new(),
             status: 0,
             ttft: None,

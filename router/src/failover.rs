@@ -89,6 +89,29 @@ pub async fn forward(
     };
     shared.retry_budget.record_request();
     let snapshot = shared.registry.snapshot();
+    // a latency objective: the route's pools that are expected to meet it first
+    let slo_ordered;
+    let decision = match decision.slo_ttft_p95 {
+        Some(objective) => {
+            let utilization = |p: &str| crate::slo::utilization(&snapshot, p);
+            let ordered = shared.slo.order(&decision.targets, objective, &utilization);
+            let spilling = shared.slo.spilling_pools();
+            for p in decision.targets.iter() {
+                shared
+                    .metrics
+                    .pool_spilling
+                    .with_label_values(&[p])
+                    .set(i64::from(spilling.contains(p)));
+            }
+            ctx.spilled = ordered.spilled;
+            slo_ordered = routing_rules::RouteDecision {
+                targets: Arc::from(ordered.targets),
+                ..decision.clone()
+            };
+            &slo_ordered
+        }
+        None => decision,
+    };
     let retry = &decision.retry;
     let hops = hops(session, &shared.hop_id);
     let mut last: Option<(Arc<str>, AttemptError)> = None;
@@ -201,6 +224,10 @@ pub async fn forward(
                     .observe(t0.elapsed().as_secs_f64());
                 ctx.pool = Some(pool.clone());
                 ctx.worker = Some(worker.id.clone());
+                if relay::is_sse(&resp) {
+                    // a streamed answer's time to its first token, for latency objectives
+                    shared.slo.record(pool, t0.elapsed());
+                }
                 ctx.status = resp.status.as_u16();
                 if let Some(t) = ctx.trace.as_mut() {
                     t.answered();

@@ -51,6 +51,7 @@ pub mod respond;
 pub mod resume;
 pub mod select;
 pub mod shared_limits;
+pub mod slo;
 pub mod state;
 pub mod tenants;
 pub mod trace;

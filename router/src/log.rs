@@ -35,7 +35,8 @@ pub fn model_label<'a>(rules: &'a CompiledRules, model: &str) -> &'a str {
 /// `--log-format json`, the default off a terminal) whose `message` is `request`. Fields:
 /// `request_id`, `status`, `model`, `tenant` (the key's derived id, never the key), `rule`,
 /// `pool` and `worker` that answered, `attempts`, `resumed` (streams continued on another
-/// worker after theirs failed mid-answer), `failures` (`pool/worker:reason`, space
+/// worker after theirs failed mid-answer), `spilled` (pools moved back for the rule's latency
+/// objective), `failures` (`pool/worker:reason`, space
 /// separated), `prompt_tokens` and whether `exact`, `completion_tokens`, `ttft_ms`, `ms`,
 /// `cost_usd` (every attempt's share), `error`.
 ///
@@ -127,6 +128,7 @@ pub fn record(
         worker,
         attempts = ctx.attempts,
         resumed = ctx.resumed,
+        spilled = %Spilled(&ctx.spilled),
         failures = %Failures(&ctx.failures),
         prompt_tokens = features.prompt_tokens,
         exact = ctx.classified.exact,
@@ -148,6 +150,21 @@ fn status_label(status: u16) -> &'static str {
     LABELS
         .get(usize::from(status))
         .map_or("other", String::as_str)
+}
+
+/// The pools a request's route moved back for its latency objective, space separated.
+struct Spilled<'a>(&'a [std::sync::Arc<str>]);
+
+impl std::fmt::Display for Spilled<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
 }
 
 /// A request's failed attempts, `pool/worker:reason` space separated, formatted only when

@@ -195,6 +195,14 @@ struct ServeArgs {
     /// Windows before the current one that make its drift baseline.
     #[arg(long, default_value_t = 12)]
     drift_baseline_windows: usize,
+    /// Latency objectives (`slo:` in the rules): seconds of a pool's recent answers its
+    /// time-to-first-token percentile is taken over.
+    #[arg(long, default_value_t = 10.0)]
+    slo_window_s: f64,
+    /// Latency objectives: least seconds a pool that missed one stays behind the dearer
+    /// tiers (hysteresis).
+    #[arg(long, default_value_t = 5.0)]
+    slo_cooldown_s: f64,
     /// Time budget for exact token counting before the bound is used.
     #[arg(long, default_value_t = 50)]
     classify_budget_ms: u64,
@@ -364,9 +372,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_millis(args.lease_ttl_ms),
     );
     let metrics = Arc::new(Metrics::new()?);
+    anyhow::ensure!(
+        args.slo_cooldown_s >= 0.0,
+        "bad settings:\n  --slo-cooldown-s must be 0 or more, got {}",
+        args.slo_cooldown_s
+    );
     let config = Config {
         drift_window: Duration::try_from_secs_f64(args.drift_window_s).unwrap_or(Duration::ZERO),
         drift_baseline_windows: args.drift_baseline_windows,
+        slo_window: Duration::try_from_secs_f64(args.slo_window_s).unwrap_or(Duration::ZERO),
+        slo_cooldown: Duration::try_from_secs_f64(args.slo_cooldown_s).unwrap_or(Duration::ZERO),
         max_body_bytes: args.max_body_bytes,
         max_header_bytes: args.max_header_bytes,
         classify_budget: Duration::from_millis(args.classify_budget_ms),

@@ -78,6 +78,8 @@ pub struct Metrics {
     /// Each tenant's drift: the population stability index of its last window's traffic
     /// against the windows before it, by feature ([`crate::drift`]).
     pub drift_psi: prometheus::GaugeVec,
+    /// 1 while a pool is spilled (behind dearer tiers) for a rule's latency objective.
+    pub pool_spilling: prometheus::IntGaugeVec,
     /// 1 while the limits store every replica shares (`--limits-redis`) answers, else 0.
     pub limits_store_up: IntGauge,
     /// Limit checks decided by this router's own buckets because the shared store could
@@ -264,6 +266,14 @@ impl Metrics {
             &["tenant", "feature"],
         )?;
         registry.register(Box::new(drift_psi.clone()))?;
+        let pool_spilling = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "switchyard_router_pool_spilling",
+                "1 while a pool is spilled behind dearer tiers because it misses a rule's latency objective (slo.ttft_p95_ms), else 0.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(pool_spilling.clone()))?;
         let limits_store_up = IntGauge::new(
             "switchyard_router_limits_store_up",
             "1 while the shared limits store (--limits-redis) answers, else 0 (limits are then this router's own).",
@@ -348,6 +358,7 @@ impl Metrics {
             resumes,
             escalations,
             drift_psi,
+            pool_spilling,
             limits_store_up,
             limits_local_decisions,
             pool_demand,

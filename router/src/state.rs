@@ -20,6 +20,10 @@ pub struct Config {
     /// windows before it.
     pub drift_window: Duration,
     pub drift_baseline_windows: usize,
+    /// Latency objectives ([`crate::slo`]): how far back pools' answers count, and the
+    /// least time a pool stays spilled.
+    pub slo_window: Duration,
+    pub slo_cooldown: Duration,
     pub max_body_bytes: usize,
     /// Request headers beyond this many bytes get 431.
     pub max_header_bytes: usize,
@@ -68,6 +72,7 @@ impl Config {
         positive("--max-connections", self.max_connections == 0);
         positive("--drift-window-s", self.drift_window.is_zero());
         positive("--drift-baseline-windows", self.drift_baseline_windows == 0);
+        positive("--slo-window-s", self.slo_window.is_zero());
         if self.max_buffered_bytes < self.max_body_bytes {
             problems.push(format!(
                 "--max-buffered-bytes ({}) must hold at least one body of --max-body-bytes ({})",
@@ -108,6 +113,9 @@ pub struct Shared {
     pub ledger: crate::cost::Ledger,
     /// Each tenant's traffic against its recent past ([`crate::drift`]).
     pub drift: crate::drift::Drift,
+    /// Pools' recent answers and spill state, for rules with a latency objective
+    /// ([`crate::slo`]).
+    pub slo: crate::slo::SloTracker,
 }
 
 impl Shared {
@@ -125,6 +133,7 @@ impl Shared {
         );
         let s = Arc::new(Self {
             drift,
+            slo: crate::slo::SloTracker::new(config.slo_window, config.slo_cooldown),
             rules,
             registry,
             metrics,
@@ -157,6 +166,8 @@ mod tests {
         Config {
             drift_window: s,
             drift_baseline_windows: 1,
+            slo_window: s,
+            slo_cooldown: s,
             max_body_bytes: 10,
             max_header_bytes: 10,
             classify_budget: s,

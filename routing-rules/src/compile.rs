@@ -232,6 +232,7 @@ impl Compiler {
                     when,
                     targets,
                     retry,
+                    slo_ttft_p95: self.slo(r.slo.as_ref(), &path),
                 },
             ));
         }
@@ -276,6 +277,7 @@ impl Compiler {
                     when: Conditions::default(),
                     targets,
                     retry,
+                    slo_ttft_p95: self.slo(d.value.slo.as_ref(), "default"),
                 })
             }
             (None, true) => None,
@@ -968,6 +970,20 @@ impl Compiler {
             }
         }
         Arc::from(out)
+    }
+
+    /// A rule's latency objective, its value checked.
+    fn slo(&mut self, s: Option<&crate::spec::SloSpec>, path: &str) -> Option<Duration> {
+        let ms = s?.ttft_p95_ms;
+        if !(1..=600_000).contains(&ms) {
+            self.problem(
+                format!("{path}.slo.ttft_p95_ms"),
+                None,
+                format!("must be 1..=600000, got {ms}"),
+            );
+            return None;
+        }
+        Some(Duration::from_millis(ms))
     }
 
     /// The policy `r` gives over `base` (every key it leaves out is inherited). Invalid

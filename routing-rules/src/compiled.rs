@@ -459,6 +459,8 @@ pub struct Rule {
     pub when: Conditions,
     pub targets: Arc<[Arc<str>]>,
     pub retry: RetryPolicy,
+    /// The rule's latency objective: time to first token, 95th percentile.
+    pub slo_ttft_p95: Option<Duration>,
 }
 
 /// The outcome of matching one request.
@@ -469,6 +471,10 @@ pub struct RouteDecision {
     /// Pools to try, in order.
     pub targets: Arc<[Arc<str>]>,
     pub retry: RetryPolicy,
+    /// The rule's latency objective (time to first token, 95th percentile): the router
+    /// takes the cheapest pool of `targets` expected to meet it.
+    #[serde(with = "opt_millis")]
+    pub slo_ttft_p95: Option<Duration>,
     /// The conditions that held for the matched rule.
     pub matched: Vec<&'static str>,
 }
@@ -522,6 +528,7 @@ impl CompiledRules {
                     rule: rule.name.clone(),
                     targets: rule.targets.clone(),
                     retry: rule.retry.clone(),
+                    slo_ttft_p95: rule.slo_ttft_p95,
                     matched,
                 };
             }
@@ -531,6 +538,7 @@ impl CompiledRules {
                 rule: d.name.clone(),
                 targets: d.targets.clone(),
                 retry: d.retry.clone(),
+                slo_ttft_p95: d.slo_ttft_p95,
                 matched: Vec::new(),
             },
             // unreachable after validation; an empty route means "no capacity" upstream
@@ -538,6 +546,7 @@ impl CompiledRules {
                 rule: Arc::from("default"),
                 targets: Arc::from(Vec::new()),
                 retry: RetryPolicy::default(),
+                slo_ttft_p95: None,
                 matched: Vec::new(),
             },
         }

@@ -287,6 +287,19 @@ pub struct RuleSpec {
     #[serde(default)]
     #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
+    /// A latency objective: the route's pools are taken cheapest first among those
+    /// expected to meet it; one that misses it spills to the next until it recovers.
+    #[serde(default)]
+    pub slo: Option<SloSpec>,
+}
+
+/// A rule's latency objective.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SloSpec {
+    /// The 95th percentile of the time to first token, per pool, over the last seconds.
+    #[schemars(range(min = 1, max = 600000))]
+    pub ttft_p95_ms: u64,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -299,6 +312,8 @@ pub struct RouteSpec {
     #[serde(default)]
     #[schemars(with = "Option<RetrySpec>")]
     pub retry: Option<Spanned<RetrySpec>>,
+    #[serde(default)]
+    pub slo: Option<SloSpec>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

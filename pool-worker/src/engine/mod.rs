@@ -209,7 +209,7 @@ impl Engine {
                 let costs = sim::word_costs(&model.tokenizer);
                 std::thread::Builder::new()
                     .name("sim-engine".into())
-                    .spawn(move || run_sim(rx, profile, stats, max_context, costs))
+                    .spawn(move || run_sim(rx, profile, stats, max_context, costs, max_batch))
             }
         };
         spawned.map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;

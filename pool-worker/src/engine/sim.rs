@@ -32,16 +32,31 @@ pub(super) fn word_costs(tokenizer: &tokenizers::Tokenizer) -> [usize; 8] {
     WORDS.map(|w| tokenizer.encode(w, false).map_or(1, |e| e.len().max(1)))
 }
 
-/// The simulated backend: every job streams on its own thread at the profile's pace, so the
-/// worker behaves like hardware with many concurrent streams.
+/// Streams running at once, and a wake-up for a job waiting for one to end.
+type Slots = Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>;
+
+/// The simulated backend: every job streams on its own thread at the profile's pace, up to
+/// `max_batch` at once, as the real engine batches; later jobs wait in the queue (which the
+/// HTTP layer bounds with 429s), so a saturated simulated pool queues like real hardware.
 pub(super) fn run_sim(
     rx: std::sync::mpsc::Receiver<Queued>,
     profile: SimProfile,
     stats: Arc<EngineStats>,
     max_context: usize,
     costs: [usize; 8],
+    max_batch: usize,
 ) {
+    let slots: Slots = Arc::default();
+    let max_batch = max_batch.max(1);
     while let Ok((job, queued_at)) = rx.recv() {
+        {
+            let (running, freed) = &*slots;
+            let mut n = running.lock().unwrap_or_else(|p| p.into_inner());
+            while *n >= max_batch {
+                n = freed.wait(n).unwrap_or_else(|p| p.into_inner());
+            }
+            *n += 1;
+        }
         stats.metrics.queue_depth.dec();
         stats
             .metrics
@@ -49,9 +64,20 @@ pub(super) fn run_sim(
             .observe(queued_at.elapsed().as_secs_f64());
         stats.metrics.in_flight.inc();
         let stats = Arc::clone(&stats);
+        let slot = Arc::clone(&slots);
         let spawned = std::thread::Builder::new()
             .name("sim-stream".into())
             .spawn(move || {
+                // the slot frees when this stream ends, however it ends
+                struct Release(Slots);
+                impl Drop for Release {
+                    fn drop(&mut self) {
+                        let (running, freed) = &*self.0;
+                        *running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                        freed.notify_one();
+                    }
+                }
+                let _slot = Release(slot);
                 let started = Instant::now();
                 std::thread::sleep(profile.ttft);
                 let m = &stats.metrics;
@@ -111,6 +137,8 @@ pub(super) fn run_sim(
             });
         if spawned.is_err() {
             tracing::error!("sim backend: cannot start a stream thread");
+            let (running, _) = &*slots;
+            *running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
         }
     }
 }

@@ -316,3 +316,43 @@ async fn finished_requests_fill_the_latency_histograms() {
     assert_eq!(m.generated_tokens.get(), 5);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The simulated backend runs at most `max_batch` streams at once, as the real engine
+/// batches: with one slot, the second job's first token comes after the first job ends.
+#[tokio::test]
+async fn the_sim_backend_queues_beyond_its_batch() {
+    let dir = std::env::temp_dir().join(format!("engine-sim-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    model_meta::tiny::write_tiny_llama(&path, 256).unwrap();
+    let profile = SimProfile {
+        ttft: std::time::Duration::from_millis(20),
+        tokens_per_s: 1000.0,
+    };
+    let engine = Engine::load(&path, None, "sim".into(), Backend::Sim(profile), 8, 1).unwrap();
+    let mut rxs = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = mpsc::unbounded_channel();
+        engine.submit(job(10..20, 40, None, 1, tx)).unwrap();
+        rxs.push(rx);
+    }
+    let ends = futures::future::join_all(rxs.into_iter().map(|mut rx| async move {
+        let (mut first, mut done) = (None, None);
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Text(_) => {
+                    first.get_or_insert_with(Instant::now);
+                }
+                Event::Done(_) => done = Some(Instant::now()),
+                Event::Failed(e) => panic!("{e}"),
+            }
+        }
+        (first.unwrap(), done.unwrap())
+    }))
+    .await;
+    assert!(
+        ends[1].0 > ends[0].1,
+        "the second started after the first ended"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
