@@ -162,6 +162,35 @@ fn traffic(env: &Arc<Running>, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandl
             if i.is_multiple_of(3) {
                 env.faults(0, json!({ "fail_next": 1 })).await.unwrap();
             }
+            // now and then the spot worker cuts a long stream after two tokens (resumed on
+            // on-demand), or is slow to its first token (escalated to on-demand)
+            let (cut, slow) = (i % 4 == 1, i % 4 == 2);
+            if cut || slow {
+                let f = if cut {
+                    json!({ "drop_after_tokens": 2 })
+                } else {
+                    json!({ "delay_first_token_ms": 1000 })
+                };
+                env.faults(0, f).await.unwrap();
+                let r = env
+                    .http
+                    .post(&url)
+                    .bearer_auth("secret-b")
+                    .json(&chat_body("tiny", 1500, 8, true))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    ok += 1;
+                }
+                let _ = r.bytes().await;
+                env.faults(
+                    0,
+                    json!({ "drop_after_tokens": 0, "delay_first_token_ms": 0 }),
+                )
+                .await
+                .unwrap();
+            }
             let sends = [
                 ("secret-a", chat_body("tiny", 30, 4, false)),
                 ("secret-b", chat_body("tiny", 30, 4, true)),
@@ -190,14 +219,27 @@ fn traffic(env: &Arc<Running>, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_fleet_and_runs_every_dashboard_query_and_alert() {
+    // the chat rule (l40s, spot first) with deadline escalation, the light one (cpu) with a
+    // latency objective it meets
+    let fleet = FLEET_RULES
+        .replace(
+            "route: [l40s-spot, l40s-ondemand]\n",
+            "route: [l40s-spot, l40s-ondemand]\n    retry: { escalate_after_ms: 400 }\n",
+        )
+        .replace(
+            "route: [cpu]\n",
+            "route: [cpu]\n    slo: { ttft_p95_ms: 30000 }\n",
+        );
     let rules = format!(
-        "{FLEET_RULES}tenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n  team-b:\n    keys: [{{ sha256: \"{}\" }}]\n  team-limited:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 1 }}\n",
+        "{fleet}tenants:\n  team-a:\n    keys: [{{ sha256: \"{}\" }}]\n  team-b:\n    keys: [{{ sha256: \"{}\" }}]\n  team-limited:\n    keys: [{{ sha256: \"{}\" }}]\n    limits: {{ requests_per_minute: 1 }}\n",
         sha256_hex("secret-a"),
         sha256_hex("secret-b"),
         sha256_hex("secret-limited"),
     );
     let env = TestEnv::new()
         .rules(&rules)
+        .router_arg("--drift-window-s")
+        .router_arg("2")
         .worker(WorkerSpec::new("l40s-spot").faulty())
         .worker(WorkerSpec::new("l40s-ondemand"))
         .worker(WorkerSpec::new("cpu"))
@@ -254,7 +296,7 @@ async fn a_real_prometheus_scrapes_the_fleet_and_runs_every_dashboard_query_and_
             checked += 1;
         }
     }
-    assert!(checked >= 30, "{checked} queries");
+    assert!(checked >= 34, "{checked} queries");
     assert!(
         empty.is_empty(),
         "panels without data:\n{}",
@@ -291,7 +333,7 @@ async fn a_real_prometheus_scrapes_the_fleet_and_runs_every_dashboard_query_and_
     })
     .await
     .unwrap();
-    assert!(rules.len() >= 19, "{rules:?}");
+    assert!(rules.len() >= 21, "{rules:?}");
     let firing: Vec<&Value> = rules
         .iter()
         .filter(|r| r["state"] == "firing" || r["state"] == "pending")
