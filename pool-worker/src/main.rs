@@ -115,6 +115,9 @@ struct Args {
     sim_ttft_ms: u64,
     #[arg(long, default_value_t = 50.0)]
     sim_tokens_per_s: f64,
+    /// Simulated prefill speed (prompt tokens per second, added to --sim-ttft-ms; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    sim_prefill_tokens_per_s: f64,
     /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -207,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
         pool_worker::engine::Backend::Sim(pool_worker::engine::SimProfile {
             ttft: Duration::from_millis(args.sim_ttft_ms),
             tokens_per_s: args.sim_tokens_per_s,
+            prefill_tokens_per_s: args.sim_prefill_tokens_per_s,
         })
     } else {
         pool_worker::engine::Backend::Real(

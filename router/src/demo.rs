@@ -29,7 +29,7 @@ pub struct DemoArgs {
 }
 
 /// Child processes, killed on drop.
-struct Fleet(Vec<(String, Child)>);
+pub(crate) struct Fleet(pub(crate) Vec<(String, Child)>);
 
 impl Drop for Fleet {
     fn drop(&mut self) {
@@ -95,7 +95,7 @@ fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// Spawns a child, waits for its `LISTENING` line, returns the line.
-fn spawn(fleet: &mut Fleet, name: &str, mut cmd: Command, log: &Path) -> Result<String> {
+pub(crate) fn spawn(fleet: &mut Fleet, name: &str, mut cmd: Command, log: &Path) -> Result<String> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(log)?))
         .stdin(Stdio::null());

@@ -1,6 +1,7 @@
 //! `switchyard`: serve the router, run the demo fleet, or check and explain rules files.
 
 mod demo;
+mod replay;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -46,6 +47,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Start a local demo fleet (router + a worker per pool); `--smoke` checks a mix of requests.
     Demo(demo::DemoArgs),
+    /// Replay a trace through the real router in front of a simulated fleet, once per rules
+    /// file, and compare cost and latency side by side (`--generate N` writes a trace).
+    Replay(replay::ReplayArgs),
     /// Work with rules files.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -272,6 +276,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Replay(args) => replay::run(args),
         Command::Cost(args) => cost(&args),
         Command::Preempt(args) => preempt(&args),
         Command::Rules(RulesCmd::Check { file }) => match routing_rules::compile_file(&file) {

@@ -49,8 +49,14 @@ fn schema_errors(v: &jsonschema::Validator, yaml: &str) -> Vec<String> {
 fn examples_satisfy_the_schema() {
     let v = validator();
     let mut n = 0;
-    for entry in std::fs::read_dir(root().join("examples")).unwrap() {
-        let path = entry.unwrap().path();
+    let listed = |d: &str| {
+        std::fs::read_dir(root().join(d))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+    };
+    // the examples, and the rules files replay compares (examples/replay/)
+    for path in [listed("examples"), listed("examples/replay")].concat() {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }

@@ -203,6 +203,7 @@ impl Engine {
                 let profile = profile.unwrap_or(SimProfile {
                     ttft: std::time::Duration::ZERO,
                     tokens_per_s: 100.0,
+                    prefill_tokens_per_s: 0.0,
                 });
                 let stats = Arc::clone(&stats);
                 let max_context = model.max_context;

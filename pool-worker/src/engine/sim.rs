@@ -11,6 +11,9 @@ use super::{EngineStats, Event, Queued, Usage};
 pub struct SimProfile {
     pub ttft: std::time::Duration,
     pub tokens_per_s: f64,
+    /// Prompt tokens prefilled per second (0: prefill takes no time beyond `ttft`): a
+    /// long prompt's first token comes later, as on real hardware.
+    pub prefill_tokens_per_s: f64,
 }
 
 /// The filler, one word per streamed event, over and over.
@@ -79,7 +82,14 @@ pub(super) fn run_sim(
                 }
                 let _slot = Release(slot);
                 let started = Instant::now();
-                std::thread::sleep(profile.ttft);
+                let prefill = if profile.prefill_tokens_per_s > 0.0 {
+                    std::time::Duration::from_secs_f64(
+                        job.prompt.len() as f64 / profile.prefill_tokens_per_s,
+                    )
+                } else {
+                    std::time::Duration::ZERO
+                };
+                std::thread::sleep(profile.ttft + prefill);
                 let m = &stats.metrics;
                 m.prefill.observe(started.elapsed().as_secs_f64());
                 m.ttft.observe(queued_at.elapsed().as_secs_f64());

@@ -328,6 +328,7 @@ async fn the_sim_backend_queues_beyond_its_batch() {
     let profile = SimProfile {
         ttft: std::time::Duration::from_millis(20),
         tokens_per_s: 1000.0,
+        prefill_tokens_per_s: 0.0,
     };
     let engine = Engine::load(&path, None, "sim".into(), Backend::Sim(profile), 8, 1).unwrap();
     let mut rxs = Vec::new();
