@@ -162,17 +162,21 @@ pub async fn forward(
             ctx.tried.push(worker.id.clone());
             continue;
         };
-        let t0 = Instant::now();
-        // with deadline escalation (and a later pool to escalate to) the attempt may be
-        // raced by a hedge: the answer is then whichever produced a token first
+        // with deadline escalation (and a later pool to escalate to) a stream's attempt may
+        // be raced by a hedge: the answer is then whichever produced a token first. (Not a
+        // JSON answer's: its first byte comes when the generation ends, so it would race
+        // two whole generations.)
         let Outcome {
             tried,
             in_flight,
             peer,
             worker,
             pool,
+            started: t0,
         } = match retry.escalate_after {
-            Some(after) if next_pool + 1 < decision.targets.len() => {
+            Some(after)
+                if next_pool + 1 < decision.targets.len() && ctx.classified.features.stream =>
+            {
                 escalate(
                     proxy,
                     session,
@@ -190,6 +194,7 @@ pub async fn forward(
                 .await
             }
             _ => {
+                let started = Instant::now();
                 let (tried, in_flight, peer) =
                     attempt_at(proxy, session, ctx, pool, &worker, &body, &hops, deadline).await;
                 Outcome {
@@ -198,6 +203,7 @@ pub async fn forward(
                     peer,
                     worker: Arc::clone(&worker),
                     pool: pool.clone(),
+                    started,
                 }
             }
         };
@@ -261,7 +267,7 @@ pub async fn forward(
                 return relayed;
             }
             Err(failed) => {
-                attempt_failed(shared, ctx, pool, &worker, in_flight, &failed);
+                attempt_failed(shared, ctx, pool, &worker, in_flight, &failed, true);
                 last = Some((pool.clone(), failed));
             }
         }
@@ -387,13 +393,15 @@ async fn attempt_at(
     )
 }
 
-/// What an attempt (escalated or not) came to, and whose it was.
+/// What an attempt (escalated or not) came to, whose it was, and when it started (its
+/// time to first byte is counted from then).
 struct Outcome {
     tried: Tried,
     in_flight: InFlight,
     peer: pingora::upstreams::peer::HttpPeer,
     worker: Arc<crate::registry::Worker>,
     pool: Arc<str>,
+    started: Instant,
 }
 
 /// Deadline escalation: an attempt at `worker` of the route's pool `at` which has no first
@@ -421,6 +429,7 @@ async fn escalate(
     let pool = decision.targets[at].clone();
     let upstreams = shared.upstreams.load();
     let (path, request_id) = (ctx.path.clone(), ctx.request_id.clone());
+    let first_started = Instant::now();
     let mut first = prepare(shared, ctx, &pool, &worker, true);
     let traceparent = first.traceparent.take();
     let out = Outgoing {
@@ -443,25 +452,34 @@ async fn escalate(
         t = &mut primary => Some(t),
         () = tokio::time::sleep(after) => None,
     };
-    let alone = |tried, p: Prepared, worker, pool| Outcome {
+    let alone = |tried, p: Prepared, worker, pool, started| Outcome {
         tried,
         in_flight: p.in_flight,
         peer: p.peer,
         worker,
         pool,
+        started,
     };
     if let Some(tried) = done {
-        return alone(tried, first, worker, pool);
+        return alone(tried, first, worker, pool, first_started);
     }
-    // no first token by the deadline: a worker of a later pool, if the budget allows
-    let hedge = decision.targets[at + 1..]
-        .iter()
-        .find_map(|p| pick_in(shared, snapshot, ctx, p, reach, false).map(|w| (p.clone(), w)))
+    // no first token by the deadline: a worker of a later pool, if the attempts and the
+    // budget allow another (and, for a worker whose ejection just ended, its one probe)
+    let hedge = (ctx.attempts < decision.retry.max_attempts)
+        .then(|| {
+            decision.targets[at + 1..].iter().find_map(|p| {
+                pick_in(shared, snapshot, ctx, p, reach, false).map(|w| (p.clone(), w))
+            })
+        })
+        .flatten()
         .filter(|(p, _)| budget_allows(shared, &decision.retry, p));
-    let Some((pool2, worker2)) = hedge else {
+    let probed = hedge.as_ref().map(|(_, w)| Arc::clone(w));
+    let probe = probed.as_ref().and_then(|w| w.health.probe());
+    let (Some((pool2, worker2)), Some(_probe)) = (hedge, probe) else {
         let tried = primary.await;
-        return alone(tried, first, worker, pool);
+        return alone(tried, first, worker, pool, first_started);
     };
+    let second_started = Instant::now();
     let second = prepare(shared, ctx, &pool2, &worker2, false);
     let out2 = Outgoing {
         traceparent: None,
@@ -484,13 +502,13 @@ async fn escalate(
             Tried::Answered(..) => {
                 escalations("first");
                 outpaced(ctx, &pool2, &worker2, second.in_flight);
-                alone(t, first, worker, pool)
+                alone(t, first, worker, pool, first_started)
             }
             failed => {
-                book_failed(shared, ctx, &pool, &worker, first.in_flight, failed);
+                book_failed(shared, ctx, &pool, &worker, first.in_flight, failed, true);
                 escalations("escalated");
                 let tried = hedged.await;
-                alone(tried, second, worker2, pool2)
+                alone(tried, second, worker2, pool2, second_started)
             }
         },
         t = &mut hedged => match t {
@@ -500,13 +518,14 @@ async fn escalate(
                     tr.end_attempt(Some("escalated"));
                 }
                 outpaced(ctx, &pool, &worker, first.in_flight);
-                alone(t, second, worker2, pool2)
+                alone(t, second, worker2, pool2, second_started)
             }
             failed => {
-                book_failed(shared, ctx, &pool2, &worker2, second.in_flight, failed);
+                // the hedge has no span of its own: the first attempt's stays open
+                book_failed(shared, ctx, &pool2, &worker2, second.in_flight, failed, false);
                 escalations("first");
                 let tried = primary.await;
-                alone(tried, first, worker, pool)
+                alone(tried, first, worker, pool, first_started)
             }
         },
     }
@@ -532,9 +551,10 @@ fn book_failed(
     worker: &crate::registry::Worker,
     in_flight: InFlight,
     tried: Tried,
+    traced: bool,
 ) {
     match tried {
-        Tried::Failed(e) => attempt_failed(shared, ctx, pool, worker, in_flight, &e),
+        Tried::Failed(e) => attempt_failed(shared, ctx, pool, worker, in_flight, &e, traced),
         // not reached: a race watches no client
         Tried::Answered(..) | Tried::ClientGone(_) => {
             ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
@@ -551,9 +571,10 @@ fn attempt_failed(
     worker: &crate::registry::Worker,
     in_flight: InFlight,
     failed: &AttemptError,
+    traced: bool,
 ) {
     ctx.worker_seconds.push((pool.clone(), in_flight.finish()));
-    if let Some(t) = ctx.trace.as_mut() {
+    if traced && let Some(t) = ctx.trace.as_mut() {
         t.end_attempt(Some(failed.reason_name()));
     }
     if failed.against_worker() && worker.health.record_failure() {
@@ -755,7 +776,7 @@ pub async fn resume(
                         .push((pool.clone(), worker.id.clone(), "refused"));
                 }
                 Tried::Failed(failed) => {
-                    attempt_failed(shared, ctx, pool, &worker, in_flight, &failed);
+                    attempt_failed(shared, ctx, pool, &worker, in_flight, &failed, true);
                     last = failed.summary().to_string();
                 }
                 Tried::ClientGone(e) => {

@@ -166,6 +166,8 @@ fn parse_profile(s: &str) -> Result<(String, Profile)> {
 pub fn read_trace(text: &str) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     let mut first_ts: Option<f64> = None;
+    // access lines, at their epoch times until the earliest is known
+    let mut logged = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -185,9 +187,11 @@ pub fn read_trace(text: &str) -> Result<Vec<Record>> {
             ) else {
                 continue;
             };
-            let t0 = *first_ts.get_or_insert(ts);
-            out.push(Record {
-                t: ts - t0,
+            // the line is written as the request ends: it arrived `ms` before
+            let ts = ts - v["ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            first_ts = Some(first_ts.map_or(ts, |f: f64| f.min(ts)));
+            logged.push(Record {
+                t: ts,
                 model: model.to_string(),
                 prompt_tokens: v["prompt_tokens"].as_u64().unwrap_or(1),
                 max_tokens: v["completion_tokens"].as_u64().unwrap_or(64).max(1),
@@ -201,9 +205,15 @@ pub fn read_trace(text: &str) -> Result<Vec<Record>> {
             .with_context(|| format!("line {}: not a trace record", i + 1))?;
         out.push(r);
     }
+    // access-log times become seconds from the earliest arrival
+    let t0 = first_ts.unwrap_or(0.0);
+    out.extend(logged.into_iter().map(|r| Record { t: r.t - t0, ..r }));
     out.sort_by(|a, b| a.t.total_cmp(&b.t));
     if out.is_empty() {
         bail!("the trace has no requests");
+    }
+    if out.iter().any(|r| !(r.t.is_finite() && r.t >= 0.0)) {
+        bail!("the trace has a request at a negative or unreadable time");
     }
     Ok(out)
 }
@@ -302,6 +312,12 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     if !(args.speed.is_finite() && args.speed > 0.0) {
         bail!("--speed must be a positive number");
     }
+    if args
+        .preempt_every
+        .is_some_and(|s| !(s.is_finite() && s > 0.0))
+    {
+        bail!("--preempt-every must be a positive number of seconds");
+    }
     let trace_path = args.trace.as_ref().context("--trace is required")?;
     let trace = read_trace(&std::fs::read_to_string(trace_path)?)?;
     let mut profiles = std::collections::HashMap::new();
@@ -362,6 +378,55 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
+/// A rules file rewritten for a time-compressed replay, removed when dropped.
+struct ScaledRules(PathBuf);
+
+impl Drop for ScaledRules {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The rules file as the router reads it at `speed`: its latency objectives, escalation
+/// deadlines and backoffs divided by `speed` (the fleet runs that much faster), written
+/// beside the original so that its relative paths still resolve (JSON, which is YAML).
+fn scaled_rules(path: &Path, text: &str, speed: f64) -> Result<Option<ScaledRules>> {
+    if speed == 1.0 {
+        return Ok(None);
+    }
+    fn walk(v: &mut Value, speed: f64) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    match (k.as_str(), x.as_u64()) {
+                        ("ttft_p95_ms" | "escalate_after_ms" | "backoff_ms", Some(n)) if n > 0 => {
+                            *x = ((n as f64 / speed).round().max(1.0) as u64).into();
+                        }
+                        _ => walk(x, speed),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, speed)),
+            _ => {}
+        }
+    }
+    let mut v: Value =
+        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    walk(&mut v, speed);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("rules.yaml");
+    let out = path.with_file_name(format!(".replay-{}-{name}", std::process::id()));
+    std::fs::write(&out, serde_json::to_vec_pretty(&v)?).with_context(|| {
+        format!(
+            "write {} (replay writes a scaled copy beside the rules)",
+            out.display()
+        )
+    })?;
+    Ok(Some(ScaledRules(out)))
+}
+
 /// One answer as the client saw it.
 struct Seen {
     ok: bool,
@@ -413,9 +478,11 @@ fn replay_one(
             worker_bin.display()
         );
     }
+    let scaled = scaled_rules(rules_path, &text, args.speed)?;
+    let serve_rules = scaled.as_ref().map_or(rules_path, |s| s.0.as_path());
     let mut fleet = Fleet(Vec::new());
     let mut router = Command::new(&me);
-    router.arg("serve").arg("--rules").arg(rules_path).args([
+    router.arg("serve").arg("--rules").arg(serve_rules).args([
         "--listen",
         "127.0.0.1:0",
         "--grpc",
@@ -479,6 +546,8 @@ fn replay_one(
         w
     };
     let mut expected = 0;
+    // spot workers by pool, for preemption: (pool, worker id, model)
+    let mut spot_workers: Vec<(String, String, (String, PathBuf))> = Vec::new();
     for pool in rules.pools().iter().filter(|p| p.workers.is_empty()) {
         for model in &models {
             for i in 0..args.workers {
@@ -486,6 +555,9 @@ fn replay_one(
                 let cmd = worker_cmd(pool, &id, model);
                 spawn(&mut fleet, &id, cmd, &dir.join(format!("worker-{id}.log")))?;
                 expected += 1;
+                if pool.capacity == routing_rules::Capacity::Spot {
+                    spot_workers.push((pool.name.to_string(), id, model.clone()));
+                }
             }
         }
     }
@@ -524,40 +596,49 @@ fn replay_one(
         let started = tokio::time::Instant::now();
         let url = Arc::new(format!("{proxy}/v1/chat/completions"));
         let mut tasks = Vec::with_capacity(trace.len());
-        let mut preemptions = 0;
-        let mut next_preempt = args.preempt_every.filter(|_| !spot.is_empty());
-        let mut replaced = 0usize;
+        // workers killed, and preemption times passed (a pool without a worker to kill
+        // counts as a time passed, not as a preemption)
+        let (mut preemptions, mut ticks) = (0usize, 0usize);
+        let every = args.preempt_every.filter(|_| !spot.is_empty());
         for r in trace {
             let at = started + Duration::from_secs_f64(r.t / speed);
             // spot preemptions due before this arrival
-            while let Some(every) = next_preempt {
-                let due =
-                    started + Duration::from_secs_f64(every * (preemptions + 1) as f64 / speed);
+            while let Some(every) = every {
+                let due = started + Duration::from_secs_f64(every * (ticks + 1) as f64 / speed);
                 if due > at {
                     break;
                 }
                 tokio::time::sleep_until(due).await;
-                let pool_name = &spot[preemptions % spot.len()];
-                if let Some(pos) = fleet
-                    .0
-                    .iter()
-                    .position(|(n, _)| n.starts_with(&format!("{pool_name}-")))
-                {
-                    let (name, mut child) = fleet.0.remove(pos);
+                let pool_name = &spot[ticks % spot.len()];
+                ticks += 1;
+                let Some((id, model)) =
+                    spot_workers
+                        .iter()
+                        .position(|(p, ..)| p == pool_name)
+                        .map(|i| {
+                            let (_, id, model) = spot_workers.remove(i);
+                            (id, model)
+                        })
+                else {
+                    continue;
+                };
+                if let Some(pos) = fleet.0.iter().position(|(n, _)| *n == id) {
+                    let (_, mut child) = fleet.0.remove(pos);
                     let _ = child.kill();
                     let _ = child.wait();
-                    replaced += 1;
-                    let pool = rules.pool(pool_name).context("spot pool")?;
-                    let model = models
-                        .iter()
-                        .find(|m| name.contains(&format!("-{}-", m.0)))
-                        .unwrap_or(&models[0]);
-                    let id = format!("{pool_name}-{}-r{replaced}", model.0);
-                    let cmd = worker_cmd(pool, &id, model);
-                    spawn(&mut fleet, &id, cmd, &dir.join(format!("worker-{id}.log")))?;
+                    preemptions += 1;
                 }
-                preemptions += 1;
-                next_preempt = Some(every);
+                // a replacement, as a spot fleet brings one up
+                let pool = rules.pool(pool_name).context("spot pool")?;
+                let new_id = format!("{pool_name}-{}-r{preemptions}", model.0);
+                let cmd = worker_cmd(pool, &new_id, &model);
+                spawn(
+                    &mut fleet,
+                    &new_id,
+                    cmd,
+                    &dir.join(format!("worker-{new_id}.log")),
+                )?;
+                spot_workers.push((pool_name.clone(), new_id, model));
             }
             tokio::time::sleep_until(at).await;
             let (http, url, r) = (http.clone(), Arc::clone(&url), r.clone());
@@ -714,7 +795,7 @@ mod tests {
 
     #[test]
     fn access_lines_and_records_are_read_as_a_trace() {
-        let text = r#"{"timestamp":"2026-12-07T05:55:17.511302Z","level":"INFO","message":"request","status":200,"model":"smollm2","tenant":"team-a","prompt_tokens":15,"completion_tokens":40}
+        let text = r#"{"timestamp":"2026-12-07T05:55:17.511302Z","level":"INFO","message":"request","status":200,"model":"smollm2","tenant":"team-a","prompt_tokens":15,"completion_tokens":40,"ms":500.0}
 {"timestamp":"2026-12-07T05:55:18.011302Z","level":"INFO","message":"request","status":200,"model":"","prompt_tokens":0}
 {"t":0.75,"model":"smollm2","prompt_tokens":900,"max_tokens":64,"modality":"image"}
 {"timestamp":"2026-12-07T05:55:19.011302Z","level":"INFO","message":"request","status":200,"model":"smollm2","prompt_tokens":7}
@@ -725,7 +806,11 @@ mod tests {
         assert_eq!((t[0].prompt_tokens, t[0].max_tokens), (15, 40));
         assert_eq!(t[0].tenant.as_deref(), Some("team-a"));
         assert_eq!(t[1].modality.as_deref(), Some("image"));
-        assert!((t[2].t - 1.5).abs() < 1e-6, "{}", t[2].t);
+        assert!(
+            (t[2].t - 2.0).abs() < 1e-6,
+            "arrival = end − ms: {}",
+            t[2].t
+        );
         assert!(read_trace("not json").is_err());
         assert!(read_trace("").is_err());
     }
@@ -759,6 +844,22 @@ mod tests {
         assert!(parse_profile("h100=30,25000,120").is_err());
         assert!(parse_profile("h100=30,-1,120,4").is_err());
         assert!(parse_profile("h100").is_err());
+    }
+
+    #[test]
+    fn a_compressed_replay_scales_the_rules_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.yaml");
+        let text = "version: 1\nretry: { backoff_ms: 0, escalate_after_ms: 800 }\nrules:\n  - name: a\n    route: [x]\n    slo: { ttft_p95_ms: 2000 }\n";
+        let scaled = scaled_rules(&path, text, 10.0).unwrap().unwrap();
+        let v: Value = serde_json::from_slice(&std::fs::read(&scaled.0).unwrap()).unwrap();
+        assert_eq!(v["rules"][0]["slo"]["ttft_p95_ms"], 200);
+        assert_eq!(v["retry"]["escalate_after_ms"], 80);
+        assert_eq!(v["retry"]["backoff_ms"], 0);
+        let written = scaled.0.clone();
+        drop(scaled);
+        assert!(!written.exists(), "removed when done");
+        assert!(scaled_rules(&path, text, 1.0).unwrap().is_none());
     }
 
     #[test]

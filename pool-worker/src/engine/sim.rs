@@ -66,6 +66,7 @@ pub(super) fn run_sim(
             .queue_wait
             .observe(queued_at.elapsed().as_secs_f64());
         stats.metrics.in_flight.inc();
+        let stats_on_error = Arc::clone(&stats);
         let stats = Arc::clone(&stats);
         let slot = Arc::clone(&slots);
         let spawned = std::thread::Builder::new()
@@ -81,6 +82,12 @@ pub(super) fn run_sim(
                     }
                 }
                 let _slot = Release(slot);
+                // a client gone while the job waited for its slot (an escalation's loser, a
+                // client that gave up) costs nothing more
+                if job.events.is_closed() {
+                    stats.metrics.in_flight.dec();
+                    return;
+                }
                 let started = Instant::now();
                 let prefill = if profile.prefill_tokens_per_s > 0.0 {
                     std::time::Duration::from_secs_f64(
@@ -89,7 +96,16 @@ pub(super) fn run_sim(
                 } else {
                     std::time::Duration::ZERO
                 };
-                std::thread::sleep(profile.ttft + prefill);
+                // time to first token, cut short if the client leaves meanwhile
+                let first_at = started + profile.ttft + prefill;
+                while Instant::now() < first_at {
+                    if job.events.is_closed() {
+                        stats.metrics.in_flight.dec();
+                        return;
+                    }
+                    let left = first_at.saturating_duration_since(Instant::now());
+                    std::thread::sleep(left.min(std::time::Duration::from_millis(20)));
+                }
                 let m = &stats.metrics;
                 m.prefill.observe(started.elapsed().as_secs_f64());
                 m.ttft.observe(queued_at.elapsed().as_secs_f64());
@@ -147,6 +163,7 @@ pub(super) fn run_sim(
             });
         if spawned.is_err() {
             tracing::error!("sim backend: cannot start a stream thread");
+            stats_on_error.metrics.in_flight.dec();
             let (running, _) = &*slots;
             *running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
         }
