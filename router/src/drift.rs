@@ -55,11 +55,18 @@ impl Counts {
 }
 
 /// `n`'s power-of-two bucket: `0`, `1`, `2-3`, `4-7`, … (as the bucket's lower bound).
-fn pow2_bucket(n: u64) -> String {
-    if n == 0 {
-        return "0".into();
-    }
-    (1u64 << (63 - n.leading_zeros())).to_string()
+fn pow2_bucket(n: u64) -> &'static str {
+    static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        std::iter::once("0".to_string())
+            .chain((0..64).map(|b| (1u64 << b).to_string()))
+            .collect()
+    });
+    let i = if n == 0 {
+        0
+    } else {
+        64 - n.leading_zeros() as usize
+    };
+    NAMES.get(i).map_or("0", String::as_str)
 }
 
 /// The population stability index of `recent` against `baseline` over their buckets'
@@ -148,15 +155,25 @@ impl Drift {
         };
         let c = &mut t.current;
         c.requests += 1;
-        let mut bump = |i: usize, key: String| *c.buckets[i].entry(key).or_default() += 1;
+        // a bucket seen before is counted without allocating (the common case)
+        let mut bump = |i: usize, key: &str| match c.buckets[i].get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                c.buckets[i].insert(key.to_string(), 1);
+            }
+        };
         bump(0, pow2_bucket(f.prompt_tokens));
         bump(1, pow2_bucket(f.max_tokens));
-        for m in [Modality::Text, Modality::Image, Modality::Audio] {
+        for (m, name) in [
+            (Modality::Text, "text"),
+            (Modality::Image, "image"),
+            (Modality::Audio, "audio"),
+        ] {
             if f.modalities.contains(m) {
-                bump(2, format!("{m:?}").to_ascii_lowercase());
+                bump(2, name);
             }
         }
-        bump(3, model.to_string());
+        bump(3, model);
     }
 
     /// Ends the windows whose time is up: each is compared with its baseline (the gauges
