@@ -140,6 +140,86 @@ impl<'a> MakeWriter<'a> for BatchWriter {
 static BATCH: OnceLock<Arc<Batch>> = OnceLock::new();
 static THREAD: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 
+/// Set when the subscriber writes JSON lines to [`BATCH`] (see [`write_json_line`]).
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one JSON log line straight into the log writer's buffer, in the shape
+/// `tracing`'s JSON formatter gives an event (`timestamp`, `level`, `message`, the fields,
+/// `target`), without going through `tracing`. `fields` must serialize as a JSON object.
+/// Returns false, writing nothing, when logs are not JSON lines (text logs, or logging not
+/// set up): the caller emits a `tracing` event instead. The caller checks that the event
+/// is enabled (`tracing::enabled!`), so `RUST_LOG` filters both alike.
+pub fn write_json_line<T: serde::Serialize>(
+    level: tracing::Level,
+    message: &str,
+    target: &str,
+    fields: &T,
+) -> bool {
+    let Some(batch) = BATCH.get().filter(|_| JSON.load(Ordering::Relaxed)) else {
+        return false;
+    };
+    thread_local! {
+        static BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+    BUF.with(|b| {
+        let Ok(mut b) = b.try_borrow_mut() else {
+            return false;
+        };
+        let (line, object) = &mut *b;
+        let written = json_line(level, message, target, fields, line, object);
+        if written {
+            batch.push(line);
+        }
+        written
+    })
+}
+
+/// [`write_json_line`]'s line, into `line` (`object`: scratch space).
+pub(crate) fn json_line<T: serde::Serialize>(
+    level: tracing::Level,
+    message: &str,
+    target: &str,
+    fields: &T,
+    line: &mut Vec<u8>,
+    object: &mut Vec<u8>,
+) -> bool {
+    line.clear();
+    object.clear();
+    if serde_json::to_writer(&mut *object, fields).is_err()
+        || !(object.starts_with(b"{") && object.ends_with(b"}"))
+    {
+        return false;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let head = write!(
+        line,
+        "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"{level}\",\"message\":",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond(),
+    );
+    if head.is_err() || serde_json::to_writer(&mut *line, message).is_err() {
+        return false;
+    }
+    let inner = &object[1..object.len() - 1];
+    if !inner.is_empty() {
+        line.push(b',');
+        line.extend_from_slice(inner);
+    }
+    line.extend_from_slice(b",\"target\":");
+    if serde_json::to_writer(&mut *line, target).is_err() {
+        return false;
+    }
+    line.extend_from_slice(b"}\n");
+    true
+}
+
 /// Lines dropped because the writer fell behind, since start.
 pub fn dropped_lines() -> u64 {
     BATCH.get().map_or(0, |b| b.dropped.load(Ordering::Relaxed))
@@ -187,6 +267,7 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => true,
         LogFormat::Text => false,
     };
+    JSON.store(json, Ordering::Relaxed);
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
