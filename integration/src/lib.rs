@@ -512,7 +512,11 @@ impl Running {
             .await?)
     }
 
+    /// A process's log as written so far. The router's log thread writes its lines in
+    /// batches (at most 10 ms after they are logged): this waits 100 ms first, so that the
+    /// lines of requests already answered are there.
     pub fn log(&self, name: &str) -> String {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 }
