@@ -311,14 +311,13 @@ mod tests {
             tracing::subscriber::with_default(subscriber, || line.emit());
             let theirs: serde_json::Value =
                 serde_json::from_slice(&captured.lock().unwrap()).unwrap();
-            let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+            let mut buf = Vec::new();
             assert!(crate::logging::json_line(
                 tracing::Level::INFO,
                 "request",
                 TARGET,
                 &line,
-                &mut buf,
-                &mut scratch
+                &mut buf
             ));
             assert!(buf.ends_with(b"}\n") && !buf[..buf.len() - 1].contains(&b'\n'));
             let mut ours: serde_json::Value = serde_json::from_slice(&buf).unwrap();

@@ -159,39 +159,29 @@ pub fn write_json_line<T: serde::Serialize>(
         return false;
     };
     thread_local! {
-        static BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
-            std::cell::RefCell::new((Vec::new(), Vec::new()))
-        };
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    BUF.with(|b| {
-        let Ok(mut b) = b.try_borrow_mut() else {
+    LINE.with(|b| {
+        let Ok(mut line) = b.try_borrow_mut() else {
             return false;
         };
-        let (line, object) = &mut *b;
-        let written = json_line(level, message, target, fields, line, object);
+        let written = json_line(level, message, target, fields, &mut line);
         if written {
-            batch.push(line);
+            batch.push(&line);
         }
         written
     })
 }
 
-/// [`write_json_line`]'s line, into `line` (`object`: scratch space).
+/// [`write_json_line`]'s line, into `line`.
 pub(crate) fn json_line<T: serde::Serialize>(
     level: tracing::Level,
     message: &str,
     target: &str,
     fields: &T,
     line: &mut Vec<u8>,
-    object: &mut Vec<u8>,
 ) -> bool {
     line.clear();
-    object.clear();
-    if serde_json::to_writer(&mut *object, fields).is_err()
-        || !(object.starts_with(b"{") && object.ends_with(b"}"))
-    {
-        return false;
-    }
     let now = time::OffsetDateTime::now_utc();
     let head = write!(
         line,
@@ -207,10 +197,18 @@ pub(crate) fn json_line<T: serde::Serialize>(
     if head.is_err() || serde_json::to_writer(&mut *line, message).is_err() {
         return false;
     }
-    let inner = &object[1..object.len() - 1];
-    if !inner.is_empty() {
-        line.push(b',');
-        line.extend_from_slice(inner);
+    // the fields' object, serialized in place: its braces become the line's commas
+    let start = line.len();
+    if serde_json::to_writer(&mut *line, fields).is_err()
+        || !(line[start..].starts_with(b"{") && line.ends_with(b"}"))
+    {
+        return false;
+    }
+    line.pop();
+    if line.len() == start + 1 {
+        line.pop();
+    } else {
+        line[start] = b',';
     }
     line.extend_from_slice(b",\"target\":");
     if serde_json::to_writer(&mut *line, target).is_err() {
