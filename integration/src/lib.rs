@@ -502,6 +502,17 @@ impl Running {
         }
     }
 
+    /// Worker `i`'s metric `name` (an unlabelled counter or gauge) from its `/metrics`; 0
+    /// when absent.
+    pub async fn worker_metric(&self, i: usize, name: &str) -> Result<f64> {
+        let url = format!("{}/metrics", self.workers[i].url);
+        let text = self.http.get(url).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// POSTs a chat request through the router.
     pub async fn chat(&self, body: &Value) -> Result<reqwest::Response> {
         Ok(self

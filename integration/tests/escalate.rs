@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{Running, TestEnv, WorkerSpec, header};
+use integration::{TestEnv, WorkerSpec, header};
 use serde_json::{Value, json};
 
 const RULES: &str = r#"
@@ -22,22 +22,6 @@ rules:
     route: [cpu, l40s-ondemand]
     retry: { escalate_after_ms: 300 }
 "#;
-
-async fn worker_metric(env: &Running, i: usize, name: &str) -> f64 {
-    let url = format!("{}/metrics", env.workers[i].url);
-    let text = env
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 fn ask(stream: bool) -> Value {
     json!({
@@ -63,7 +47,10 @@ async fn a_slow_tier_is_escalated_past_and_no_request_runs_twice() {
         .await
         .unwrap();
     // (its warm-up generated a token)
-    let warm = worker_metric(&env, 0, "switchyard_worker_generated_tokens_total").await;
+    let warm = env
+        .worker_metric(0, "switchyard_worker_generated_tokens_total")
+        .await
+        .unwrap();
     env.faults(0, json!({ "delay_first_token_ms": 3000 }))
         .await
         .unwrap();
@@ -94,11 +81,15 @@ async fn a_slow_tier_is_escalated_past_and_no_request_runs_twice() {
     // comes before the engine), and stay so once the delay has passed
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
-        worker_metric(&env, 0, "switchyard_worker_generated_tokens_total").await,
+        env.worker_metric(0, "switchyard_worker_generated_tokens_total")
+            .await
+            .unwrap(),
         warm
     );
     assert_eq!(
-        worker_metric(&env, 0, "switchyard_worker_in_flight").await,
+        env.worker_metric(0, "switchyard_worker_in_flight")
+            .await
+            .unwrap(),
         0.0
     );
     let log = env.log("router.log");

@@ -118,6 +118,11 @@ struct Args {
     /// Simulated prefill speed (prompt tokens per second, added to --sim-ttft-ms; 0: none).
     #[arg(long, default_value_t = 0.0)]
     sim_prefill_tokens_per_s: f64,
+    /// Simulated keys and values per prompt token in the prefix cache, bytes (with
+    /// --prefix-cache-mib, how much prompt the simulated worker keeps for reuse). Default:
+    /// a 70B-class model's in f16 (80 layers × 8 key/value heads × 128 × 2 × 2 bytes).
+    #[arg(long, default_value_t = pool_worker::engine::SimProfile::KV_BYTES_70B)]
+    sim_kv_bytes_per_token: usize,
     /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -132,6 +137,11 @@ struct Args {
     /// Requests that may wait for the engine before the worker answers 429.
     #[arg(long, default_value_t = 16)]
     queue: usize,
+    /// Memory for the prefix cache, in MiB: keys and values of earlier prompts and answers,
+    /// reused by prompts that start the same way (a shared system prompt, a conversation's
+    /// earlier turns) instead of being prefilled again. 0 turns it off.
+    #[arg(long, default_value_t = 256)]
+    prefix_cache_mib: usize,
     /// Enable POST /admin/faults (fault injection for failover tests). Never in production.
     #[arg(long)]
     fault_injection: bool,
@@ -211,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
             ttft: Duration::from_millis(args.sim_ttft_ms),
             tokens_per_s: args.sim_tokens_per_s,
             prefill_tokens_per_s: args.sim_prefill_tokens_per_s,
+            kv_bytes_per_token: args.sim_kv_bytes_per_token,
         })
     } else {
         pool_worker::engine::Backend::Real(
@@ -226,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
         backend,
         args.queue,
         args.max_batch,
+        args.prefix_cache_mib << 20,
     )?;
     engine.warm_up().await.context("warm-up")?;
     tracing::info!(model = %name, "loaded and warmed up in {:.2?}", t0.elapsed());

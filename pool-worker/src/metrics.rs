@@ -42,6 +42,15 @@ pub struct WorkerMetrics {
     /// `switchyard_worker_time_per_output_token_seconds`: per finished request, decode
     /// time per token after the first.
     pub time_per_output_token: Histogram,
+    /// `switchyard_worker_prefix_cache_hit_tokens_total`: prompt tokens whose keys and
+    /// values came from the prefix cache instead of being computed.
+    pub prefix_hit_tokens: IntCounter,
+    /// `switchyard_worker_prefix_cache_miss_tokens_total`: prompt tokens computed (prefilled).
+    pub prefix_miss_tokens: IntCounter,
+    /// `switchyard_worker_prefix_cache_bytes`: memory the prefix cache holds.
+    pub prefix_cache_bytes: IntGauge,
+    /// `switchyard_worker_prefix_cache_blocks`: token blocks the prefix cache holds.
+    pub prefix_cache_blocks: IntGauge,
 }
 
 impl WorkerMetrics {
@@ -64,7 +73,28 @@ impl WorkerMetrics {
             "Tokens generated, counted as each is sampled (abandoned answers included).",
         )?;
         registry.register(Box::new(generated_tokens.clone()))?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         Ok(Self {
+            prefix_hit_tokens: counter(
+                "switchyard_worker_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values were reused from the prefix cache.",
+            )?,
+            prefix_miss_tokens: counter(
+                "switchyard_worker_prefix_cache_miss_tokens_total",
+                "Prompt tokens computed (prefilled): not in the prefix cache.",
+            )?,
+            prefix_cache_bytes: gauge(
+                "switchyard_worker_prefix_cache_bytes",
+                "Memory held by the prefix cache's keys and values.",
+            )?,
+            prefix_cache_blocks: gauge(
+                "switchyard_worker_prefix_cache_blocks",
+                "Token blocks held by the prefix cache.",
+            )?,
             queue_depth: gauge(
                 "switchyard_worker_queue_depth",
                 "Requests waiting for the engine.",
@@ -130,6 +160,13 @@ mod tests {
             ("switchyard_worker_generated_tokens_total", "counter"),
             ("switchyard_worker_batch_size", "gauge"),
             ("switchyard_worker_kv_cache_tokens", "gauge"),
+            ("switchyard_worker_prefix_cache_hit_tokens_total", "counter"),
+            (
+                "switchyard_worker_prefix_cache_miss_tokens_total",
+                "counter",
+            ),
+            ("switchyard_worker_prefix_cache_bytes", "gauge"),
+            ("switchyard_worker_prefix_cache_blocks", "gauge"),
             ("switchyard_worker_ttft_seconds", "histogram"),
             ("switchyard_worker_queue_wait_seconds", "histogram"),
             ("switchyard_worker_prefill_seconds", "histogram"),

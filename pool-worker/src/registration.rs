@@ -28,6 +28,10 @@ pub struct Load {
     /// Fraction of the KV cache in use, 0..1 (0 when unknown).
     pub kv_cache_usage: f32,
     pub tokens_per_second: f32,
+    /// Prompt tokens served from the prefix cache, as a fraction of all prompt tokens.
+    pub prefix_cache_hit_rate: f32,
+    /// Memory the prefix cache holds, bytes.
+    pub prefix_cache_bytes: u64,
 }
 
 /// Where heartbeats read load from.
@@ -42,6 +46,12 @@ impl LoadSource for EngineStats {
             queued: u32::try_from(self.queued()).unwrap_or(u32::MAX),
             kv_cache_usage: 0.0,
             tokens_per_second: self.last_tps_milli.load(Ordering::Relaxed) as f32 / 1000.0,
+            prefix_cache_hit_rate: {
+                let m = &self.metrics;
+                let (hit, miss) = (m.prefix_hit_tokens.get(), m.prefix_miss_tokens.get());
+                (hit as f64 / (hit + miss).max(1) as f64) as f32
+            },
+            prefix_cache_bytes: u64::try_from(self.metrics.prefix_cache_bytes.get()).unwrap_or(0),
         }
     }
 }
@@ -230,6 +240,8 @@ impl Registration {
                 kv_cache_usage: load.kv_cache_usage,
                 tokens_per_second: load.tokens_per_second,
                 device_memory_bytes: 0,
+                prefix_cache_hit_rate: load.prefix_cache_hit_rate,
+                prefix_cache_bytes: load.prefix_cache_bytes,
             };
             match client.heartbeat(self.req(hb)).await {
                 // the router repeats the drain this worker announced: heartbeats go on

@@ -162,6 +162,7 @@ async fn engine_on_cuda_streams_every_requested_token() {
         Backend::Real(device, Quantize::None),
         4,
         4,
+        64 << 20,
     )
     .unwrap();
     engine.warm_up().await.unwrap();

@@ -316,14 +316,28 @@ fn pick_in(
     continuation: bool,
 ) -> Option<Arc<crate::registry::Worker>> {
     let rules = shared.rules.load();
-    let policy = select::policy_for(rules.rules.pool(pool).map(|p| p.select).unwrap_or_default());
+    let kind = rules.rules.pool(pool).map(|p| p.select).unwrap_or_default();
     let ask = Ask {
         model: ctx.model(),
         modalities: ctx.classified.features.modalities,
         tried: &ctx.tried,
         continuation,
     };
-    select::pick(snapshot, pool, policy, &ask, reach)
+    match select::policy_for(kind) {
+        Some(policy) => select::pick(snapshot, pool, policy, &ask, reach),
+        None => {
+            let policy = select::CacheAware::new(&shared.prefixes, &ctx.classified.prefix);
+            let picked = select::pick(snapshot, pool, &policy, &ask, reach);
+            if let (Some(placement), Some(_)) = (policy.placement.get(), &picked) {
+                shared
+                    .metrics
+                    .prefix_placements
+                    .with_label_values(&[pool, placement.label()])
+                    .inc();
+            }
+            picked
+        }
+    }
 }
 
 /// An attempt about to start: counted in the request, the worker's share of time running,

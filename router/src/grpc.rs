@@ -226,6 +226,8 @@ impl RegistryApi for RegistryService {
                     queued: r.queued,
                     kv_cache_usage: r.kv_cache_usage,
                     tokens_per_second: r.tokens_per_second,
+                    prefix_cache_hit_rate: r.prefix_cache_hit_rate,
+                    prefix_cache_bytes: r.prefix_cache_bytes,
                 },
             )
             .map_err(|e| Status::not_found(e.to_string()))?;

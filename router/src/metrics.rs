@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Retries into a pool that the retry budget refused (the request moved on to the next
     /// pool, or failed), by pool.
     pub retry_budget_exhausted: IntCounterVec,
+    /// Cache-aware selections, by pool and what decided them: `owner` (the worker last
+    /// sent the prompt's start), `owner_busy` (it was over the load bound), `unknown` (no
+    /// worker known to hold any of it), `short` (a prompt shorter than a block).
+    pub prefix_placements: IntCounterVec,
     /// Streams whose worker failed mid-answer, by pool (the continuation's, when resumed)
     /// and outcome: `resumed`, `complete` (the answer was whole), `limit_reached`, `failed`.
     pub resumes: IntCounterVec,
@@ -242,6 +246,14 @@ impl Metrics {
             &["pool"],
         )?;
         registry.register(Box::new(retry_budget_exhausted.clone()))?;
+        let prefix_placements = IntCounterVec::new(
+            Opts::new(
+                "switchyard_router_prefix_placements_total",
+                "Cache-aware selections, by pool and outcome: owner (the worker last sent the prompt's start), owner_busy (it was over the load bound), unknown, short.",
+            ),
+            &["pool", "outcome"],
+        )?;
+        registry.register(Box::new(prefix_placements.clone()))?;
         let resumes = IntCounterVec::new(
             Opts::new(
                 "switchyard_router_stream_resumes_total",
@@ -355,6 +367,7 @@ impl Metrics {
             log_lines_dropped,
             tenant_rejected,
             retry_budget_exhausted,
+            prefix_placements,
             resumes,
             escalations,
             drift_psi,

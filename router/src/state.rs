@@ -116,6 +116,8 @@ pub struct Shared {
     /// Pools' recent answers and spill state, for rules with a latency objective
     /// ([`crate::slo`]).
     pub slo: crate::slo::SloTracker,
+    /// Which workers were sent which prompt starts, for pools that select `cache_aware`.
+    pub prefixes: crate::select::PrefixIndex,
 }
 
 impl Shared {
@@ -149,6 +151,7 @@ impl Shared {
             limiters: crate::tenants::Limiters::default(),
             otel,
             ledger: crate::cost::Ledger::default(),
+            prefixes: crate::select::PrefixIndex::default(),
         });
         s.apply_rules();
         s

@@ -558,6 +558,13 @@ impl CompiledRules {
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| &*p.name == name)
     }
+    /// Whether some pool selects its workers by the prompt's prefix (`cache_aware`): the
+    /// router then names each request's prompt blocks.
+    pub fn selects_by_prefix(&self) -> bool {
+        self.pools
+            .iter()
+            .any(|p| p.select == SelectPolicy::CacheAware)
+    }
     pub fn models(&self) -> &BTreeMap<String, Model> {
         &self.models
     }

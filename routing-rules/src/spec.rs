@@ -204,6 +204,12 @@ pub enum SelectPolicy {
     PowerOfTwo,
     /// Every eligible worker is scanned; the least loaded wins, ties broken at random.
     LeastLoaded,
+    /// Requests that start with the same text (a tenant's system prompt, a conversation's
+    /// earlier turns) go to the worker that served that start last, whose prefix cache
+    /// likely still holds it — unless that worker is busier than the pool's bound on load
+    /// allows, when the less loaded of two (as `power_of_two`) takes it and becomes an
+    /// owner too.
+    CacheAware,
 }
 
 impl SelectPolicy {
@@ -212,6 +218,7 @@ impl SelectPolicy {
         match self {
             Self::PowerOfTwo => "power_of_two",
             Self::LeastLoaded => "least_loaded",
+            Self::CacheAware => "cache_aware",
         }
     }
 }

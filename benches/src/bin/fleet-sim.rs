@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
                     kv_cache_usage: load as f32 / 9.0,
                     tokens_per_second: 40.0,
                     device_memory_bytes: 0,
+                    ..Default::default()
                 };
                 match c.heartbeat(req).await {
                     Ok(_) => beats.fetch_add(1, Ordering::Relaxed),

@@ -10,6 +10,11 @@
 //!   each stream's mean time per token after its first (both include the other streams'
 //!   prefills), and the steady state: tokens per second and per-stream time per token
 //!   while every stream is decoding (from the last first token to the first stream's end);
+//! - prefix reuse (`--shared-prefix N`): a prompt of N shared tokens (a long system prompt)
+//!   and a short question of its own, sent first once and then with other questions: the
+//!   first TTFT (everything prefilled) against the later ones (the shared part restored
+//!   from the prefix cache). Every other measurement's prompt starts differently, so no
+//!   other figure includes a cache hit;
 //! - load time and peak resident memory (VmHWM);
 //! - on CPU, beside each prefill figure, the machine's f32 GEMM rate measured just before
 //!   it (`machine_gemm_gflops`): prefill is bound by that product, and on a shared host it
@@ -68,6 +73,12 @@ struct Args {
     /// Prefill repetitions; the best is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Shared prompt tokens for the prefix reuse measurement (0: skip it).
+    #[arg(long, default_value_t = 2048)]
+    shared_prefix: usize,
+    /// The engine's prefix cache, MiB (as `switchyard-worker --prefix-cache-mib`).
+    #[arg(long, default_value_t = 256)]
+    prefix_cache_mib: usize,
 }
 
 /// What one job reported, with timestamps relative to `start` (its submission, or the
@@ -127,7 +138,12 @@ async fn run_job(
     bail!("engine stopped")
 }
 
-/// Prompt token ids of exactly `n` tokens: English text, tokenized, repeated.
+/// Prompts made so far: each starts at another place in the text, so no two share a
+/// prefix (the prefix cache must not serve one measurement from another's prompt).
+static PROMPTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Prompt token ids of exactly `n` tokens: English text, tokenized, repeated, starting at
+/// a place no earlier prompt started at.
 fn prompt_of(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
     const TEXT: &str = "The router classifies each request by its context length and modality \
         and sends it to the cheapest pool of hardware that can serve it, retrying on an \
@@ -139,7 +155,8 @@ fn prompt_of(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
         .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?
         .get_ids()
         .to_vec();
-    Ok(ids.iter().copied().cycle().take(n).collect())
+    let skip = PROMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(ids.iter().copied().cycle().skip(skip).take(n).collect())
 }
 
 /// This machine's f32 GEMM rate right now, in GFLOP/s: the best of five candle products of
@@ -205,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
         Backend::Real(device.clone(), args.quantize),
         max_streams + 4,
         max_streams,
+        args.prefix_cache_mib << 20,
     )?;
     engine.warm_up().await?;
     let load_s = t.elapsed().as_secs_f64();
@@ -245,6 +263,46 @@ async fn main() -> anyhow::Result<()> {
             "machine_gemm_gflops": gemm,
         }));
     }
+
+    let shared = match args.shared_prefix {
+        0 => None,
+        n if n + 64 > engine.model.max_context => {
+            eprintln!(
+                "prefix reuse {n}: skipped (context window {})",
+                engine.model.max_context
+            );
+            None
+        }
+        n => {
+            // a long system prompt, then each request's own 32-token question
+            let system = prompt_of(&engine, n)?;
+            let mut ttfts = Vec::new();
+            for _ in 0..4 {
+                let mut prompt = system.clone();
+                prompt.extend(prompt_of(&engine, 32)?);
+                let timing = run_job(&engine, prompt, 1, Instant::now()).await?;
+                ttfts.push(timing.first.unwrap_or(timing.done).as_secs_f64());
+            }
+            let first = ttfts[0];
+            let mut later = ttfts[1..].to_vec();
+            later.sort_by(f64::total_cmp);
+            let median = later[later.len() / 2];
+            eprintln!(
+                "prefix reuse: {n} shared + 32 own tokens: first TTFT {:.1} ms, later (median of {}) {:.1} ms: {:.1}x lower",
+                first * 1e3,
+                later.len(),
+                median * 1e3,
+                first / median
+            );
+            Some(json!({
+                "shared_tokens": n,
+                "own_tokens": 32,
+                "first_ttft_ms": first * 1e3,
+                "later_ttft_ms": later.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+                "first_over_later_median": first / median,
+            }))
+        }
+    };
 
     let mut decode = Vec::new();
     for &streams in &args.streams {
@@ -322,6 +380,7 @@ async fn main() -> anyhow::Result<()> {
             "quantize": format!("{:?}", args.quantize),
             "load_s": load_s,
             "prefill": prefill,
+            "prefix_reuse": shared,
             "decode": decode,
             "peak_rss_kib": rss,
         })

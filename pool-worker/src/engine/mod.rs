@@ -19,6 +19,7 @@
 
 mod detokenizer;
 mod load;
+mod prefix;
 mod prompt;
 mod scheduler;
 mod sim;
@@ -157,7 +158,8 @@ pub struct Engine {
 
 impl Engine {
     /// Loads a model (a GGUF file, or a Hugging Face directory of safetensors) and starts
-    /// the actor thread. `queue_capacity` bounds waiting jobs.
+    /// the actor thread. `queue_capacity` bounds waiting jobs; `prefix_cache_bytes` bounds
+    /// the keys and values kept for reuse by later prompts (0: none kept).
     pub fn load(
         path: &Path,
         tokenizer_json: Option<&Path>,
@@ -165,6 +167,7 @@ impl Engine {
         backend: Backend,
         queue_capacity: usize,
         max_batch: usize,
+        prefix_cache_bytes: usize,
     ) -> Result<Self, WorkerError> {
         let (device, quantize, sim) = match backend {
             Backend::Real(d, q) => (d, q, None),
@@ -187,6 +190,7 @@ impl Engine {
                     model: Arc::clone(&model),
                     stats: Arc::clone(&stats),
                     max_batch: max_batch.max(1),
+                    prefix: prefix::PrefixCache::new(prefix_cache_bytes),
                 };
                 // The engine loop runs on a worker of the thread pool its products use, so
                 // each parallel product starts on this thread at once instead of waking
@@ -204,13 +208,24 @@ impl Engine {
                     ttft: std::time::Duration::ZERO,
                     tokens_per_s: 100.0,
                     prefill_tokens_per_s: 0.0,
+                    kv_bytes_per_token: SimProfile::KV_BYTES_70B,
                 });
                 let stats = Arc::clone(&stats);
                 let max_context = model.max_context;
                 let costs = sim::word_costs(&model.tokenizer);
                 std::thread::Builder::new()
                     .name("sim-engine".into())
-                    .spawn(move || run_sim(rx, profile, stats, max_context, costs, max_batch))
+                    .spawn(move || {
+                        run_sim(
+                            rx,
+                            profile,
+                            stats,
+                            max_context,
+                            costs,
+                            max_batch,
+                            prefix_cache_bytes,
+                        )
+                    })
             }
         };
         spawned.map_err(|e| WorkerError::Model(format!("cannot start engine thread: {e}")))?;

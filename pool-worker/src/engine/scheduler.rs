@@ -11,8 +11,9 @@ use candle_transformers::generation::LogitsProcessor;
 use tokio::sync::mpsc;
 
 use super::detokenizer::{TextDecoder, visible_text};
+use super::prefix::PrefixCache;
 use super::{EngineStats, Event, GenParams, Job, LoadedModel, Queued, Usage};
-use crate::llama::{Item, KvCache, Llama};
+use crate::llama::{Item, KvBlock, KvCache, Llama};
 
 /// Prompt tokens one sequence may prefill in a step shared with decoding sequences: bounds
 /// the step's time, so running streams keep getting tokens during long prefills.
@@ -30,6 +31,9 @@ pub(super) struct Actor {
     pub(super) model: Arc<LoadedModel>,
     pub(super) stats: Arc<EngineStats>,
     pub(super) max_batch: usize,
+    /// Keys and values of earlier prompts (and answers), reused by prompts that start the
+    /// same way.
+    pub(super) prefix: PrefixCache<KvBlock>,
 }
 
 /// A running sequence.
@@ -124,7 +128,7 @@ impl Actor {
         }
     }
 
-    fn admit(&self, job: Job, queued_at: Instant, running: &mut Vec<Seq>) {
+    fn admit(&mut self, job: Job, queued_at: Instant, running: &mut Vec<Seq>) {
         self.stats.metrics.queue_depth.dec();
         self.stats
             .metrics
@@ -144,6 +148,14 @@ impl Actor {
             .params
             .max_tokens
             .min(self.model.max_context.saturating_sub(job.prompt.len()));
+        // At least the last prompt token runs (its logits give the first token), and a
+        // replayed answer runs as decode ran it, so neither comes from the prefix cache.
+        let limit = job.prompt.len() - job.params.replay_tokens.max(1);
+        let (cache, reused) = self.restore(&job.prompt, limit);
+        let m = &self.stats.metrics;
+        m.prefix_hit_tokens.inc_by(reused as u64);
+        m.prefix_miss_tokens
+            .inc_by((job.prompt.len() - reused) as u64);
         running.push(Seq {
             sampler: LogitsProcessor::new(
                 job.params.seed,
@@ -152,8 +164,8 @@ impl Actor {
             ),
             events: job.events,
             prompt: job.prompt,
-            prefilled: 0,
-            cache: self.weights.new_cache(),
+            prefilled: reused,
+            cache,
             generated: Vec::with_capacity(budget),
             text: TextDecoder::default(),
             sent_len: 0,
@@ -228,6 +240,7 @@ impl Actor {
                 if seq.prefilling() {
                     continue; // more prompt to go; these logits are not needed
                 }
+                self.keep(&seq.prompt, &seq.cache);
                 let m = &self.stats.metrics;
                 m.prefill.observe(seq.started.elapsed().as_secs_f64());
                 m.ttft.observe(seq.queued_at.elapsed().as_secs_f64());
@@ -258,9 +271,58 @@ impl Actor {
         }
         done.sort_unstable();
         for i in done.into_iter().rev() {
-            running.swap_remove(i);
+            let seq = running.swap_remove(i);
             self.stats.metrics.in_flight.dec();
+            // the answer too: a conversation's next turn starts with this one's prompt
+            // and answer
+            if self.prefix.enabled() && !seq.generated.is_empty() {
+                let mut tokens = seq.prompt;
+                tokens.extend_from_slice(&seq.generated);
+                self.keep(&tokens, &seq.cache);
+            }
         }
+    }
+
+    /// A new sequence's cache: the longest cached prefix of `prompt` ending at or before
+    /// `limit`, restored, and how many tokens it holds. An empty cache when nothing is
+    /// cached or restoring fails (the prompt is then prefilled whole).
+    fn restore(&mut self, prompt: &[u32], limit: usize) -> (KvCache, usize) {
+        if !self.prefix.enabled() {
+            return (self.weights.new_cache(), 0);
+        }
+        let blocks = self.prefix.lookup(prompt, limit);
+        if blocks.is_empty() {
+            return (self.weights.new_cache(), 0);
+        }
+        match self.weights.cache_from(&blocks) {
+            Ok(cache) => {
+                let n = cache.len();
+                (cache, n)
+            }
+            Err(e) => {
+                tracing::warn!("cannot restore a cached prefix, prefilling it instead: {e}");
+                (self.weights.new_cache(), 0)
+            }
+        }
+    }
+
+    /// Keeps the whole blocks of `tokens` that `cache` holds in the prefix cache.
+    fn keep(&mut self, tokens: &[u32], cache: &KvCache) {
+        if !self.prefix.enabled() {
+            return;
+        }
+        let kept = self.prefix.store(tokens, cache.len(), |start, len| {
+            cache.copy_out(start, len).map(|b| {
+                let bytes = b.bytes();
+                (b, bytes)
+            })
+        });
+        if let Err(e) = kept {
+            tracing::warn!("cannot keep a prefix for reuse: {e}");
+        }
+        let m = &self.stats.metrics;
+        m.prefix_cache_bytes.set(self.prefix.bytes() as i64);
+        m.prefix_cache_blocks.set(self.prefix.blocks() as i64);
     }
 
     /// Takes a sampled token: streams its text and says whether the sequence goes on.

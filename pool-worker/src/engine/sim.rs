@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::prefix::PrefixCache;
 use super::{EngineStats, Event, Queued, Usage};
 
 /// How the simulated-hardware backend behaves: time to first token and decode speed per
@@ -14,6 +15,15 @@ pub struct SimProfile {
     /// Prompt tokens prefilled per second (0: prefill takes no time beyond `ttft`): a
     /// long prompt's first token comes later, as on real hardware.
     pub prefill_tokens_per_s: f64,
+    /// Keys and values one token takes in the prefix cache, bytes: with the cache's budget,
+    /// how many prompt tokens it holds. Prompt tokens found there cost no prefill time.
+    pub kv_bytes_per_token: usize,
+}
+
+impl SimProfile {
+    /// A 70B-class model's keys and values in f16 with grouped queries (80 layers, 8 key
+    /// and value heads of 128): 320 KiB per token.
+    pub const KV_BYTES_70B: usize = 80 * 8 * 128 * 2 * 2;
 }
 
 /// The filler, one word per streamed event, over and over.
@@ -48,8 +58,14 @@ pub(super) fn run_sim(
     max_context: usize,
     costs: [usize; 8],
     max_batch: usize,
+    prefix_cache_bytes: usize,
 ) {
     let slots: Slots = Arc::default();
+    // What a real engine's prefix cache would hold: blocks without keys and values, each
+    // charged the profile's bytes. A prompt is kept when its job starts (the real engine
+    // keeps it once prefilled, a prefill's time later; answers are not kept).
+    let mut prefix: PrefixCache<()> = PrefixCache::new(prefix_cache_bytes);
+    let block_bytes = super::prefix::BLOCK * profile.kv_bytes_per_token.max(1);
     let max_batch = max_batch.max(1);
     while let Ok((job, queued_at)) = rx.recv() {
         {
@@ -66,6 +82,20 @@ pub(super) fn run_sim(
             .queue_wait
             .observe(queued_at.elapsed().as_secs_f64());
         stats.metrics.in_flight.inc();
+        let reused = if prefix.enabled() && !job.events.is_closed() {
+            let prompt = &job.prompt;
+            let reused =
+                prefix.lookup(prompt, prompt.len().saturating_sub(1)).len() * super::prefix::BLOCK;
+            let _ = prefix.store::<()>(prompt, prompt.len(), |_, _| Ok(((), block_bytes)));
+            let m = &stats.metrics;
+            m.prefix_hit_tokens.inc_by(reused as u64);
+            m.prefix_miss_tokens.inc_by((prompt.len() - reused) as u64);
+            m.prefix_cache_bytes.set(prefix.bytes() as i64);
+            m.prefix_cache_blocks.set(prefix.blocks() as i64);
+            reused
+        } else {
+            0
+        };
         let stats_on_error = Arc::clone(&stats);
         let stats = Arc::clone(&stats);
         let slot = Arc::clone(&slots);
@@ -91,7 +121,7 @@ pub(super) fn run_sim(
                 let started = Instant::now();
                 let prefill = if profile.prefill_tokens_per_s > 0.0 {
                     std::time::Duration::from_secs_f64(
-                        job.prompt.len() as f64 / profile.prefill_tokens_per_s,
+                        (job.prompt.len() - reused) as f64 / profile.prefill_tokens_per_s,
                     )
                 } else {
                     std::time::Duration::ZERO

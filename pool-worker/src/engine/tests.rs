@@ -78,6 +78,15 @@ fn quantize_applies_to_hugging_face_checkpoints_only() {
 /// A CPU engine over a random model of `shape`, in a fresh directory (returned, for
 /// removal at the end of the test).
 fn engine_for(name: &str, shape: &model_meta::tiny::LlamaShape) -> (std::path::PathBuf, Engine) {
+    engine_with_cache(name, shape, 64 << 20)
+}
+
+/// [`engine_for`] with a prefix cache of `prefix_cache_bytes`.
+fn engine_with_cache(
+    name: &str,
+    shape: &model_meta::tiny::LlamaShape,
+    prefix_cache_bytes: usize,
+) -> (std::path::PathBuf, Engine) {
     let dir = std::env::temp_dir().join(format!("engine-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.gguf");
@@ -89,6 +98,7 @@ fn engine_for(name: &str, shape: &model_meta::tiny::LlamaShape) -> (std::path::P
         Backend::Real(Device::Cpu, Quantize::None),
         8,
         4,
+        prefix_cache_bytes,
     )
     .unwrap();
     (dir, engine)
@@ -329,8 +339,18 @@ async fn the_sim_backend_queues_beyond_its_batch() {
         ttft: std::time::Duration::from_millis(20),
         tokens_per_s: 1000.0,
         prefill_tokens_per_s: 0.0,
+        kv_bytes_per_token: SimProfile::KV_BYTES_70B,
     };
-    let engine = Engine::load(&path, None, "sim".into(), Backend::Sim(profile), 8, 1).unwrap();
+    let engine = Engine::load(
+        &path,
+        None,
+        "sim".into(),
+        Backend::Sim(profile),
+        8,
+        1,
+        1 << 20,
+    )
+    .unwrap();
     let mut rxs = Vec::new();
     for _ in 0..2 {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -356,4 +376,77 @@ async fn the_sim_backend_queues_beyond_its_batch() {
         "the second started after the first ended"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Greedy text of `prompt`, `max_tokens` tokens.
+async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> (String, Usage) {
+    let (tx, _) = mpsc::unbounded_channel();
+    let mut j = job(0..0, max_tokens, None, 0, tx);
+    j.prompt = prompt;
+    run_job(engine, j).await
+}
+
+/// A prompt sent again reuses its whole blocks from the prefix cache — all but the last
+/// token's block, which must run for its logits — and answers the same; a prompt sharing
+/// only a start reuses that start's blocks. The counters say so.
+#[tokio::test]
+async fn a_repeated_prompt_reuses_its_prefix_and_answers_the_same() {
+    let (dir, engine) = engine_for("prefix", &model_meta::tiny::LlamaShape::TINY);
+    let m = &engine.stats.metrics;
+    let prompt: Vec<u32> = (10..110).collect(); // 100 tokens: 3 whole blocks and 4 more
+    let (first, _) = greedy(&engine, prompt.clone(), 12).await;
+    assert_eq!(m.prefix_hit_tokens.get(), 0);
+    assert_eq!(m.prefix_miss_tokens.get(), 100);
+    // the prompt (3 blocks) and then prompt and answer (112 tokens, of which 111 in the
+    // cache: still 3 blocks) were kept
+    assert_eq!(m.prefix_cache_blocks.get(), 3);
+    assert!(m.prefix_cache_bytes.get() > 0);
+    let (again, usage) = greedy(&engine, prompt.clone(), 12).await;
+    assert_eq!(again, first);
+    assert_eq!(usage.prompt_tokens, 100, "usage counts the whole prompt");
+    assert_eq!(m.prefix_hit_tokens.get(), 96);
+    assert_eq!(m.prefix_miss_tokens.get(), 104);
+    // the same first 70 tokens: two blocks in common
+    let mut other = prompt[..70].to_vec();
+    other.extend(200..240);
+    greedy(&engine, other, 4).await;
+    assert_eq!(m.prefix_hit_tokens.get(), 96 + 64);
+    // a prompt of exactly one block reuses nothing: its last token must run
+    greedy(&engine, prompt[..32].to_vec(), 2).await;
+    assert_eq!(m.prefix_hit_tokens.get(), 96 + 64);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Under continuous batching: a long prompt whose start is cached joins while another
+/// sequence decodes, prefills the rest in chunks beside it, and answers what an engine
+/// without a prefix cache answers; so does the decoding sequence.
+#[tokio::test]
+async fn a_cached_prefix_joins_a_running_batch_and_answers_as_without_the_cache() {
+    let shape = model_meta::tiny::LlamaShape::TINY;
+    let (dir, engine) = engine_for("prefix-batch", &shape);
+    let (plain_dir, plain) = engine_with_cache("prefix-plain", &shape, 0);
+    let long: Vec<u32> = (10..250).cycle().take(700).collect();
+    let mut shared = long[..600].to_vec();
+    shared.extend((20..170).rev()); // 750 tokens: more than one 512-token chunk left
+    let decoding: Vec<u32> = (30..60).collect();
+    // reference answers, no cache anywhere
+    let (want_shared, _) = greedy(&plain, shared.clone(), 8).await;
+    let (want_decoding, _) = greedy(&plain, decoding.clone(), 200).await;
+    assert_eq!(plain.stats.metrics.prefix_cache_blocks.get(), 0);
+    assert_eq!(plain.stats.metrics.prefix_hit_tokens.get(), 0);
+    // the cached engine has seen `long`, then runs both at once
+    greedy(&engine, long, 1).await;
+    let hits = engine.stats.metrics.prefix_hit_tokens.get();
+    // submitted together: the short prompt is prefilled first, then the long one's rest
+    // in chunks while the first decodes
+    let (a, b) = tokio::join!(greedy(&engine, decoding, 200), greedy(&engine, shared, 8));
+    assert_eq!(a.0, want_decoding);
+    assert_eq!(b.0, want_shared);
+    assert_eq!(
+        engine.stats.metrics.prefix_hit_tokens.get() - hits,
+        576,
+        "18 blocks of the 600 shared tokens"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&plain_dir).unwrap();
 }

@@ -47,3 +47,80 @@ impl KvCache {
         Ok(())
     }
 }
+
+/// A run of consecutive tokens' keys and values for every layer, copied out of a
+/// [`KvCache`]: what the prefix cache keeps between requests.
+pub struct KvBlock {
+    /// Per layer: (kv_heads, tokens, head_dim) keys and values.
+    layers: Vec<(Tensor, Tensor)>,
+    tokens: usize,
+}
+
+impl KvBlock {
+    /// Tokens held.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+impl KvCache {
+    /// A copy of the keys and values of tokens `start..start + len`.
+    pub fn copy_out(&self, start: usize, len: usize) -> Result<KvBlock> {
+        if start + len > self.len {
+            candle_core::bail!(
+                "tokens {start}..{} are not in a cache of {}",
+                start + len,
+                self.len
+            );
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                // a copy of its own: a view would keep the whole cache's memory alive
+                Ok((
+                    k.narrow(1, start, len)?.force_contiguous()?,
+                    v.narrow(1, start, len)?.force_contiguous()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvBlock {
+            layers,
+            tokens: len,
+        })
+    }
+
+    /// Appends `blocks`, in order, after the tokens held: the cache then holds what running
+    /// those blocks' tokens would have put there.
+    pub(super) fn extend_from(
+        &mut self,
+        blocks: &[&KvBlock],
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<()> {
+        let extra: usize = blocks.iter().map(|b| b.tokens).sum();
+        if blocks.is_empty() || extra == 0 {
+            return Ok(());
+        }
+        if blocks.iter().any(|b| b.layers.len() != cfg.layers) {
+            candle_core::bail!("a cached block has another model's layer count");
+        }
+        self.reserve(extra, cfg, device)?;
+        for (l, (k, v)) in self.layers.iter().enumerate() {
+            let keys: Vec<&Tensor> = blocks.iter().map(|b| &b.layers[l].0).collect();
+            let values: Vec<&Tensor> = blocks.iter().map(|b| &b.layers[l].1).collect();
+            k.slice_set(&Tensor::cat(&keys, 1)?, 1, self.len)?;
+            v.slice_set(&Tensor::cat(&values, 1)?, 1, self.len)?;
+        }
+        self.len += extra;
+        Ok(())
+    }
+}

@@ -50,7 +50,7 @@ use crate::cpu_ops;
 
 pub use arch::Arch;
 pub use config::Config;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvBlock, KvCache};
 use linear::{Linear, Stacked};
 
 /// One transformer layer's weights as loaded.
@@ -172,6 +172,14 @@ impl Llama {
             len: 0,
             capacity: 0,
         }
+    }
+
+    /// A new sequence's cache holding `blocks`' keys and values, in order: a cached prefix
+    /// restored instead of prefilled.
+    pub fn cache_from(&self, blocks: &[&KvBlock]) -> Result<KvCache> {
+        let mut cache = self.new_cache();
+        cache.extend_from(blocks, &self.cfg, &self.device)?;
+        Ok(cache)
     }
 
     /// Runs every item's tokens, appends them to the items' caches and returns the logits

@@ -549,3 +549,73 @@ fn batched_decode_attention_matches_per_sequence_attention() {
         assert!(g < 1e-5, "padded batch attention differs by {g}");
     }
 }
+
+/// A cache rebuilt from copied-out blocks gives the logits the original cache gives: the
+/// prefix cache's copy and restore lose nothing (Q4_1, the real pools' weight type).
+#[test]
+fn a_cache_restored_from_blocks_equals_the_one_it_was_copied_from() {
+    let path = model_file(
+        "restore",
+        &LlamaShape::small(candle_core::quantized::GgmlDType::Q4_1),
+    );
+    let model = ours(&path);
+    let prompt: Vec<u32> = (10..110).collect(); // 100 tokens
+    let mut full = model.new_cache();
+    model
+        .forward(&mut [Item {
+            tokens: &prompt,
+            cache: &mut full,
+        }])
+        .unwrap();
+    // blocks of 32, 32 and 16 tokens copied out, the last 20 not
+    let blocks = [
+        full.copy_out(0, 32).unwrap(),
+        full.copy_out(32, 32).unwrap(),
+        full.copy_out(64, 16).unwrap(),
+    ];
+    assert_eq!(blocks.iter().map(KvBlock::tokens).sum::<usize>(), 80);
+    let cfg = &model.cfg;
+    assert_eq!(
+        blocks[0].bytes(),
+        cfg.layers * 2 * cfg.kv_heads * 32 * cfg.head_dim * 4
+    );
+    assert!(full.copy_out(90, 32).is_err(), "past what the cache holds");
+    let refs: Vec<&KvBlock> = blocks.iter().collect();
+    let mut restored = model.cache_from(&refs).unwrap();
+    assert_eq!(restored.len(), 80);
+    // the rest of the prompt on the restored cache, then one decode step on both
+    let rest = model
+        .forward(&mut [Item {
+            tokens: &prompt[80..],
+            cache: &mut restored,
+        }])
+        .unwrap();
+    let mut again = model.new_cache();
+    let whole = model
+        .forward(&mut [Item {
+            tokens: &prompt,
+            cache: &mut again,
+        }])
+        .unwrap();
+    assert!(gap(&rest, &whole) < 1e-4, "gap {}", gap(&rest, &whole));
+    let next = |cache: &mut KvCache| {
+        model
+            .forward(&mut [Item {
+                tokens: &[7],
+                cache,
+            }])
+            .unwrap()
+    };
+    let (a, b) = (next(&mut restored), next(&mut full));
+    assert!(gap(&a, &b) < 1e-4, "gap {}", gap(&a, &b));
+    // blocks outlive the cache they came from, and a block from another model is refused
+    drop(full);
+    assert!(model.cache_from(&refs).is_ok());
+    let three = LlamaShape {
+        layers: 3,
+        ..LlamaShape::TINY
+    };
+    let other = ours(&model_file("restore-other", &three));
+    let err = other.cache_from(&refs).err().map(|e| e.to_string());
+    assert!(err.unwrap_or_default().contains("layer count"));
+}

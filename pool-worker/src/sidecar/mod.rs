@@ -72,6 +72,7 @@ impl LoadSource for EngineLoad {
             queued: count(&self.waiting),
             kv_cache_usage: self.kv_cache.get() as f32,
             tokens_per_second: self.tokens_per_second.get() as f32,
+            ..Load::default()
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct Classified {
     /// A lower bound on the prompt's tokens (the count itself when exact): what the router
     /// may hold against the model's context window.
     pub prompt_tokens_lower: u64,
+    /// The prompt text's block names, for pools that select `cache_aware`
+    /// ([`crate::select::prefix_chain`]); empty when no pool does.
+    pub prefix: Vec<u64>,
 }
 
 impl Classifier<'_> {
@@ -90,10 +93,15 @@ impl Classifier<'_> {
         let model = self.rules.model(&parsed.features.model);
         let counter = self.counters.get(&parsed.features.model).cloned();
         let exact = count_tokens(&mut parsed, model, counter, self.rules, self.budget).await;
+        let prefix = match self.rules.selects_by_prefix() {
+            true => crate::select::prefix_chain(&parsed.features.model, &parsed.texts),
+            false => Vec::new(),
+        };
         Classified {
             features: parsed.features,
             exact,
             prompt_tokens_lower: parsed.prompt_tokens_lower,
+            prefix,
         }
     }
 

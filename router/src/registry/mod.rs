@@ -49,6 +49,10 @@ pub struct Heartbeat {
     pub queued: u32,
     pub kv_cache_usage: f32,
     pub tokens_per_second: f32,
+    /// Prompt tokens the worker served from its prefix cache, as a fraction, 0..1.
+    pub prefix_cache_hit_rate: f32,
+    /// Memory the worker's prefix cache holds, bytes.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Heartbeat {
@@ -199,6 +203,14 @@ impl Registry {
             report.queued,
             report.kv_cache_usage,
             report.tokens_per_second,
+        );
+        let r = &lease.worker.report;
+        let hit = f64::from(report.prefix_cache_hit_rate).clamp(0.0, 1.0);
+        r.prefix_hit_milli
+            .store((hit * 1000.0) as u32, std::sync::atomic::Ordering::Relaxed);
+        r.prefix_cache_bytes.store(
+            report.prefix_cache_bytes,
+            std::sync::atomic::Ordering::Relaxed,
         );
         Ok(draining)
     }

@@ -97,6 +97,10 @@ pub struct Report {
     pub kv_cache_milli: AtomicU32,
     /// Generated tokens per second ×1000.
     pub tokens_per_second_milli: AtomicU32,
+    /// Prompt tokens served from the prefix cache, as a fraction ×1000.
+    pub prefix_hit_milli: AtomicU32,
+    /// Memory the prefix cache holds, bytes.
+    pub prefix_cache_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Report {
@@ -106,6 +110,8 @@ impl Report {
             "queued": self.queued.load(Ordering::Relaxed),
             "kv_cache_usage": f64::from(self.kv_cache_milli.load(Ordering::Relaxed)) / 1000.0,
             "tokens_per_second": f64::from(self.tokens_per_second_milli.load(Ordering::Relaxed)) / 1000.0,
+            "prefix_cache_hit_rate": f64::from(self.prefix_hit_milli.load(Ordering::Relaxed)) / 1000.0,
+            "prefix_cache_bytes": self.prefix_cache_bytes.load(Ordering::Relaxed),
         })
     }
 }

@@ -13,6 +13,7 @@
 //!    [`policy_for`].
 //! 3. A unit test beside it, and a line in `docs/rules.md`.
 
+mod cache_aware;
 mod least_loaded;
 mod p2c;
 
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use routing_rules::ModalitySet;
 
+pub use cache_aware::{CacheAware, Placement, PrefixIndex, prefix_chain};
 pub use least_loaded::LeastLoaded;
 pub use p2c::PowerOfTwo;
 
@@ -77,11 +79,14 @@ pub trait Policy: Send + Sync {
     ) -> Option<Arc<Worker>>;
 }
 
-/// The policy a pool's rules name.
-pub fn policy_for(kind: routing_rules::SelectPolicy) -> &'static dyn Policy {
+/// The policy a pool's rules name, for the policies that look at load alone; `None` for
+/// `cache_aware`, which is made per request ([`CacheAware::new`]) from the request's
+/// prefix and the router's [`PrefixIndex`].
+pub fn policy_for(kind: routing_rules::SelectPolicy) -> Option<&'static dyn Policy> {
     match kind {
-        routing_rules::SelectPolicy::PowerOfTwo => &PowerOfTwo,
-        routing_rules::SelectPolicy::LeastLoaded => &LeastLoaded,
+        routing_rules::SelectPolicy::PowerOfTwo => Some(&PowerOfTwo),
+        routing_rules::SelectPolicy::LeastLoaded => Some(&LeastLoaded),
+        routing_rules::SelectPolicy::CacheAware => None,
     }
 }
 
