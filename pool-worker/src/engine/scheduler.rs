@@ -151,7 +151,8 @@ impl Actor {
         // At least the last prompt token runs (its logits give the first token), and a
         // replayed answer runs as decode ran it, so neither comes from the prefix cache.
         let limit = job.prompt.len() - job.params.replay_tokens.max(1);
-        let (cache, reused) = self.restore(&job.prompt, limit);
+        let (mut cache, reused) = self.restore(&job.prompt, limit);
+        cache.set_limit(job.prompt.len() + budget);
         let m = &self.stats.metrics;
         m.prefix_hit_tokens.inc_by(reused as u64);
         m.prefix_miss_tokens

@@ -6,6 +6,7 @@ use candle_core::{Device, Result, Tensor};
 use model_meta::rope_inv_freq;
 
 use super::config::check_shape;
+use super::embedding::Embeddings;
 use super::linear::Linear;
 use super::{Arch, Config, Layer, Llama};
 
@@ -82,12 +83,16 @@ impl Llama {
         let mut q = |name: &str| content.tensor(reader, name, device);
         let has = |name: &str| content.tensor_infos.contains_key(name);
         let token_embd = q("token_embd.weight")?;
-        let embeddings = token_embd.dequantize(device)?;
+        let embeddings = Embeddings::from_gguf(&token_embd, device)?;
         let output = if has("output.weight") {
             Linear::new(q("output.weight")?, device)?
         } else {
-            // tied embeddings: 8-bit blocks come from the f32 copy already made
-            Linear::tied(token_embd, &embeddings, device)?
+            // tied embeddings: the output matrix is the table, in its own form
+            let f32_copy = match &embeddings {
+                Embeddings::Dense(t) => t.clone(),
+                Embeddings::Quantized { .. } => token_embd.dequantize(device)?,
+            };
+            Linear::tied(token_embd, &f32_copy, device)?
         };
         let norm = q("output_norm.weight")?.dequantize(device)?;
         // Llama 3's rope scaling, stored by llama.cpp's converter as per-pair divisors

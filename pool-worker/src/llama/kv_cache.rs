@@ -1,15 +1,20 @@
-//! One sequence's keys and values, per layer, grown by doubling.
+//! One sequence's keys and values, per layer, grown by half again, up to what the sequence
+//! can ever hold.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::Config;
 
-/// One sequence's keys and values for every layer, grown by doubling.
+/// One sequence's keys and values for every layer, grown by half again when full (so a
+/// long generation reallocates a few times, not at every step), never beyond its limit.
 pub struct KvCache {
     /// Per layer: (kv_heads, capacity, head_dim) keys and values.
     pub(super) layers: Vec<(Tensor, Tensor)>,
     pub(super) len: usize,
     pub(super) capacity: usize,
+    /// Tokens the sequence can ever hold (its prompt and its answer's budget): growth
+    /// stops there, so a cache never holds room its sequence cannot use.
+    pub(super) limit: usize,
 }
 
 impl KvCache {
@@ -22,13 +27,22 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Makes room for `extra` more tokens, reallocating to double the size when full.
+    /// Caps growth at `tokens` (see the field).
+    pub fn set_limit(&mut self, tokens: usize) {
+        self.limit = tokens;
+    }
+
+    /// Makes room for `extra` more tokens, reallocating to half again the size (at least
+    /// what is needed, at most the limit) when full.
     pub(super) fn reserve(&mut self, extra: usize, cfg: &Config, device: &Device) -> Result<()> {
         let needed = self.len + extra;
         if needed <= self.capacity && !self.layers.is_empty() {
             return Ok(());
         }
-        let capacity = needed.next_power_of_two().max(64);
+        let capacity = (self.capacity + self.capacity / 2)
+            .max(needed)
+            .next_multiple_of(64)
+            .min(self.limit.max(needed));
         let shape = (cfg.kv_heads, capacity, cfg.head_dim);
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {

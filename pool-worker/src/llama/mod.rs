@@ -37,6 +37,7 @@
 pub mod arch;
 mod attention;
 mod config;
+mod embedding;
 mod gguf;
 mod kv_cache;
 mod linear;
@@ -50,6 +51,7 @@ use crate::cpu_ops;
 
 pub use arch::Arch;
 pub use config::Config;
+use embedding::Embeddings;
 pub use kv_cache::{KvBlock, KvCache};
 use linear::{Linear, Stacked};
 
@@ -108,7 +110,7 @@ pub struct Item<'a> {
 
 pub struct Llama {
     pub cfg: Config,
-    embeddings: Tensor,
+    embeddings: Embeddings,
     layers: Vec<Block>,
     norm: Tensor,
     output: Linear,
@@ -125,7 +127,7 @@ pub struct Llama {
 impl Llama {
     fn assemble(
         cfg: Config,
-        embeddings: Tensor,
+        embeddings: Embeddings,
         layers: Vec<Layer>,
         norm: Tensor,
         output: Linear,
@@ -171,6 +173,7 @@ impl Llama {
             layers: Vec::new(),
             len: 0,
             capacity: 0,
+            limit: usize::MAX,
         }
     }
 
@@ -205,7 +208,6 @@ impl Llama {
             positions.extend((start..start + item.tokens.len()).map(|p| p as u32));
         }
         let rows = ids.len();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
@@ -235,7 +237,7 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let all_decode =
             self.batched_decode && items.len() > 1 && items.iter().all(|i| i.tokens.len() == 1);
-        let mut x = self.embeddings.index_select(&ids, 0)?; // (rows, hidden)
+        let mut x = self.embeddings.lookup(&ids, &self.device)?; // (rows, hidden)
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps as f32)?;
             let rope = |t: Tensor, heads: usize| -> Result<Tensor> {

@@ -146,6 +146,13 @@ impl Llama {
                     .join(", ")
             );
         }
-        Self::assemble(cfg, embeddings, layers, norm, linear(output)?, device)
+        Self::assemble(
+            cfg,
+            super::embedding::Embeddings::Dense(embeddings),
+            layers,
+            norm,
+            linear(output)?,
+            device,
+        )
     }
 }
