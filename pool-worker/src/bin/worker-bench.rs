@@ -180,10 +180,15 @@ fn gemm_gflops(device: &candle_core::Device) -> anyhow::Result<Option<f64>> {
 }
 
 fn peak_rss_kib() -> Option<u64> {
+    rss_kib("VmHWM:")
+}
+
+/// A line of `/proc/self/status` in KiB (`VmRSS:` resident now, `VmHWM:` the peak).
+fn rss_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -226,9 +231,12 @@ async fn main() -> anyhow::Result<()> {
     )?;
     engine.warm_up().await?;
     let load_s = t.elapsed().as_secs_f64();
+    let (rss_loaded, peak_loaded) = (rss_kib("VmRSS:"), peak_rss_kib());
     eprintln!(
-        "model: {label} on {}; load + warm-up {load_s:.2} s",
-        args.device
+        "model: {label} on {}; load + warm-up {load_s:.2} s; resident then {} MiB (peak so far {} MiB)",
+        args.device,
+        rss_loaded.unwrap_or(0) / 1024,
+        peak_loaded.unwrap_or(0) / 1024,
     );
 
     let mut prefill = Vec::new();
@@ -379,6 +387,8 @@ async fn main() -> anyhow::Result<()> {
             "device": args.device,
             "quantize": format!("{:?}", args.quantize),
             "load_s": load_s,
+            "rss_after_load_kib": rss_loaded,
+            "peak_rss_after_load_kib": peak_loaded,
             "prefill": prefill,
             "prefix_reuse": shared,
             "decode": decode,
