@@ -240,9 +240,22 @@ async fn a_real_prometheus_scrapes_the_fleet_and_runs_every_dashboard_query_and_
         .rules(&rules)
         .router_arg("--drift-window-s")
         .router_arg("2")
-        .worker(WorkerSpec::new("l40s-spot").faulty())
-        .worker(WorkerSpec::new("l40s-ondemand"))
-        .worker(WorkerSpec::new("cpu"))
+        // The traffic repeats one filler prompt per size. With prefix caches the reference
+        // pool's measured worker-seconds per token would be mostly cache hits, and the
+        // cost report's token-based baseline would price the cheaper pools' traffic below
+        // its cost (the baseline does not tell cached prompt tokens from computed ones).
+        .worker(
+            WorkerSpec::new("l40s-spot")
+                .faulty()
+                .arg("--prefix-cache-mib")
+                .arg("0"),
+        )
+        .worker(
+            WorkerSpec::new("l40s-ondemand")
+                .arg("--prefix-cache-mib")
+                .arg("0"),
+        )
+        .worker(WorkerSpec::new("cpu").arg("--prefix-cache-mib").arg("0"))
         .start()
         .await
         .unwrap();
