@@ -65,22 +65,32 @@ rules:
             let r = req.send().await.unwrap();
             assert_eq!(r.status(), 200);
             let v: Value = r.json().await.unwrap();
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
+            let cached = &v["usage"]["prompt_tokens_details"]["cached_tokens"];
+            (
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                cached.as_u64().unwrap(),
+            )
         }
     };
     let hits = |i| env.worker_metric(i, "switchyard_worker_prefix_cache_hit_tokens_total");
     let misses = |i| env.worker_metric(i, "switchyard_worker_prefix_cache_miss_tokens_total");
-    let first = ask("France", "cached").await;
+    let (first, cached) = ask("France", "cached").await;
     assert!(first.contains("Paris"), "{first}");
+    assert_eq!(cached, 0);
     assert_eq!(hits(0).await.unwrap(), 0.0, "nothing to reuse yet");
     let prompt = misses(0).await.unwrap();
     assert!(prompt > 150.0, "a long system prompt: {prompt} tokens");
-    let japan = ask("Japan", "cached").await;
+    let (japan, cached) = ask("Japan", "cached").await;
     assert!(japan.contains("Tokyo"), "{japan}");
-    let again = ask("France", "cached").await;
+    // the answer's usage says what was reused, as OpenAI's API does
+    assert!(
+        cached as f64 >= prompt - 64.0,
+        "{cached} of {prompt} cached"
+    );
+    let (again, _) = ask("France", "cached").await;
     assert_eq!(again, first, "the same answer, with the prompt reused");
     // the system prompt's whole blocks were reused by the second and third questions
     let (cached, computed) = (hits(0).await.unwrap(), misses(0).await.unwrap());
@@ -92,8 +102,8 @@ rules:
             > 0.0
     );
     // the worker without a prefix cache reuses nothing and answers the same
-    assert_eq!(ask("France", "plain").await, first);
-    assert_eq!(ask("France", "plain").await, first);
+    assert_eq!(ask("France", "plain").await, (first.clone(), 0));
+    assert_eq!(ask("France", "plain").await, (first, 0));
     assert_eq!(hits(1).await.unwrap(), 0.0);
     assert_eq!(
         env.worker_metric(1, "switchyard_worker_prefix_cache_bytes")

@@ -79,12 +79,21 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// What of the prompt came from the prefix cache, as OpenAI's API reports it.
+    pub prompt_tokens_details: PromptTokensDetails,
     /// "stop" or "length".
     #[serde(skip)]
     pub finish_length: bool,
     /// When each phase began, for the request's trace.
     #[serde(skip)]
     pub timing: Timing,
+}
+
+/// `usage.prompt_tokens_details`, as OpenAI's API has it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values were reused from the prefix cache, not computed.
+    pub cached_tokens: usize,
 }
 
 /// When a request's phases began: queued, taken into a batch (prefill), first token.

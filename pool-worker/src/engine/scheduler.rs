@@ -43,6 +43,8 @@ struct Seq {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens restored from the prefix cache.
+    reused: usize,
     cache: KvCache,
     sampler: LogitsProcessor,
     generated: Vec<u32>,
@@ -166,6 +168,7 @@ impl Actor {
             events: job.events,
             prompt: job.prompt,
             prefilled: reused,
+            reused,
             cache,
             generated: Vec::with_capacity(budget),
             text: TextDecoder::default(),
@@ -395,6 +398,9 @@ impl Actor {
             prompt_tokens: seq.prompt.len(),
             completion_tokens: n,
             total_tokens: seq.prompt.len() + n,
+            prompt_tokens_details: super::PromptTokensDetails {
+                cached_tokens: seq.reused,
+            },
             finish_length,
             timing: super::Timing {
                 queued: Some(seq.queued_at),

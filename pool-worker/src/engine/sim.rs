@@ -182,6 +182,9 @@ pub(super) fn run_sim(
                     prompt_tokens: job.prompt.len(),
                     completion_tokens: n,
                     total_tokens: job.prompt.len() + n,
+                    prompt_tokens_details: super::PromptTokensDetails {
+                        cached_tokens: reused,
+                    },
                     finish_length: n >= budget,
                     timing: super::Timing {
                         queued: Some(queued_at),

@@ -404,6 +404,7 @@ async fn a_repeated_prompt_reuses_its_prefix_and_answers_the_same() {
     let (again, usage) = greedy(&engine, prompt.clone(), 12).await;
     assert_eq!(again, first);
     assert_eq!(usage.prompt_tokens, 100, "usage counts the whole prompt");
+    assert_eq!(usage.prompt_tokens_details.cached_tokens, 96);
     assert_eq!(m.prefix_hit_tokens.get(), 96);
     assert_eq!(m.prefix_miss_tokens.get(), 104);
     // the same first 70 tokens: two blocks in common
