@@ -11,6 +11,11 @@
 //! | TGI | `tgi_batch_current_size` | `tgi_queue_size` | — | — |
 //! | llama.cpp server | `llamacpp:requests_processing` | `llamacpp:requests_deferred` | `llamacpp:kv_cache_usage_ratio` (older builds) | `llamacpp:tokens_predicted_total` |
 //!
+//! The prefix cache's hit rate, where the engine reports one: vLLM V1's
+//! `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` (tokens, since start;
+//! the `gpu_`-prefixed names of earlier V1 releases too), vLLM V0's
+//! `vllm:gpu_prefix_cache_hit_rate` and sglang's `sglang:cache_hit_rate` (gauges).
+//!
 //! Every series of a name is summed (vLLM labels each model; a data-parallel engine may
 //! export one series per rank), but the KV-cache fraction, where the fullest rank's counts.
 
@@ -36,6 +41,11 @@ struct Names {
     tokens_total: &'static [&'static str],
     /// A gauge of generated tokens per second.
     tokens_per_second: &'static [&'static str],
+    /// Counters of prompt tokens found in the prefix cache, and of those looked up.
+    prefix_hits: &'static [&'static str],
+    prefix_queries: &'static [&'static str],
+    /// A gauge of the prefix cache's hit rate, 0..1.
+    prefix_hit_rate: &'static [&'static str],
 }
 
 impl EngineKind {
@@ -75,6 +85,15 @@ impl EngineKind {
                 kv_cache: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
                 tokens_total: &["vllm:generation_tokens_total"],
                 tokens_per_second: &[],
+                prefix_hits: &[
+                    "vllm:prefix_cache_hits_total",
+                    "vllm:gpu_prefix_cache_hits_total",
+                ],
+                prefix_queries: &[
+                    "vllm:prefix_cache_queries_total",
+                    "vllm:gpu_prefix_cache_queries_total",
+                ],
+                prefix_hit_rate: &["vllm:gpu_prefix_cache_hit_rate"],
             },
             Self::Sglang => Names {
                 running: &["sglang:num_running_reqs"],
@@ -82,6 +101,9 @@ impl EngineKind {
                 kv_cache: &["sglang:token_usage"],
                 tokens_total: &[],
                 tokens_per_second: &["sglang:gen_throughput"],
+                prefix_hits: &[],
+                prefix_queries: &[],
+                prefix_hit_rate: &["sglang:cache_hit_rate"],
             },
             Self::Tgi => Names {
                 running: &["tgi_batch_current_size"],
@@ -89,6 +111,9 @@ impl EngineKind {
                 kv_cache: &[],
                 tokens_total: &[],
                 tokens_per_second: &[],
+                prefix_hits: &[],
+                prefix_queries: &[],
+                prefix_hit_rate: &[],
             },
             Self::Llamacpp => Names {
                 running: &["llamacpp:requests_processing"],
@@ -96,6 +121,9 @@ impl EngineKind {
                 kv_cache: &["llamacpp:kv_cache_usage_ratio"],
                 tokens_total: &["llamacpp:tokens_predicted_total"],
                 tokens_per_second: &[],
+                prefix_hits: &[],
+                prefix_queries: &[],
+                prefix_hit_rate: &[],
             },
             Self::Openai => Names {
                 running: &[],
@@ -103,6 +131,9 @@ impl EngineKind {
                 kv_cache: &[],
                 tokens_total: &[],
                 tokens_per_second: &[],
+                prefix_hits: &[],
+                prefix_queries: &[],
+                prefix_hit_rate: &[],
             },
         }
     }
@@ -142,12 +173,30 @@ impl EngineKind {
                     .reduce(f64::max)
             })
         };
+        // hits over lookups where the engine counts both, else its own gauge (of several
+        // ranks', the lowest: the rate that explains the slowest rank)
+        let counted = match (sum(names.prefix_hits), sum(names.prefix_queries)) {
+            (Some(hits), Some(queries)) if queries > 0.0 => Some(hits / queries),
+            _ => None,
+        };
+        let prefix_hit_rate = counted
+            .or_else(|| {
+                names.prefix_hit_rate.iter().find_map(|n| {
+                    samples
+                        .iter()
+                        .filter(|(m, _)| m == n)
+                        .map(|(_, v)| *v)
+                        .reduce(f64::min)
+                })
+            })
+            .map(|r| r.clamp(0.0, 1.0));
         Ok(Scrape {
             running,
             waiting: sum(names.waiting).unwrap_or(0.0),
             kv_cache_usage: max(names.kv_cache),
             tokens_total: sum(names.tokens_total),
             tokens_per_second: sum(names.tokens_per_second),
+            prefix_hit_rate,
         })
     }
 }
@@ -208,6 +257,8 @@ pub struct Scrape {
     pub kv_cache_usage: Option<f64>,
     pub tokens_total: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    /// Prompt tokens found in the prefix cache, as a fraction of those looked up.
+    pub prefix_hit_rate: Option<f64>,
 }
 
 /// Generated tokens per second from successive scrapes: the engine's own gauge where it
@@ -389,12 +440,22 @@ mod tests {
         let v1 = read(EngineKind::Vllm, "vllm.prom");
         expect(v1, 3.0, 5.0, Some(0.42));
         assert_eq!(v1.tokens_total, Some(27453.0));
+        // 40960 of 81920 prompt tokens found in the prefix cache
+        assert_eq!(v1.prefix_hit_rate, Some(0.5));
         let v0 = read(EngineKind::Vllm, "vllm-v0.prom");
         expect(v0, 3.0, 5.0, Some(0.42));
         assert_eq!(v0.tokens_total, Some(27453.0));
+        assert_eq!(
+            v0.prefix_hit_rate, None,
+            "V0's sample has no prefix cache gauge"
+        );
         // sglang's documented example
         let sg = read(EngineKind::Sglang, "sglang.prom");
         expect(sg, 162.0, 2826.0, Some(0.28));
+        assert!(
+            (sg.prefix_hit_rate.unwrap() - 0.0075).abs() < 1e-4,
+            "{sg:?}"
+        );
         assert!(
             (sg.tokens_per_second.unwrap() - 86.508).abs() < 0.001,
             "{sg:?}"
@@ -402,6 +463,7 @@ mod tests {
         // TGI: no KV gauge, no token counter
         let tgi = read(EngineKind::Tgi, "tgi.prom");
         expect(tgi, 3.0, 5.0, None);
+        assert_eq!(tgi.prefix_hit_rate, None);
         assert_eq!((tgi.tokens_total, tgi.tokens_per_second), (None, None));
         // llama.cpp before and after its KV gauge was removed
         let l = read(EngineKind::Llamacpp, "llamacpp.prom");

@@ -62,6 +62,7 @@ pub struct EngineLoad {
     waiting: IntGauge,
     kv_cache: Gauge,
     tokens_per_second: Gauge,
+    prefix_hit_rate: Gauge,
 }
 
 impl LoadSource for EngineLoad {
@@ -72,6 +73,7 @@ impl LoadSource for EngineLoad {
             queued: count(&self.waiting),
             kv_cache_usage: self.kv_cache.get() as f32,
             tokens_per_second: self.tokens_per_second.get() as f32,
+            prefix_cache_hit_rate: self.prefix_hit_rate.get() as f32,
             ..Load::default()
         }
     }
@@ -110,6 +112,10 @@ impl EngineLoad {
             "switchyard_sidecar_engine_tokens_per_second",
             "Tokens the engine generates per second.",
         )?;
+        let prefix_hit_rate = float(
+            "switchyard_sidecar_engine_prefix_cache_hit_rate",
+            "Prompt tokens the engine found in its prefix cache, as a fraction of those looked up (0 when it reports none).",
+        )?;
         Ok(Self {
             registry,
             up,
@@ -117,6 +123,7 @@ impl EngineLoad {
             waiting,
             kv_cache,
             tokens_per_second,
+            prefix_hit_rate,
         })
     }
 
@@ -136,6 +143,7 @@ impl EngineLoad {
         self.kv_cache
             .set(s.kv_cache_usage.unwrap_or(0.0).clamp(0.0, 1.0));
         self.tokens_per_second.set(tps.max(0.0));
+        self.prefix_hit_rate.set(s.prefix_hit_rate.unwrap_or(0.0));
     }
 
     fn busy(&self) -> i64 {
