@@ -2,9 +2,10 @@
 //!
 //! Requests arrive on a bounded queue (full → the HTTP layer answers 429); each carries its
 //! own event channel. Every scheduler step is one batched forward pass
-//! ([`Llama::forward`](crate::llama::Llama::forward)) over all running sequences — each decoding sequence contributes its last token, and at
-//! most one sequence contributes a chunk of its prompt (512 tokens while others decode,
-//! 2048 on CPU when it runs alone) — and new requests join at the next step, up to
+//! ([`Llama::forward`](crate::llama::Llama::forward)) over all running sequences — each decoding sequence contributes its last token, and
+//! prompts waiting to be prefilled contribute chunks, first come first served, up to 512
+//! tokens in all while others decode (2048 on CPU when none does): short prompts that
+//! arrive together are prefilled in one step — and new requests join at the next step, up to
 //! `max_batch` sequences. The first event of a job is sent only after its
 //! prefill succeeded and its first token was sampled — the commit point the router's
 //! failover relies on.

@@ -184,8 +184,10 @@ impl Actor {
     /// One batched forward pass over the running sequences, then one token for each
     /// sequence whose prompt is complete.
     fn step(&mut self, running: &mut Vec<Seq>) {
-        // Every decoding (or replaying) sequence, and at most one prompt chunk; in
-        // `running` order, which is the order of the logits' rows.
+        // Every decoding (or replaying) sequence, and prompt chunks of up to `chunk`
+        // tokens in all, first come first served: several short prompts that arrive
+        // together are prefilled in one step (one pass over the weights), not one a step.
+        // In `running` order, which is the order of the logits' rows.
         let mut chosen: Vec<usize> = (0..running.len())
             .filter(|&i| !running[i].prefilling() || running[i].replaying())
             .collect();
@@ -193,21 +195,29 @@ impl Actor {
             true => PREFILL_CHUNK_ALONE,
             false => PREFILL_CHUNK,
         };
-        if let Some(i) =
-            (0..running.len()).find(|&i| running[i].prefilling() && !running[i].replaying())
-        {
-            chosen.push(i);
-            chosen.sort_unstable();
+        // each prefilling sequence's chunk this step (0: none)
+        let mut allot = vec![0; running.len()];
+        let mut left = chunk;
+        for (i, seq) in running.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if seq.prefilling() && !seq.replaying() {
+                allot[i] = left;
+                left -= seq.prompt_step(left).len();
+                chosen.push(i);
+            }
         }
+        chosen.sort_unstable();
         self.stats.metrics.batch_size.set(chosen.len() as i64);
         let logits = {
             let mut items: Vec<Item<'_>> = running
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| chosen.contains(i))
-                .map(|(_, seq)| {
+                .map(|(i, seq)| {
                     let tokens: &[u32] = if seq.prefilling() {
-                        &seq.prompt[seq.prompt_step(chunk)]
+                        &seq.prompt[seq.prompt_step(allot[i].max(1))]
                     } else {
                         match seq.generated.last() {
                             Some(t) => std::slice::from_ref(t),
@@ -240,7 +250,7 @@ impl Actor {
         for (row, &i) in chosen.iter().enumerate() {
             let seq = &mut running[i];
             if seq.prefilling() {
-                seq.prefilled = seq.prompt_step(chunk).end;
+                seq.prefilled = seq.prompt_step(allot[i].max(1)).end;
                 if seq.prefilling() {
                     continue; // more prompt to go; these logits are not needed
                 }
