@@ -448,7 +448,7 @@ mod tests {
     /// 4 system prompts each (least recently used first out; tenants' traffic uneven; a
     /// worker's load its share of recent requests): requests find their tenant's prompt
     /// cached about twice as often as with two random choices (0.88 against 0.40-0.43),
-    /// and the requests stay spread (1.26 times the least loaded worker's at most).
+    /// and the requests stay spread (the busiest worker takes 1.54 times the least busy one's).
     #[test]
     fn tenants_stick_to_workers_and_the_load_stays_spread() {
         let (r, leases) = pool_of(4);
