@@ -10,6 +10,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::upstreams::peer::HttpPeer;
 use routing_rules::RetryOn;
 
@@ -65,6 +66,12 @@ pub struct Outgoing<'a> {
 
 /// Sends the request; succeeds only with a response header that is an answer (not 429,
 /// 503 or another 5xx).
+///
+/// Over HTTP/1 the request's head and body leave in one write: the head is built straight
+/// into a buffer ([`head`]) and written with the body as one vectored write. pingora's
+/// client writes the head and flushes it before the body (two system calls per request,
+/// and a `RequestHeader` built and cloned per attempt). HTTP/2 sessions (a worker whose
+/// TLS offers h2) still go through pingora's writer.
 pub async fn attempt(
     connector: &Connector,
     config: &Config,
@@ -72,21 +79,39 @@ pub async fn attempt(
     peer: &HttpPeer,
     out: &Outgoing<'_>,
 ) -> std::result::Result<(HttpSession, ResponseHeader), AttemptError> {
-    let req = request(peer, out).map_err(AttemptError::router)?;
+    let head = head(peer, out).map_err(AttemptError::router)?;
+    let write_timeout = config.connect_timeout.max(Duration::from_secs(10));
     // A pooled connection the worker has closed fails at once: retry that on a fresh one.
     for fresh in [false, true] {
-        let (mut up, reused) = connection(connector, config, worker, peer).await?;
+        let (up, reused) = connection(connector, config, worker, peer).await?;
+        let (mut up, written) = match up {
+            HttpSession::H1(h1) => {
+                let mut stream = h1.into_inner();
+                let written = write_all(&mut stream, &head, out.body, write_timeout).await;
+                (
+                    HttpSession::H1(Http1Session::new_with_options(stream, peer)),
+                    written,
+                )
+            }
+            mut up => {
+                let written = async {
+                    let req = request(peer, out)?;
+                    up.set_write_timeout(Some(write_timeout));
+                    up.write_request_header(Box::new(req)).await?;
+                    up.write_request_body(out.body.clone(), true).await?;
+                    up.finish_request_body().await
+                }
+                .await;
+                (up, written)
+            }
+        };
         // The connector does not apply the peer's read timeout: it bounds the wait for
         // the response header (first byte) and, later, each gap between body chunks.
         up.set_read_timeout(peer.options.read_timeout);
-        up.set_write_timeout(Some(config.connect_timeout.max(Duration::from_secs(10))));
-        let sent = async {
-            up.write_request_header(Box::new(req.clone())).await?;
-            up.write_request_body(out.body.clone(), true).await?;
-            up.finish_request_body().await?;
-            up.read_response_header().await
-        }
-        .await;
+        let sent = match written {
+            Ok(()) => up.read_response_header().await,
+            Err(e) => Err(e),
+        };
         match sent {
             Ok(()) => {
                 let Some(resp) = up.response_header().cloned() else {
@@ -114,6 +139,31 @@ pub async fn attempt(
         }
     }
     Err(AttemptError::network(RetryOn::Reset, "connection failed"))
+}
+
+/// Writes `head` and `body` to `stream` (one vectored write when the socket takes it all)
+/// and flushes, within `timeout`.
+async fn write_all(
+    stream: &mut pingora::protocols::Stream,
+    head: &[u8],
+    body: &Bytes,
+    timeout: Duration,
+) -> Result<()> {
+    use bytes::Buf;
+    use tokio::io::AsyncWriteExt;
+    let mut both = head.chain(body.as_ref());
+    let write = async {
+        stream.write_all_buf(&mut both).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::because(WriteError, "while writing the request", e)),
+        Err(_) => Err(Error::explain(
+            WriteTimedout,
+            "while writing the request (timeout)",
+        )),
+    }
 }
 
 /// A pooled connection, or a new one. At most [`MAX_CONNECTS_IN_FLIGHT`] connection
@@ -159,6 +209,78 @@ pub fn host(peer: &HttpPeer) -> String {
             Some(a) => format!("{}:{}", peer.sni, a.port()),
             None => peer.sni.clone(),
         },
+    }
+}
+
+/// The request's HTTP/1.1 head as it goes on the wire: the same fields as [`request`],
+/// written straight into one buffer. A value holding a line break or NUL (which no
+/// `HeaderValue` can, but a worker's host name is not one) is refused, as pingora refuses
+/// it.
+pub fn head(peer: &HttpPeer, out: &Outgoing<'_>) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Write;
+    if out
+        .path
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("the path holds white space or a control character".into());
+    }
+    let mut head = Head(Vec::with_capacity(
+        256 + out.path.len() + out.hops.len() + out.request_id.len(),
+    ));
+    head.0.extend_from_slice(b"POST ");
+    head.0.extend_from_slice(out.path.as_bytes());
+    head.0.extend_from_slice(b" HTTP/1.1\r\n");
+    // formatted on the stack: no allocation per request
+    let mut scratch = [0u8; 320];
+    let host = {
+        let mut w = &mut scratch[..];
+        let written = match peer.sni.parse::<std::net::IpAddr>() {
+            Ok(_) => write!(w, "{}", peer._address),
+            Err(_) => match peer._address.as_inet() {
+                Some(a) => write!(w, "{}:{}", peer.sni, a.port()),
+                None => write!(w, "{}", peer.sni),
+            },
+        };
+        written.map_err(|_| "the worker's host name is too long".to_string())?;
+        let left = w.len();
+        &scratch[..scratch.len() - left]
+    };
+    head.field("host", host)?;
+    if let Some(a) = out.authorization {
+        head.field("authorization", a.as_bytes())?;
+    }
+    head.field("content-type", b"application/json")?;
+    head.0.extend_from_slice(b"content-length: ");
+    write!(head.0, "{}\r\n", out.body.len()).map_err(|e| e.to_string())?;
+    head.field(HOP_HEADER, out.hops.as_bytes())?;
+    head.field(REQUEST_ID, out.request_id.as_bytes())?;
+    for name in PASSED_ON {
+        let ours = match name {
+            "traceparent" => out.traceparent.map(str::as_bytes),
+            _ => None,
+        };
+        if let Some(v) = ours.or_else(|| out.client.headers.get(name).map(|v| v.as_bytes())) {
+            head.field(name, v)?;
+        }
+    }
+    head.0.extend_from_slice(b"\r\n");
+    Ok(head.0)
+}
+
+/// A request head being written.
+struct Head(Vec<u8>);
+
+impl Head {
+    fn field(&mut self, name: &str, value: &[u8]) -> std::result::Result<(), String> {
+        if value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+            return Err(format!("the {name} header holds a line break or NUL"));
+        }
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value);
+        self.0.extend_from_slice(b"\r\n");
+        Ok(())
     }
 }
 
@@ -223,5 +345,94 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut h = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in headers {
+            h.append_header(k.to_string(), *v).unwrap();
+        }
+        h
+    }
+
+    /// What pingora's own client would have written for the same request.
+    fn pingora_wire(peer: &HttpPeer, out: &Outgoing<'_>) -> Vec<u8> {
+        let req = request(peer, out).unwrap();
+        pingora::protocols::http::v1::client::http_req_header_to_wire(&req)
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_head_is_what_pingoras_client_writes() {
+        let body = Bytes::from_static(b"{\"model\":\"m\"}");
+        let auth = http::HeaderValue::from_static("Bearer pool-key");
+        let by_ip = HttpPeer::new("127.0.0.1:8000", false, "127.0.0.1".to_string());
+        let by_name = HttpPeer::new("10.0.0.7:8443", true, "gpu-7.internal".to_string());
+        let plain = client(&[("content-type", "application/json")]);
+        let rich = client(&[
+            ("accept", "text/event-stream"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("authorization", "Bearer the-clients-own"),
+        ]);
+        for (peer, client, traceparent, authorization) in [
+            (&by_ip, &plain, None, None),
+            (&by_name, &rich, None, Some(&auth)),
+            (
+                &by_name,
+                &rich,
+                Some("00-11111111111111111111111111111111-2222222222222222-01"),
+                None,
+            ),
+            (
+                &by_ip,
+                &plain,
+                Some("00-11111111111111111111111111111111-2222222222222222-01"),
+                Some(&auth),
+            ),
+        ] {
+            let out = Outgoing {
+                path: "/v1/chat/completions",
+                body: &body,
+                client,
+                hops: "router-a,router-b",
+                request_id: "req-42",
+                traceparent,
+                authorization,
+            };
+            let ours = head(peer, &out).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&pingora_wire(peer, &out))
+            );
+            // the client's own credentials never reach a worker
+            assert!(!String::from_utf8_lossy(&ours).contains("the-clients-own"));
+        }
+    }
+
+    #[test]
+    fn a_host_name_with_a_line_break_is_refused() {
+        let body = Bytes::from_static(b"{}");
+        let plain = client(&[]);
+        let peer = HttpPeer::new("10.0.0.7:8000", false, "gpu\r\nx-injected: 1".to_string());
+        let out = Outgoing {
+            path: "/v1/completions",
+            body: &body,
+            client: &plain,
+            hops: "r",
+            request_id: "id",
+            traceparent: None,
+            authorization: None,
+        };
+        let e = head(&peer, &out).unwrap_err();
+        assert!(e.contains("line break"), "{e}");
     }
 }

@@ -177,7 +177,7 @@ pub async fn forward(
             Some(after)
                 if next_pool + 1 < decision.targets.len() && ctx.classified.features.stream =>
             {
-                escalate(
+                Box::pin(escalate(
                     proxy,
                     session,
                     ctx,
@@ -190,7 +190,7 @@ pub async fn forward(
                     deadline,
                     after,
                     reach,
-                )
+                ))
                 .await
             }
             _ => {
@@ -260,7 +260,8 @@ pub async fn forward(
                     pool: pool.clone(),
                     in_flight,
                 };
-                let relayed = relay::relay(proxy, session, ctx, decision, answer, kept).await;
+                let relayed =
+                    Box::pin(relay::relay(proxy, session, ctx, decision, answer, kept)).await;
                 if let Some(t) = ctx.trace.as_mut() {
                     t.relayed(ctx.completion_tokens);
                 }

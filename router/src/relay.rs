@@ -511,7 +511,7 @@ async fn resume_stream(
         }
         Plan::Continue(b) => Bytes::from(b),
     };
-    match failover::resume(proxy, session, ctx, decision, &body, from).await {
+    match Box::pin(failover::resume(proxy, session, ctx, decision, &body, from)).await {
         failover::Resumed::Answer(a) => {
             // (a later resume starts again from the request as the client sent it, with
             // all the text the client has by then)
