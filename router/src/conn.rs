@@ -196,8 +196,31 @@ impl HeaderDeadline {
 }
 
 /// Advances `matched` (how much of `\r\n\r\n` the bytes so far end with) over `bytes`;
-/// true once a header's blank line is complete.
+/// true once a header's blank line is complete. Every request's first read passes through
+/// here (header and often the body): the bytes are searched with `memmem`, and only the
+/// seams with the previous and next read go byte by byte.
 fn header_ends_in(matched: &mut usize, bytes: &[u8]) -> bool {
+    static END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    // a blank line begun in the previous read ends within the first three bytes
+    let seam = bytes.len().min(3);
+    if step_header_end(matched, &bytes[..seam]) {
+        return true;
+    }
+    if bytes.len() == seam {
+        return false;
+    }
+    if END.find(bytes).is_some() {
+        *matched = 0;
+        return true;
+    }
+    // no blank line: what of one the last three bytes begin
+    *matched = 0;
+    step_header_end(matched, &bytes[bytes.len() - 3..])
+}
+
+/// [`header_ends_in`] byte by byte.
+fn step_header_end(matched: &mut usize, bytes: &[u8]) -> bool {
     const END: &[u8; 4] = b"\r\n\r\n";
     for &b in bytes {
         *matched = if b == END[*matched] {
@@ -426,5 +449,30 @@ mod tests {
         ));
         assert!(!header_ends_in(&mut matched, b"\rX"));
         assert!(header_ends_in(&mut matched, b"\r\r\n\r\n"));
+    }
+
+    proptest::proptest! {
+        /// The search over whole reads finds the blank line where the byte-by-byte scan
+        /// does, however the bytes are cut into reads.
+        #[test]
+        fn the_header_end_is_found_as_byte_by_byte(
+            bytes in proptest::collection::vec(proptest::sample::select(b"\r\nab".to_vec()), 0..64),
+            cuts in proptest::collection::vec(0usize..64, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= bytes.len()).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let (mut fast, mut slow) = (0, 0);
+            for w in cuts.windows(2) {
+                let read = &bytes[w[0]..w[1]];
+                let found = header_ends_in(&mut fast, read);
+                proptest::prop_assert_eq!(found, step_header_end(&mut slow, read));
+                if found {
+                    break;
+                }
+                proptest::prop_assert_eq!(fast, slow);
+            }
+        }
     }
 }

@@ -104,16 +104,33 @@ fn last_frame_end(buf: &[u8]) -> Option<usize> {
 /// JSON text the bytes `"usage":{` can only be a key and its object: a quote inside a
 /// string is escaped.)
 fn has_usage(buf: &[u8]) -> bool {
-    memchr::memmem::find(buf, br#""usage":{"#).is_some()
-        || memchr::memmem::find(buf, br#""usage": {"#).is_some()
+    FINDERS.usage.find(buf).is_some() || FINDERS.usage_spaced.find(buf).is_some()
 }
 
 /// A usage frame: usage, and no choices (the frame OpenAI's streams end with when asked).
 fn is_usage_frame(frame: &[u8]) -> bool {
     has_usage(frame)
-        && (memchr::memmem::find(frame, br#""choices":[]"#).is_some()
-            || memchr::memmem::find(frame, br#""choices": []"#).is_some())
+        && (FINDERS.no_choices.find(frame).is_some()
+            || FINDERS.no_choices_spaced.find(frame).is_some())
 }
+
+/// The searches every relayed answer goes through, built once (a `memmem::find` builds
+/// its searcher on every call).
+struct Finders {
+    usage: memchr::memmem::Finder<'static>,
+    usage_spaced: memchr::memmem::Finder<'static>,
+    no_choices: memchr::memmem::Finder<'static>,
+    no_choices_spaced: memchr::memmem::Finder<'static>,
+    completion_tokens: memchr::memmem::Finder<'static>,
+}
+
+static FINDERS: std::sync::LazyLock<Finders> = std::sync::LazyLock::new(|| Finders {
+    usage: memchr::memmem::Finder::new(br#""usage":{"#),
+    usage_spaced: memchr::memmem::Finder::new(br#""usage": {"#),
+    no_choices: memchr::memmem::Finder::new(br#""choices":[]"#),
+    no_choices_spaced: memchr::memmem::Finder::new(br#""choices": []"#),
+    completion_tokens: memchr::memmem::Finder::new(UsageScan::KEY),
+});
 
 /// Finds `"completion_tokens": N` in a relayed answer (the last one wins: a stream's usage
 /// chunk comes last), across chunk boundaries, without buffering the answer.
@@ -154,7 +171,7 @@ impl UsageScan {
     /// The last complete `"completion_tokens": N` in `buf`.
     fn find(buf: &[u8]) -> Option<u64> {
         let mut found = None;
-        for at in memchr::memmem::find_iter(buf, Self::KEY) {
+        for at in FINDERS.completion_tokens.find_iter(buf) {
             let rest = &buf[at + Self::KEY.len()..];
             let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
             let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
