@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::client::HttpSession;
@@ -67,11 +67,10 @@ pub struct Outgoing<'a> {
 /// Sends the request; succeeds only with a response header that is an answer (not 429,
 /// 503 or another 5xx).
 ///
-/// Over HTTP/1 the request's head and body leave in one write: the head is built straight
-/// into a buffer ([`head`]) and written with the body as one vectored write. pingora's
-/// client writes the head and flushes it before the body (two system calls per request,
-/// and a `RequestHeader` built and cloned per attempt). HTTP/2 sessions (a worker whose
-/// TLS offers h2) still go through pingora's writer.
+/// The request's head and body leave in one write: the head is built straight into a
+/// buffer ([`head`]) and written with the body as one vectored write. pingora's client
+/// writes the head and flushes it before the body (two system calls per request, and a
+/// `RequestHeader` built and cloned per attempt).
 pub async fn attempt(
     connector: &Connector,
     config: &Config,
@@ -84,27 +83,9 @@ pub async fn attempt(
     // A pooled connection the worker has closed fails at once: retry that on a fresh one.
     for fresh in [false, true] {
         let (up, reused) = connection(connector, config, worker, peer).await?;
-        let (mut up, written) = match up {
-            HttpSession::H1(h1) => {
-                let mut stream = h1.into_inner();
-                let written = write_all(&mut stream, &head, out.body, write_timeout).await;
-                (
-                    HttpSession::H1(Http1Session::new_with_options(stream, peer)),
-                    written,
-                )
-            }
-            mut up => {
-                let written = async {
-                    let req = request(peer, out)?;
-                    up.set_write_timeout(Some(write_timeout));
-                    up.write_request_header(Box::new(req)).await?;
-                    up.write_request_body(out.body.clone(), true).await?;
-                    up.finish_request_body().await
-                }
-                .await;
-                (up, written)
-            }
-        };
+        let mut stream = up.into_inner();
+        let written = write_all(&mut stream, &head, out.body, write_timeout).await;
+        let mut up = HttpSession::H1(Http1Session::new_with_options(stream, peer));
         // The connector does not apply the peer's read timeout: it bounds the wait for
         // the response header (first byte) and, later, each gap between body chunks.
         up.set_read_timeout(peer.options.read_timeout);
@@ -169,7 +150,8 @@ async fn write_all(
 /// A pooled connection, or a new one. At most [`MAX_CONNECTS_IN_FLIGHT`] connection
 /// attempts run at once per worker; the others wait their turn (Envoy's pending-request
 /// queue), for at most the first-byte timeout. A request whose worker was ejected while it
-/// waited moves on at once. Neither counts against the worker's health.
+/// waited moves on at once. Neither counts against the worker's health. A pooled connection
+/// is taken without waiting: it is no connection attempt.
 ///
 /// [`MAX_CONNECTS_IN_FLIGHT`]: crate::registry::worker::MAX_CONNECTS_IN_FLIGHT
 async fn connection(
@@ -177,7 +159,10 @@ async fn connection(
     config: &Config,
     worker: &Worker,
     peer: &HttpPeer,
-) -> std::result::Result<(HttpSession, bool), AttemptError> {
+) -> std::result::Result<(Http1Session, bool), AttemptError> {
+    if let Some(pooled) = connector.reused_http_session(peer).await {
+        return Ok((pooled, true));
+    }
     let not_now = |detail: &str| {
         let mut e = AttemptError::network(RetryOn::Connect, detail);
         e.overloaded = true;
@@ -194,8 +179,9 @@ async fn connection(
     if !excluded_before && worker.health.is_excluded() {
         return Err(not_now("the worker was ejected while the request waited"));
     }
-    connector
-        .get_http_session(peer)
+    // boxed: connecting (TCP, TLS) is a large future, and most requests find a pooled
+    // connection above and never make it
+    Box::pin(connector.get_http_session(peer))
         .await
         .map_err(|e| AttemptError::network(RetryOn::Connect, e))
 }
@@ -212,8 +198,8 @@ pub fn host(peer: &HttpPeer) -> String {
     }
 }
 
-/// The request's HTTP/1.1 head as it goes on the wire: the same fields as [`request`],
-/// written straight into one buffer. A value holding a line break or NUL (which no
+/// The request's HTTP/1.1 head as it goes on the wire: what pingora's client writes for
+/// the same request (tested against it), written straight into one buffer. A value holding a line break or NUL (which no
 /// `HeaderValue` can, but a worker's host name is not one) is refused, as pingora refuses
 /// it.
 pub fn head(peer: &HttpPeer, out: &Outgoing<'_>) -> std::result::Result<Vec<u8>, String> {
@@ -284,6 +270,8 @@ impl Head {
     }
 }
 
+/// The request as pingora's `RequestHeader`: the reference [`head`] is tested against.
+#[cfg(test)]
 fn request(peer: &HttpPeer, out: &Outgoing<'_>) -> Result<RequestHeader> {
     let mut req = RequestHeader::build("POST", out.path.as_bytes(), Some(7 + PASSED_ON.len()))?;
     req.insert_header("host", host(peer))?;

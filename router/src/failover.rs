@@ -640,9 +640,7 @@ async fn send(
         tokio::select! {
             // an answer that is there wins over the worker's leaving
             biased;
-            // boxed: the attempt's future (pingora's connector and client inside) is ~9 KB,
-            // and moved by value it was copied three times per request on its way in here
-            r = Box::pin(attempt::attempt(&proxy.connector, &shared.config, worker, peer, out)) => r,
+            r = attempt::attempt(&proxy.connector, &shared.config, worker, peer, out) => r,
             () = worker.gone.cancelled() => Err(AttemptError::network(
                 routing_rules::RetryOn::Reset,
                 "the worker left routing (lease expired or deregistered) before it answered",

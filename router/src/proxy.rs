@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
@@ -33,6 +33,9 @@ use crate::{admit, body, failover, log, respond};
 
 pub struct SwitchyardProxy {
     pub shared: Arc<Shared>,
+    /// Workers are spoken to over HTTP/1.1 (their peers offer only h1 in TLS), so the
+    /// HTTP/1 connector: its pooled-connection lookup is a small future of its own, where
+    /// the umbrella connector's one future also holds every way of making a connection.
     pub connector: Connector,
 }
 

@@ -444,10 +444,13 @@ pub async fn relay(
         return Ok(());
     }
     write(session, ctx, deadline, None, true).await?;
-    if upstream_done && upstream.response_done() {
+    if upstream_done
+        && upstream.response_done()
+        && let pingora::protocols::http::client::HttpSession::H1(h1) = upstream
+    {
         proxy
             .connector
-            .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
+            .release_http_session(h1, &peer, Some(Duration::from_secs(60)))
             .await;
     }
     Ok(())
