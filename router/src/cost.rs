@@ -47,23 +47,23 @@ impl Entry {
 type Key = (String, String, String);
 
 /// One minute's totals: tenant → model → pool (nested, so a request's lookup borrows its
-/// labels and allocates only for a combination the minute has not seen).
-type Totals = HashMap<String, HashMap<String, HashMap<String, Entry>>>;
+/// labels and allocates only for a combination the minute has not seen). Every request
+/// charges the ledger, so these maps use hashbrown's `entry_ref` (one hash per level, not a
+/// lookup and then another) and its default hasher (foldhash; the keys are configured
+/// names, never a client's, so SipHash's resistance to chosen keys buys nothing here).
+type Totals =
+    hashbrown::HashMap<String, hashbrown::HashMap<String, hashbrown::HashMap<String, Entry>>>;
 
 /// The entry of `(tenant, model, pool)` in `t`, made if new.
 fn slot<'t>(t: &'t mut Totals, tenant: &str, model: &str, pool: &str) -> Option<&'t mut Entry> {
-    if !t.contains_key(tenant) {
-        t.insert(tenant.to_string(), HashMap::new());
-    }
-    let models = t.get_mut(tenant)?;
-    if !models.contains_key(model) {
-        models.insert(model.to_string(), HashMap::new());
-    }
-    let pools = models.get_mut(model)?;
-    if !pools.contains_key(pool) {
-        pools.insert(pool.to_string(), Entry::default());
-    }
-    pools.get_mut(pool)
+    Some(
+        t.entry_ref(tenant)
+            .or_default()
+            .entry_ref(model)
+            .or_default()
+            .entry_ref(pool)
+            .or_default(),
+    )
 }
 
 /// Minutes kept: one day.
@@ -100,7 +100,7 @@ impl Ledger {
             return;
         };
         if minutes.back().is_none_or(|(m, _)| *m < minute) {
-            minutes.push_back((minute, HashMap::new()));
+            minutes.push_back((minute, Totals::default()));
             while minutes.front().is_some_and(|(m, _)| *m + MINUTES <= minute) {
                 minutes.pop_front();
             }
