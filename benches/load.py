@@ -155,15 +155,21 @@ class Fleet:
                             "--chunks", str(SSE_CHUNKS), "--itl-ms", "2"], core=1)
         wait_http(self.mock_port, BODY)
         self.systems["direct"] = (self.mock_port, None)
-        for name in only:
-            if name == "direct":
-                continue
-            if name in self.variants:
-                port = self.start_switchyard(name, binary=self.variants[name])
-            else:
-                port = getattr(self, "start_" + name.replace("-", "_"))()
-            wait_http(port, BODY)
-            log(f"{name} up on {port}")
+        try:
+            for name in only:
+                if name == "direct":
+                    continue
+                if name in self.variants:
+                    port = self.start_switchyard(name, binary=self.variants[name])
+                else:
+                    port = getattr(self, "start_" + name.replace("-", "_"))()
+                wait_http(port, BODY)
+                log(f"{name} up on {port}")
+        except BaseException:
+            # a system that does not come up: stop the ones that did (the caller has no fleet)
+            log(f"stopping the fleet; logs in {self.tmp}")
+            self.stop()
+            raise
 
     def spawn(self, name, argv, core=0, env=None):
         p = subprocess.Popen(["taskset", "-c", str(core), *argv], stdout=subprocess.DEVNULL,
@@ -232,7 +238,9 @@ backend be
     def start_vllm_router(self):
         return self.add("vllm-router", [os.path.join(VENV, "bin", "vllm-router"), "--host", "127.0.0.1",
                                         "--port", "{PORT}", "--worker-urls", f"http://127.0.0.1:{self.mock_port}",
-                                        "--policy", "round_robin", "--log-level", "warning"])
+                                        "--policy", "round_robin", "--log-level", "warning",
+                                        # both Python-fronted routers export metrics on 29000 by default
+                                        "--prometheus-port", str(free_port())])
 
     def start_switchyard(self, name="switchyard", registered=0, env=None, binary=None):
         """With `registered` > 0 the pool has no static worker: fleet-sim registers that many
@@ -274,7 +282,8 @@ rules:
     def start_sglang_router(self):
         return self.add("sglang-router", [os.path.join(VENV, "bin", "sglang-router"), "launch", "--host", "127.0.0.1",
                                           "--port", "{PORT}", "--worker-urls", f"http://127.0.0.1:{self.mock_port}",
-                                          "--policy", "round_robin", "--log-level", "warn"])
+                                          "--policy", "round_robin", "--log-level", "warn",
+                                          "--prometheus-port", str(free_port())])
 
     def start_litellm(self):
         conf = self.write("litellm.yaml", f"""model_list:
