@@ -27,36 +27,15 @@ MOCK=target/release/mock-openai
 for t in wrk taskset; do command -v $t >/dev/null || { echo "needs $t"; exit 2; }; done
 [ "$MODE" = perf ] && { command -v perf >/dev/null || { echo "needs perf"; exit 2; }; }
 [ "$MODE" = callgrind ] && { command -v valgrind >/dev/null || { echo "needs valgrind"; exit 2; }; }
-mkdir -p "$OUT/rules"
+mkdir -p "$OUT"
 TMP=$(mktemp -d); trap 'pkill -P $$ 2>/dev/null; rm -rf "$TMP"' EXIT
-python3 -c 'import json,sys; open(sys.argv[1],"w").write(json.dumps({"model":"mock","max_tokens":64,"messages":[{"role":"user","content":"Tell me about tiered routing. "*30}]}))' "$TMP/body.json"
-cat > "$TMP/body.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = io.open("$TMP/body.json", "r"); wrk.body = f:read("*a"); f:close()
-LUA
-MODEL=""
-[ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ] && MODEL="models:
-  mock:
-    tokenizer: { gguf: $PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf }
-    context_window: 1048576"
-cat > "$OUT/rules/rules.yaml" <<YAML
-version: 1
-$MODEL
-pools:
-  mock: { class: cpu, capacity: on_demand, cost_per_hour: 0.2, workers: ["127.0.0.1:18101"] }
-rules:
-  - name: up-to-150k
-    when: { context_tokens: { at_most: 150000 } }
-    route: [mock]
-  - name: all
-    route: [mock]
-YAML
+. benches/forwarder-fixture.sh
+fixture "$TMP"
 URL=http://127.0.0.1:18102/v1/chat/completions
 load() { taskset -c 1 wrk -t1 -c32 -d"$1" -s "$TMP/body.lua" $URL; }
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
 taskset -c 1 $MOCK --listen 127.0.0.1:18101 --chunks 16 --itl-ms 2 >/dev/null 2>"$TMP/mock.log" &
-ARGS=(serve --rules "$OUT/rules/rules.yaml" --listen 127.0.0.1:18102 --grpc 127.0.0.1:18103
+ARGS=(serve --rules "$TMP/rules/rules.yaml" --listen 127.0.0.1:18102 --grpc 127.0.0.1:18103
   --admin 127.0.0.1:18104 --threads 1 --no-debug-headers)
 case $MODE in
   perf)
@@ -80,7 +59,7 @@ case $MODE in
     load "${SECS}s" | grep -E 'Requests/sec'
     wait $REC
     perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null \
-      | grep -v '^#' | grep -v '^$' | head -40 | cut -c1-120
+      | grep -v '^#' | grep -v '^$' | head -40 | cut -c1-120 || true  # (head closes the pipe)
     if command -v inferno-collapse-perf >/dev/null; then
       perf script -i "$OUT/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph \
         --title "switchyard at c=32 ($(date -u +%F))" > "$OUT/flame.svg"

@@ -24,30 +24,8 @@ done
 SYSTEMS=("pingora=$BIN/pingora-forwarder" "switchyard=$BIN/switchyard" "$@")
 for t in wrk strace taskset; do command -v $t >/dev/null || { echo "needs $t"; exit 2; }; done
 TMP=$(mktemp -d); trap 'pkill -P $$ 2>/dev/null; rm -rf "$TMP"' EXIT
-mkdir -p "$TMP/rules"
-python3 -c 'import json,sys; open(sys.argv[1],"w").write(json.dumps({"model":"mock","max_tokens":64,"messages":[{"role":"user","content":"Tell me about tiered routing. "*30}]}))' "$TMP/body.json"
-cat > "$TMP/body.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = io.open("$TMP/body.json", "r"); wrk.body = f:read("*a"); f:close()
-LUA
-MODEL=""
-[ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ] && MODEL="models:
-  mock:
-    tokenizer: { gguf: $PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf }
-    context_window: 1048576"
-cat > "$TMP/rules/rules.yaml" <<YAML
-version: 1
-$MODEL
-pools:
-  mock: { class: cpu, capacity: on_demand, cost_per_hour: 0.2, workers: ["127.0.0.1:18101"] }
-rules:
-  - name: up-to-150k
-    when: { context_tokens: { at_most: 150000 } }
-    route: [mock]
-  - name: all
-    route: [mock]
-YAML
+. benches/forwarder-fixture.sh
+fixture "$TMP"
 URL=http://127.0.0.1:18102/v1/chat/completions
 # start NAME BINARY -> pid of the system on core 0
 start() {
