@@ -189,19 +189,27 @@ async fn connection(
 /// The `Host` a request to `peer` carries: the name the worker is known by (see [`peer`]),
 /// an IP address as `ip:port`.
 pub fn host(peer: &HttpPeer) -> String {
+    let mut h = String::new();
+    // writing to a String cannot fail
+    let _ = write_host(&mut h, peer);
+    h
+}
+
+/// Writes [`host`] to `w`.
+fn write_host(w: &mut impl std::fmt::Write, peer: &HttpPeer) -> std::fmt::Result {
     match peer.sni.parse::<std::net::IpAddr>() {
-        Ok(_) => peer._address.to_string(),
+        Ok(_) => write!(w, "{}", peer._address),
         Err(_) => match peer._address.as_inet() {
-            Some(a) => format!("{}:{}", peer.sni, a.port()),
-            None => peer.sni.clone(),
+            Some(a) => write!(w, "{}:{}", peer.sni, a.port()),
+            None => w.write_str(&peer.sni),
         },
     }
 }
 
 /// The request's HTTP/1.1 head as it goes on the wire: what pingora's client writes for
-/// the same request (tested against it), written straight into one buffer. A value holding a line break or NUL (which no
-/// `HeaderValue` can, but a worker's host name is not one) is refused, as pingora refuses
-/// it.
+/// the same request (tested against it), written straight into one buffer. A value holding
+/// a line break or NUL (which no `HeaderValue` can, but a worker's host name is not one) is
+/// refused, as pingora refuses it.
 pub fn head(peer: &HttpPeer, out: &Outgoing<'_>) -> std::result::Result<Vec<u8>, String> {
     use std::io::Write;
     if out
@@ -217,22 +225,12 @@ pub fn head(peer: &HttpPeer, out: &Outgoing<'_>) -> std::result::Result<Vec<u8>,
     head.0.extend_from_slice(b"POST ");
     head.0.extend_from_slice(out.path.as_bytes());
     head.0.extend_from_slice(b" HTTP/1.1\r\n");
-    // formatted on the stack: no allocation per request
-    let mut scratch = [0u8; 320];
-    let host = {
-        let mut w = &mut scratch[..];
-        let written = match peer.sni.parse::<std::net::IpAddr>() {
-            Ok(_) => write!(w, "{}", peer._address),
-            Err(_) => match peer._address.as_inet() {
-                Some(a) => write!(w, "{}:{}", peer.sni, a.port()),
-                None => write!(w, "{}", peer.sni),
-            },
-        };
-        written.map_err(|_| "the worker's host name is too long".to_string())?;
-        let left = w.len();
-        &scratch[..scratch.len() - left]
-    };
-    head.field("host", host)?;
+    // the host formatted straight into the head (no allocation per request), then checked
+    head.0.extend_from_slice(b"host: ");
+    let at = head.0.len();
+    write_host(&mut FmtVec(&mut head.0), peer).map_err(|e| e.to_string())?;
+    head.check("host", at)?;
+    head.0.extend_from_slice(b"\r\n");
     if let Some(a) = out.authorization {
         head.field("authorization", a.as_bytes())?;
     }
@@ -259,13 +257,30 @@ struct Head(Vec<u8>);
 
 impl Head {
     fn field(&mut self, name: &str, value: &[u8]) -> std::result::Result<(), String> {
-        if value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
-            return Err(format!("the {name} header holds a line break or NUL"));
-        }
         self.0.extend_from_slice(name.as_bytes());
         self.0.extend_from_slice(b": ");
+        let at = self.0.len();
         self.0.extend_from_slice(value);
+        self.check(name, at)?;
         self.0.extend_from_slice(b"\r\n");
+        Ok(())
+    }
+
+    /// Refuses the value written from `at` on if it holds a line break or NUL.
+    fn check(&self, name: &str, at: usize) -> std::result::Result<(), String> {
+        if self.0[at..].iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+            return Err(format!("the {name} header holds a line break or NUL"));
+        }
+        Ok(())
+    }
+}
+
+/// `fmt::Write` into a byte buffer.
+struct FmtVec<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for FmtVec<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
         Ok(())
     }
 }

@@ -55,15 +55,13 @@ type Totals =
     hashbrown::HashMap<String, hashbrown::HashMap<String, hashbrown::HashMap<String, Entry>>>;
 
 /// The entry of `(tenant, model, pool)` in `t`, made if new.
-fn slot<'t>(t: &'t mut Totals, tenant: &str, model: &str, pool: &str) -> Option<&'t mut Entry> {
-    Some(
-        t.entry_ref(tenant)
-            .or_default()
-            .entry_ref(model)
-            .or_default()
-            .entry_ref(pool)
-            .or_default(),
-    )
+fn slot<'t>(t: &'t mut Totals, tenant: &str, model: &str, pool: &str) -> &'t mut Entry {
+    t.entry_ref(tenant)
+        .or_default()
+        .entry_ref(model)
+        .or_default()
+        .entry_ref(pool)
+        .or_default()
 }
 
 /// Minutes kept: one day.
@@ -110,9 +108,7 @@ impl Ledger {
             return;
         };
         let mut add = |pool: &str, e: Entry| {
-            if let Some(slot) = slot(totals, c.tenant, c.model, pool) {
-                slot.add(&e);
-            }
+            slot(totals, c.tenant, c.model, pool).add(&e);
         };
         if let Some(pool) = c.answered_by {
             add(
